@@ -1,0 +1,308 @@
+"""The ``metaeol`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, registry
+from .cache import EmbeddingCache, default_path
+from .errors import InputError, MetaEOLError
+
+EXAMPLES = [
+    "A man is playing a guitar.",
+    "Someone is making music on a string instrument.",
+    "A chef is slicing vegetables in a kitchen.",
+    "The stock market fell sharply today.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    warnings.simplefilter("always", UserWarning)
+    warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+    try:
+        return args.func(args) or 0
+    except MetaEOLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metaeol", description="MetaEOL sentence embeddings from GGUF models.")
+    p.add_argument("--version", action="version", version=f"metaeol-edge {__version__}")
+    sub = p.add_subparsers(title="commands")
+
+    def model_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", "-m", default=None, help="registry id or path to a .gguf file (default: the registry default, smollm2-135m)")
+        sp.add_argument("--templates", "-t", default="metaeol", help="metaeol, prompteol, or a template file")
+        sp.add_argument("--max-length", type=int, default=512, help="tokens per prompt (default: 512)")
+        sp.add_argument("--no-truncate", action="store_true", help="refuse sentences too long for max-length")
+        sp.add_argument("--no-preprocess", action="store_true", help="skip the official sentence pre-processing")
+        sp.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+        sp.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32")
+        sp.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a Metal/CUDA GPU")
+        sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+
+    e = sub.add_parser("embed", help="embed sentences from a file")
+    model_options(e)
+    e.add_argument("--input", "-i", required=True, help="one sentence per line, or JSONL with a 'text' field")
+    e.add_argument("--output", "-o", required=True, help="OUT.npy (float32 rows in input order) or OUT.jsonl")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--normalize", action="store_true", help="L2-normalize each vector")
+    e.add_argument("--per-template", action="store_true", help="keep each template's vector: (N, T, dim)")
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("similarity", help="print the cosine similarity of two sentences")
+    model_options(s)
+    s.add_argument("a")
+    s.add_argument("b")
+    s.set_defaults(func=cmd_similarity)
+
+    d = sub.add_parser("demo", help="embed a few example sentences and print their similarities")
+    model_options(d)
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list, pull, locate or remove models")
+    msub = m.add_subparsers(title="models commands")
+    ml = msub.add_parser("list", help="known models and whether they are pulled")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(func=cmd_models_list)
+    mp = msub.add_parser("pull", help="download a model into the store")
+    mp.add_argument("id")
+    mp.add_argument("--force", action="store_true", help="download again even if present")
+    mp.set_defaults(func=cmd_models_pull)
+    mpa = msub.add_parser("path", help="print a pulled model's file path")
+    mpa.add_argument("id")
+    mpa.set_defaults(func=cmd_models_path)
+    mr = msub.add_parser("rm", help="remove a pulled model")
+    mr.add_argument("id")
+    mr.set_defaults(func=cmd_models_rm)
+    m.set_defaults(func=cmd_models_list, json=False)
+
+    c = sub.add_parser("cache", help="inspect or clear the embedding cache")
+    csub = c.add_subparsers(title="cache commands")
+    cs = csub.add_parser("stats", help="entries per model and template, size, hit rate")
+    cs.add_argument("--json", action="store_true")
+    cs.set_defaults(func=cmd_cache_stats)
+    cc = csub.add_parser("clear", help="delete entries (all, or of one model and/or template)")
+    cc.add_argument("--model", help="model id, path label or fingerprint prefix")
+    cc.add_argument("--template", help="task name (e.g. sentiment) or exact template text")
+    cc.set_defaults(func=cmd_cache_clear)
+    cp = csub.add_parser("path", help="print the cache file's path")
+    cp.set_defaults(func=cmd_cache_path)
+    c.set_defaults(func=cmd_cache_stats, json=False)
+    return p
+
+
+def _model(args: argparse.Namespace):
+    from .embedder import MetaEOL
+
+    return MetaEOL(
+        args.model,
+        templates=args.templates,
+        n_gpu_layers=args.n_gpu_layers,
+        n_threads=args.threads,
+        max_length=args.max_length,
+        preprocess=not args.no_preprocess,
+        truncate=not args.no_truncate,
+        cache=not args.no_cache,
+        cache_dtype=args.cache_dtype,
+    )
+
+
+def read_sentences(path: str | Path) -> list[str]:
+    """Sentences from a text file (one per line) or JSONL (a 'text' field per line)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}, line {line}: invalid UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start})") from exc
+    text = text.removeprefix("\ufeff")
+    lines = text.splitlines()
+    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or next(
+        (ln.lstrip().startswith("{") for ln in lines if ln.strip()), False
+    )
+    sentences = []
+    for n, line in enumerate(lines, 1):
+        if is_jsonl:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise InputError(f"{path}, line {n}: needs a string 'text' field")
+            line = obj["text"]
+        if not line.strip():
+            raise InputError(f"{path}, line {n}: empty or whitespace-only sentence")
+        sentences.append(line)
+    if not sentences:
+        raise InputError(f"{path} holds no sentences")
+    return sentences
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.suffix.lower() not in (".npy", ".jsonl"):
+        raise InputError(f"output must end in .npy or .jsonl, not {out.name!r}")
+    sentences = read_sentences(args.input)
+    with _model(args) as model:
+        vectors = model.encode(
+            sentences,
+            batch_size=args.batch_size,
+            normalize_embeddings=args.normalize,
+            show_progress_bar=not args.quiet,
+            per_template=args.per_template,
+        )
+        hits, misses = model.last_hits, model.last_misses
+    if out.suffix.lower() == ".npy":
+        _write_atomic(out, lambda f: np.save(f, vectors))
+    else:
+        def write_jsonl(f) -> None:
+            for s, v in zip(sentences, vectors):
+                f.write((json.dumps({"text": s, "embedding": v.tolist()}) + "\n").encode("utf-8"))
+
+        _write_atomic(out, write_jsonl)
+    cached = f", {hits} cached and {misses} computed prompt vectors" if hits or misses else ""
+    print(f"wrote {len(sentences)} embeddings {tuple(vectors.shape)} to {out}{cached}", file=sys.stderr)
+    return 0
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    with _model(args) as model:
+        print(f"{model.similarity(args.a, args.b):.4f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    with _model(args) as model:
+        print(f"model: {model.model_label} ({model.model_path}), {len(model.templates)} templates "
+              f"({model.templates.name}), dim {model.dim}")
+        vectors = model.encode(EXAMPLES, show_progress_bar=True)
+    for s, v in zip(EXAMPLES, vectors):
+        head = " ".join(f"{x:+.3f}" for x in v[:6])
+        print(f"[{head} ...]  {s}")
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    print("\ncosine similarity")
+    for i, s in enumerate(EXAMPLES):
+        print(" ".join(f"{sims[i, j]:6.3f}" for j in range(len(EXAMPLES))), f" {s[:48]}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    specs, default = registry.load_registry()
+    rows = []
+    for spec in specs.values():
+        pulled = registry.is_pulled(spec.id)
+        rows.append({
+            "id": spec.id, "default": spec.id == default, "architecture": spec.architecture,
+            "quantization": spec.quantization, "size": spec.size, "pulled": pulled,
+            "path": str(registry.model_path(spec.id)) if pulled else None, "license": spec.license,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'id':<22}{'arch':<9}{'quant':<9}{'size':>9}  {'pulled':<7} license")
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        print(f"{r['id'] + mark:<22}{r['architecture']:<9}{r['quantization']:<9}{r['size'] / 1e6:>7.0f}MB  "
+              f"{'yes' if r['pulled'] else 'no':<7} {r['license']}")
+    print(f"\n* default model. Store: {registry.store_dir()}")
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from .embedder import _pull_progress
+
+    path = registry.pull_model(args.id, progress=_pull_progress(), force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_models_path(args: argparse.Namespace) -> int:
+    print(registry.resolve_model(args.id, pull=False))
+    return 0
+
+
+def cmd_models_rm(args: argparse.Namespace) -> int:
+    registry.get_spec(args.id)
+    if registry.remove_model(args.id):
+        print(f"removed {args.id}")
+        return 0
+    print(f"{args.id} is not pulled", file=sys.stderr)
+    return 1
+
+
+def _open_cache() -> EmbeddingCache:
+    cache = EmbeddingCache.open()
+    if cache is None:
+        raise InputError(f"the embedding cache at {default_path()} cannot be opened")
+    return cache
+
+
+def cmd_cache_stats(args: argparse.Namespace) -> int:
+    cache = _open_cache()
+    stats = cache.stats()
+    cache.close()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"cache: {stats['path']}")
+    per = f" ({stats['bytes_per_entry']:.0f} bytes per entry)" if stats["entries"] else ""
+    print(f"entries: {stats['entries']}, on disk: {stats['bytes_on_disk'] / 1e6:.2f} MB{per}")
+    for g in stats["groups"]:
+        print(f"  {g['model']:<24} {g['task']:<18} {g['entries']:>8}  {g['template']}...")
+    if stats["runs"]:
+        print(f"hit rate over the last {len(stats['runs'])} runs: {100 * stats['hit_rate']:.1f}%")
+    return 0
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    cache = _open_cache()
+    n = cache.clear(model=args.model, template=args.template)
+    cache.close()
+    print(f"deleted {n} entries")
+    return 0
+
+
+def cmd_cache_path(args: argparse.Namespace) -> int:
+    print(default_path())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

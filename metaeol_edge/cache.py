@@ -9,6 +9,7 @@ committed as it finishes, so a killed process loses at most the batch in flight.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sqlite3
 import time
@@ -26,8 +27,17 @@ ENTRY_OVERHEAD = 48  # bytes of key and row bookkeeping per entry, for the size 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it commits first, and a migration must stay inside
+    # the caller's transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
 def _migration_1(db: sqlite3.Connection) -> None:
-    db.executescript(
+    _run_script(
+        db,
         """
         CREATE TABLE models (
             id INTEGER PRIMARY KEY,
@@ -62,7 +72,7 @@ def _migration_1(db: sqlite3.Connection) -> None:
             hits INTEGER NOT NULL,
             misses INTEGER NOT NULL
         );
-        """
+        """,
     )
 
 
@@ -94,8 +104,15 @@ class CacheKey:
 
     def digest(self) -> bytes:
         h = hashlib.sha256()
-        for part in (self.model, self.template, str(self.layer), str(int(self.preprocess)),
-                     self.dtype, str(self.max_length), self.sentence):
+        for part in (
+            self.model,
+            self.template,
+            str(self.layer),
+            str(int(self.preprocess)),
+            self.dtype,
+            str(self.max_length),
+            self.sentence,
+        ):
             data = part.encode("utf-8")
             h.update(len(data).to_bytes(8, "little"))  # length-prefixed: no ambiguous joins
             h.update(data)
@@ -198,10 +215,12 @@ class EmbeddingCache:
     def touch(self, keys: Iterable[CacheKey]) -> None:
         """Mark entries as used now, for least-recently-used eviction."""
         now = int(time.time())
-        self._write(lambda db: db.executemany(
-            "UPDATE embeddings SET last_used = ? WHERE key = ? AND last_used < ?",
-            [(now, k.digest(), now) for k in keys],
-        ))
+        self._write(
+            lambda db: db.executemany(
+                "UPDATE embeddings SET last_used = ? WHERE key = ? AND last_used < ?",
+                [(now, k.digest(), now) for k in keys],
+            )
+        )
 
     def put_many(self, items: Sequence[tuple[CacheKey, str, str, np.ndarray]]) -> None:
         """Store (key, model label, template task, vector) items in one transaction."""
@@ -238,7 +257,7 @@ class EmbeddingCache:
         if not count or total <= self.max_bytes:
             return
         per_entry = total / count
-        excess = int((total - self.max_bytes) / per_entry) + 1
+        excess = math.ceil((total - self.max_bytes) / per_entry)
         db.execute(
             "DELETE FROM embeddings WHERE key IN (SELECT key FROM embeddings ORDER BY last_used LIMIT ?)",
             (excess,),
@@ -255,9 +274,12 @@ class EmbeddingCache:
             raise
 
     def record_run(self, model_label: str, hits: int, misses: int) -> None:
-        self._write(lambda db: db.execute(
-            "INSERT INTO runs(at, model, hits, misses) VALUES (?, ?, ?, ?)", (time.time(), model_label, hits, misses)
-        ))
+        self._write(
+            lambda db: db.execute(
+                "INSERT INTO runs(at, model, hits, misses) VALUES (?, ?, ?, ?)",
+                (time.time(), model_label, hits, misses),
+            )
+        )
 
     # -- model fingerprints ------------------------------------------------------
 
@@ -269,9 +291,11 @@ class EmbeddingCache:
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2]
         digest = compute(path)
-        self._write(lambda db: db.execute(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (key, st.st_size, st.st_mtime_ns, digest)
-        ))
+        self._write(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (key, st.st_size, st.st_mtime_ns, digest)
+            )
+        )
         return digest
 
     # -- maintenance ---------------------------------------------------------------
@@ -283,9 +307,7 @@ class EmbeddingCache:
                FROM embeddings e JOIN models m ON m.id = e.model_id JOIN templates t ON t.id = e.template_id
                GROUP BY e.model_id, e.template_id ORDER BY m.label, t.task"""
         ).fetchall()
-        runs = db.execute(
-            "SELECT at, model, hits, misses FROM runs ORDER BY id DESC LIMIT ?", (last_runs,)
-        ).fetchall()
+        runs = db.execute("SELECT at, model, hits, misses FROM runs ORDER BY id DESC LIMIT ?", (last_runs,)).fetchall()
         entries = db.execute("SELECT count(*) FROM embeddings").fetchone()[0]
         on_disk = sum(p.stat().st_size for p in self._files() if p.exists())
         hits = sum(r[2] for r in runs)
@@ -296,8 +318,14 @@ class EmbeddingCache:
             "bytes_on_disk": on_disk,
             "bytes_per_entry": on_disk / entries if entries else None,
             "groups": [
-                {"model": g[0], "fingerprint": g[1][:12], "task": g[2], "template": g[3], "entries": g[4],
-                 "vector_bytes": g[5]}
+                {
+                    "model": g[0],
+                    "fingerprint": g[1][:12],
+                    "task": g[2],
+                    "template": g[3],
+                    "entries": g[4],
+                    "vector_bytes": g[5],
+                }
                 for g in groups
             ],
             "runs": [{"at": r[0], "model": r[1], "hits": r[2], "misses": r[3]} for r in runs],

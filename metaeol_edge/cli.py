@@ -48,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(title="commands")
 
     def model_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", "-m", default=None, help="registry id or path to a .gguf file (default: the registry default, smollm2-135m)")
+        sp.add_argument(
+            "--model",
+            "-m",
+            default=None,
+            help="registry id or path to a .gguf file (default: the registry's default, smollm2-135m)",
+        )
         sp.add_argument("--templates", "-t", default="metaeol", help="metaeol, prompteol, or a template file")
         sp.add_argument("--max-length", type=int, default=512, help="tokens per prompt (default: 512)")
         sp.add_argument("--no-truncate", action="store_true", help="refuse sentences too long for max-length")
@@ -137,7 +142,8 @@ def read_sentences(path: str | Path) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise InputError(f"{path}, line {line}: invalid UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start})") from exc
+        bad = data[exc.start]
+        raise InputError(f"{path}, line {line}: invalid UTF-8 (byte {bad:#04x} at offset {exc.start})") from exc
     text = text.removeprefix("\ufeff")
     lines = text.splitlines()
     is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or next(
@@ -191,8 +197,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if out.suffix.lower() == ".npy":
         _write_atomic(out, lambda f: np.save(f, vectors))
     else:
+
         def write_jsonl(f) -> None:
-            for s, v in zip(sentences, vectors):
+            for s, v in zip(sentences, vectors, strict=True):
                 f.write((json.dumps({"text": s, "embedding": v.tolist()}) + "\n").encode("utf-8"))
 
         _write_atomic(out, write_jsonl)
@@ -209,10 +216,12 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     with _model(args) as model:
-        print(f"model: {model.model_label} ({model.model_path}), {len(model.templates)} templates "
-              f"({model.templates.name}), dim {model.dim}")
+        print(
+            f"model: {model.model_label} ({model.model_path}), {len(model.templates)} templates "
+            f"({model.templates.name}), dim {model.dim}"
+        )
         vectors = model.encode(EXAMPLES, show_progress_bar=True)
-    for s, v in zip(EXAMPLES, vectors):
+    for s, v in zip(EXAMPLES, vectors, strict=True):
         head = " ".join(f"{x:+.3f}" for x in v[:6])
         print(f"[{head} ...]  {s}")
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -228,19 +237,28 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     rows = []
     for spec in specs.values():
         pulled = registry.is_pulled(spec.id)
-        rows.append({
-            "id": spec.id, "default": spec.id == default, "architecture": spec.architecture,
-            "quantization": spec.quantization, "size": spec.size, "pulled": pulled,
-            "path": str(registry.model_path(spec.id)) if pulled else None, "license": spec.license,
-        })
+        rows.append(
+            {
+                "id": spec.id,
+                "default": spec.id == default,
+                "architecture": spec.architecture,
+                "quantization": spec.quantization,
+                "size": spec.size,
+                "pulled": pulled,
+                "path": str(registry.model_path(spec.id)) if pulled else None,
+                "license": spec.license,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'id':<22}{'arch':<9}{'quant':<9}{'size':>9}  {'pulled':<7} license")
     for r in rows:
         mark = "*" if r["default"] else " "
-        print(f"{r['id'] + mark:<22}{r['architecture']:<9}{r['quantization']:<9}{r['size'] / 1e6:>7.0f}MB  "
-              f"{'yes' if r['pulled'] else 'no':<7} {r['license']}")
+        print(
+            f"{r['id'] + mark:<22}{r['architecture']:<9}{r['quantization']:<9}{r['size'] / 1e6:>7.0f}MB  "
+            f"{'yes' if r['pulled'] else 'no':<7} {r['license']}"
+        )
     print(f"\n* default model. Store: {registry.store_dir()}")
     return 0
 

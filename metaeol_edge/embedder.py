@@ -58,8 +58,7 @@ class MetaEOL:
         self.truncate = truncate
         self.cache_dtype = cache_dtype
         self.layer = FINAL_LAYER
-        self._engine_args = dict(n_gpu_layers=n_gpu_layers, n_threads=n_threads, max_length=max_length,
-                                 verbose=verbose)
+        self._engine_args = dict(n_gpu_layers=n_gpu_layers, n_threads=n_threads, max_length=max_length, verbose=verbose)
         self._engine: Engine | None = None
         self.cache: EmbeddingCache | None
         if isinstance(cache, EmbeddingCache):
@@ -188,13 +187,15 @@ class MetaEOL:
         if self.cache_dtype == "float16" and self.cache is not None:
             # Return what the cache will return next time, so warm and cold runs agree.
             fresh = fresh.astype(np.float16).astype(np.float32)
-        for (i, j), vec in zip(todo, fresh):
+        for (i, j), vec in zip(todo, fresh, strict=True):
             out[i, j] = vec
         if self.cache is not None:
-            self.cache.put_many([
-                (keys[(i, j)], self.model_label, self.templates.templates[j].task, vec)
-                for (i, j), vec in zip(todo, fresh)
-            ])
+            self.cache.put_many(
+                [
+                    (keys[(i, j)], self.model_label, self.templates.templates[j].task, vec)
+                    for (i, j), vec in zip(todo, fresh, strict=True)
+                ]
+            )
         return out
 
     def _compute(self, sentences: list[str], todo: list[tuple[int, int]]) -> np.ndarray:
@@ -202,8 +203,7 @@ class MetaEOL:
         placed = {i: self._fit(sentences[i], i) for i in {i for i, _ in todo}}
         prefix_tokens = {j: engine.tokenize(self.templates.templates[j].prefix) for j in {j for _, j in todo}}
         prompts = [
-            Prompt(engine.tokenize(self.templates.templates[j].render(placed[i])), prefix_tokens[j])
-            for i, j in todo
+            Prompt(engine.tokenize(self.templates.templates[j].render(placed[i])), prefix_tokens[j]) for i, j in todo
         ]
         return engine.embed(prompts)
 

@@ -132,9 +132,7 @@ def _parse_json(raw: str, path: Path) -> TemplateSet:
 def _parse_lines(raw: str, path: Path) -> TemplateSet:
     templates = [
         Template(task=f"template-{i + 1}", text=line)
-        for i, line in enumerate(
-            ln for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
-        )
+        for i, line in enumerate(ln for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#"))
     ]
     return _validated(path.stem, templates, path)
 

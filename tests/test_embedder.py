@@ -63,16 +63,17 @@ def test_batch_size_does_not_change_results(model, sentences):
 
 
 def test_preprocessing_can_be_switched_off(smollm2):
-    with MetaEOL(smollm2, templates="prompteol", cache=False) as on, \
-         MetaEOL(smollm2, templates="prompteol", cache=False, preprocess=False) as off:
+    with (
+        MetaEOL(smollm2, templates="prompteol", cache=False) as on,
+        MetaEOL(smollm2, templates="prompteol", cache=False, preprocess=False) as off,
+    ):
         assert np.array_equal(on.encode(["a cat sits."]), off.encode(["a cat sits."]))
         assert not np.array_equal(on.encode(["a cat sits"]), off.encode(["a cat sits"]))
 
 
 @pytest.mark.parametrize(
     ("bad", "message"),
-    [([""], "#1 is empty"), (["ok", "   \t"], "#2 is empty"), (["ok", None], "#2 is a NoneType"),
-     (["a\x00b"], "NUL")],
+    [([""], "#1 is empty"), (["ok", "   \t"], "#2 is empty"), (["ok", None], "#2 is a NoneType"), (["a\x00b"], "NUL")],
 )
 def test_bad_sentences_are_refused(model, bad, message):
     with pytest.raises(InputError, match=message):

@@ -75,7 +75,7 @@ def test_only_new_tokens_are_decoded(engine, sts_sentences):
     spent = engine.tokens_decoded - before
     total = sum(len(p.tokens) for p in prompts)
     common = [min(len(p.prefix), len(p.tokens) - 1) for p in prompts]
-    assert all(p.tokens[:n] == p.prefix[:n] for p, n in zip(prompts, common))
+    assert all(p.tokens[:n] == p.prefix[:n] for p, n in zip(prompts, common, strict=True))
     assert spent == total - sum(common)
     assert spent < 0.5 * total  # the instruction is most of each prompt
 

@@ -5,8 +5,16 @@ import pytest
 from metaeol_edge.errors import TemplateError
 from metaeol_edge.prompts import load_templates, preprocess
 
-PAPER_TASKS = ["classification", "opinion/fact", "sentiment", "emotion", "paraphrase", "synonym", "key fact",
-               "entity/relation"]
+PAPER_TASKS = [
+    "classification",
+    "opinion/fact",
+    "sentiment",
+    "emotion",
+    "paraphrase",
+    "synonym",
+    "key fact",
+    "entity/relation",
+]
 
 
 @pytest.mark.parametrize(

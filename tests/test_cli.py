@@ -1,0 +1,137 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metaeol_edge import MetaEOL
+from metaeol_edge.cli import main, read_sentences
+
+
+def run(*args):
+    """The command in a fresh process, as a user runs it."""
+    cmd = [sys.executable, "-m", "metaeol_edge", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def sentences_file(tmp_path, sts_sentences):
+    path = tmp_path / "s.txt"
+    path.write_text("\n".join(sts_sentences[:5]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_embed_writes_npy_rows_in_input_order(tmp_path, sentences_file, sts_sentences, smollm2):
+    out = tmp_path / "e.npy"
+    r = run("embed", "--model", "smollm2-135m", "--input", sentences_file, "--output", out)
+    assert r.returncode == 0, r.stderr
+    got = np.load(out)
+    assert got.dtype == np.float32 and got.shape == (5, 576)
+    with MetaEOL("smollm2-135m", cache=False) as m:
+        assert np.array_equal(got, m.encode(sts_sentences[:5]))
+    r = run("embed", "--model", smollm2, "-t", "prompteol", "-i", sentences_file, "-o", tmp_path / "p.npy")
+    assert r.returncode == 0 and "5 cached" not in r.stderr  # prompteol vectors are new
+    r = run("embed", "--model", smollm2, "-i", sentences_file, "-o", tmp_path / "again.npy")
+    assert r.returncode == 0 and "40 cached and 0 computed" in r.stderr
+    assert np.array_equal(np.load(tmp_path / "again.npy"), got)
+
+
+def test_embed_reads_jsonl_and_writes_jsonl(tmp_path, sts_sentences):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": s, "id": i}) + "\n" for i, s in enumerate(sts_sentences[:3])))
+    out = tmp_path / "out.jsonl"
+    assert main(["embed", "-t", "prompteol", "-i", str(src), "-o", str(out), "-q"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == sts_sentences[:3] and len(rows[0]["embedding"]) == 576
+
+
+def test_similarity_prints_a_cosine():
+    r = run("similarity", "-t", "prompteol", "A man plays a guitar.", "Someone plays music.")
+    assert r.returncode == 0, r.stderr
+    assert 0.0 < float(r.stdout.strip()) <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"fine\n\xff\xfe broken\n", "line 2: invalid UTF-8"),
+        (b"one\n\n", "line 2: empty or whitespace-only"),
+        (b"one\n   \nthree\n", "line 2: empty"),
+        (b'{"text": "a"}\n{"txt": "b"}\n', "line 2: needs a string 'text' field"),
+        (b'{"text": "a"}\n{oops\n', "line 2: not valid JSON"),
+        (b"", "holds no sentences"),
+    ],
+)
+def test_bad_input_files_are_clear_errors(tmp_path, capsys, content, message):
+    path = tmp_path / "in.txt"
+    path.write_bytes(content)
+    assert main(["embed", "-i", str(path), "-o", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and str(path) in err
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_read_sentences_keeps_text_as_given(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text("\ufeffA first line.\r\nA second one\n", encoding="utf-8")
+    assert read_sentences(path) == ["A first line.", "A second one"]
+
+
+def _embed_with_model(tmp_path, model, *extra):
+    src = tmp_path / "s.txt"
+    src.write_text("hello\n")
+    return run("embed", "--model", model, "-i", src, "-o", tmp_path / "o.npy", *extra)
+
+
+def test_unknown_model_id(tmp_path):
+    r = _embed_with_model(tmp_path, "no-such-model")
+    assert r.returncode == 2 and "unknown model id 'no-such-model'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_truncated_and_non_gguf_model_files(tmp_path, smollm2):
+    r = _embed_with_model(tmp_path, tmp_path / "absent.gguf")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a model")
+    r = _embed_with_model(tmp_path, bad)
+    assert r.returncode == 2 and "not a GGUF model file" in r.stderr
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2.read_bytes()[:20_000_000])
+    r = _embed_with_model(tmp_path, cut)
+    assert r.returncode == 2 and "truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_template_file_without_placeholder(tmp_path):
+    t = tmp_path / "t.txt"
+    t.write_text("no placeholder in this template\n")
+    r = _embed_with_model(tmp_path, "smollm2-135m", "--templates", t)
+    assert r.returncode == 2 and str(t) in r.stderr and "exactly once" in r.stderr
+
+
+def test_no_truncate_refuses_a_long_sentence(tmp_path):
+    src = tmp_path / "long.txt"
+    src.write_text(" ".join(["word"] * 600) + "\n")
+    r = run("embed", "-i", src, "-o", tmp_path / "o.npy", "-t", "prompteol", "--max-length", "128", "--no-truncate")
+    assert r.returncode == 2 and "over max_length 128" in r.stderr
+    r = run("embed", "-i", src, "-o", tmp_path / "o.npy", "-t", "prompteol", "--max-length", "128")
+    assert r.returncode == 0 and "warning: sentence #1 was truncated" in r.stderr
+
+
+def test_models_and_cache_verbs():
+    r = run("models", "list")
+    assert r.returncode == 0 and "smollm2-135m*" in r.stdout and "gemma3-270m" in r.stdout
+    r = run("models", "path", "smollm2-135m")
+    assert r.returncode == 0 and r.stdout.strip().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    r = run("cache", "path")
+    assert r.returncode == 0 and r.stdout.strip().endswith("embeddings.sqlite3")
+    r = run("cache", "stats", "--json")
+    assert r.returncode == 0 and "entries" in json.loads(r.stdout)
+    assert run("models", "rm", "no-such-model").returncode == 2
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "metaeol"
+    r = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "metaeol-edge 0.1.0" in r.stdout

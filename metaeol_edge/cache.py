@@ -23,6 +23,7 @@ import platformdirs
 
 APPLICATION_ID = 0x4D454F4C  # "MEOL": tells our database from a foreign SQLite file
 BUSY_TIMEOUT_MS = 60_000
+PAGE_SIZE = 65536
 ENTRY_OVERHEAD = 48  # bytes of key and row bookkeeping per entry, for the size cap
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -58,7 +59,6 @@ def _migration_1(db: sqlite3.Connection) -> None:
             last_used INTEGER NOT NULL
         ) WITHOUT ROWID;
         CREATE INDEX embeddings_last_used ON embeddings(last_used);
-        CREATE INDEX embeddings_model_template ON embeddings(model_id, template_id);
         CREATE TABLE files (
             path TEXT PRIMARY KEY,
             size INTEGER NOT NULL,
@@ -119,6 +119,10 @@ class CacheKey:
         return h.digest()
 
 
+def _hour() -> int:
+    return int(time.time() // 3600)
+
+
 class EmbeddingCache:
     def __init__(self, path: str | Path, max_bytes: int | None = None) -> None:
         self.path = Path(path)
@@ -151,6 +155,11 @@ class EmbeddingCache:
                 f"{self.path} has cache schema {version}, newer than this release's {SCHEMA_VERSION}; "
                 "upgrade metaeol-edge or use another --cache path"
             )
+        if not tables:
+            # Large pages hold vectors inline, about 27 float32 vectors of 576
+            # dimensions a page; with 4 KiB pages each would take a page of its own.
+            # Must precede WAL mode, which fixes the page size.
+            db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         if version == SCHEMA_VERSION:
@@ -213,8 +222,11 @@ class EmbeddingCache:
         return found
 
     def touch(self, keys: Iterable[CacheKey]) -> None:
-        """Mark entries as used now, for least-recently-used eviction."""
-        now = int(time.time())
+        """Mark entries as used this hour, for least-recently-used eviction.
+
+        Hours, not seconds: a rerun within the hour then rewrites nothing.
+        """
+        now = _hour()
         self._write(
             lambda db: db.executemany(
                 "UPDATE embeddings SET last_used = ? WHERE key = ? AND last_used < ?",
@@ -226,7 +238,7 @@ class EmbeddingCache:
         """Store (key, model label, template task, vector) items in one transaction."""
         if not items:
             return
-        now = int(time.time())
+        now = _hour()
 
         def write(db: sqlite3.Connection) -> None:
             model_ids: dict[str, int] = {}

@@ -58,11 +58,13 @@ def main() -> None:
         # float16 entries: the same vectors stored at half width under float16 keys
         # (not recomputed), to measure what a float16 cache costs on disk.
         m16 = MetaEOL(args.model, cache=EmbeddingCache(path16), cache_dtype="float16")
-        m16.cache.put_many([
-            (key, args.model, t.task, cold[i, j])
-            for i, s in enumerate(sentences)
-            for j, (t, key) in enumerate(zip(m16.templates.templates, m16._keys(s), strict=True))
-        ])
+        m16.cache.put_many(
+            [
+                (key, args.model, t.task, cold[i, j])
+                for i, s in enumerate(sentences)
+                for j, (t, key) in enumerate(zip(m16.templates.templates, m16._keys(s), strict=True))
+            ]
+        )
         m16.close()
         entries32, b32 = bytes_per_vector(path32)
         entries16, b16 = bytes_per_vector(path16)

@@ -114,6 +114,8 @@ class MetaEOL:
 
         A single string gives a single vector, as in sentence-transformers.
         """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
         texts = self._clean(items)
@@ -124,7 +126,7 @@ class MetaEOL:
         bar = _progress_bar(len(texts), show_progress_bar)
         self.last_hits = self.last_misses = 0
         try:
-            for start in range(0, len(texts), max(1, batch_size)):
+            for start in range(0, len(texts), batch_size):
                 chunk = texts[start : start + batch_size]
                 out[start : start + len(chunk)] = self._encode_chunk(chunk)
                 if bar is not None:
@@ -205,7 +207,13 @@ class MetaEOL:
         prompts = [
             Prompt(engine.tokenize(self.templates.templates[j].render(placed[i])), prefix_tokens[j]) for i, j in todo
         ]
-        return engine.embed(prompts)
+        vectors = engine.embed(prompts)
+        bad = sorted({todo[k][0] for k in np.flatnonzero(~np.isfinite(vectors).all(axis=1))})
+        if bad:  # never hand out (or cache) a NaN or infinite vector
+            raise RuntimeError(
+                f"the model produced non-finite values for {len(bad)} sentence(s), first: {sentences[bad[0]]!r}"
+            )
+        return vectors
 
     def _fit(self, sentence: str, index: int) -> str:
         """Pre-process a sentence and cut it (never the template) so every prompt fits max_length."""

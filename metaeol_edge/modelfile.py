@@ -1,13 +1,23 @@
-"""Check a GGUF file before llama.cpp sees it, so a bad file is a clear error, not a crash."""
+"""Check a GGUF file before llama.cpp sees it, so a bad file is a clear error, not a crash.
+
+The header is parsed here rather than with ``gguf.GGUFReader``, which decodes
+every tensor and the whole vocabulary into Python objects: seconds for a 262k-token
+vocabulary, on every start. This reads only what the checks need.
+"""
 
 from __future__ import annotations
 
+import mmap
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
+# GGUF metadata value types -> struct format of a scalar of that type
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
 
 
 @dataclass(frozen=True)
@@ -20,6 +30,54 @@ class GGUFInfo:
     size: int
 
 
+class _Truncated(Exception):
+    pass
+
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.buf):
+            raise _Truncated
+        data = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return data
+
+    def scalar(self, fmt: str):
+        size = struct.calcsize(fmt)
+        return struct.unpack("<" + fmt, self.take(size))[0]
+
+    def string(self) -> str:
+        return self.take(self.scalar("Q")).decode("utf-8", "replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.scalar("I"), self.scalar("Q")
+            if etype in _SCALARS:  # fixed width: skip in one step
+                self.take(count * struct.calcsize(_SCALARS[etype]))
+            else:
+                for _ in range(count):
+                    self.value(etype)
+            return None
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def _tensor_bytes(ggml_type: int, dims: list[int]) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    n = 1
+    for d in dims:
+        n *= d
+    return n // block * type_size
+
+
 def inspect_gguf(path: str | Path) -> GGUFInfo:
     """Read a GGUF file's header; raise ModelError if it is missing, not GGUF, or truncated."""
     path = Path(path)
@@ -28,31 +86,50 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     size = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelError(f"{path} is not a GGUF model file (it starts with {magic!r}, not b'GGUF')")
-
-    from gguf import GGUFReader  # imported late: it is slow to import and not needed for ids
-
+        if magic != GGUF_MAGIC:
+            raise ModelError(f"{path} is not a GGUF model file (it starts with {magic!r}, not b'GGUF')")
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError as exc:
+            raise ModelError(f"{path} is truncated ({size} bytes)") from exc
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as exc:  # GGUFReader raises many types on a damaged file
-        raise ModelError(f"{path} is a damaged or truncated GGUF file ({size} bytes): {exc}") from exc
-    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+        meta, end = _parse(_Cursor(buf))
+    except _Truncated:
+        raise ModelError(f"{path} is truncated: its header ends past the file's {size} bytes") from None
+    except (ValueError, KeyError, struct.error, UnicodeError) as exc:
+        raise ModelError(f"{path} is a damaged GGUF file: {exc}") from exc
+    finally:
+        buf.close()
     if end > size:
         raise ModelError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}")
-
-    def field(key: str) -> object:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        return f.contents()
-
-    arch = field("general.architecture")
+    arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelError(f"{path} has no general.architecture: not a language model GGUF")
-    n_embd = field(f"{arch}.embedding_length")
-    n_layer = field(f"{arch}.block_count")
-    n_ctx = field(f"{arch}.context_length")
+    n_embd, n_layer = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.block_count")
     if not isinstance(n_embd, int) or not isinstance(n_layer, int):
         raise ModelError(f"{path}: missing {arch}.embedding_length or {arch}.block_count")
-    return GGUFInfo(path, arch, n_embd, n_layer, int(n_ctx) if isinstance(n_ctx, int) else 0, size)
+    n_ctx = meta.get(f"{arch}.context_length")
+    return GGUFInfo(path, arch, n_embd, n_layer, n_ctx if isinstance(n_ctx, int) else 0, size)
+
+
+def _parse(cur: _Cursor) -> tuple[dict[str, object], int]:
+    """Return (scalar and string metadata, the byte offset where the last tensor ends)."""
+    cur.take(4)
+    version = cur.scalar("I")
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is too old")
+    n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
+    meta: dict[str, object] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        meta[key] = cur.value(cur.scalar("I"))
+    last_end = 0
+    for _ in range(n_tensors):
+        cur.string()
+        dims = [cur.scalar("Q") for _ in range(cur.scalar("I"))]
+        ggml_type, offset = cur.scalar("I"), cur.scalar("Q")
+        last_end = max(last_end, offset + _tensor_bytes(ggml_type, dims))
+    align = meta.get("general.alignment", 32)
+    align = align if isinstance(align, int) and align > 0 else 32
+    data_start = (cur.pos + align - 1) // align * align
+    return meta, data_start + last_end

@@ -96,3 +96,16 @@ def test_too_long_sentence_is_refused_without_truncation(smollm2):
     with MetaEOL(smollm2, templates="prompteol", cache=False, max_length=64, truncate=False) as m:
         with pytest.raises(InputError, match="over max_length 64"):
             m.encode([" ".join(["word"] * 400)])
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5])
+def test_bad_batch_size_is_refused(model, batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        model.encode(["a cat."], batch_size=batch_size)
+
+
+def test_a_non_finite_vector_is_an_error_not_a_result(model, monkeypatch):
+    engine = model.engine
+    monkeypatch.setattr(engine, "embed", lambda prompts: np.full((len(prompts), 576), np.nan, np.float32))
+    with pytest.raises(RuntimeError, match="non-finite values for 1 sentence"):
+        model.encode(["a cat sits."])

@@ -21,7 +21,7 @@ def test_not_gguf(tmp_path):
         inspect_gguf(path)
 
 
-@pytest.mark.parametrize("keep", [2_000, 5_000_000, -1_000])
+@pytest.mark.parametrize("keep", [2_000, 5_000_000, -1])
 def test_truncated_file(tmp_path, smollm2, keep):
     data = smollm2.read_bytes()
     path = tmp_path / "cut.gguf"

@@ -51,13 +51,14 @@ def _migration_1(db: sqlite3.Connection) -> None:
             task TEXT NOT NULL
         );
         CREATE TABLE embeddings (
-            key BLOB PRIMARY KEY,
+            id INTEGER PRIMARY KEY,
+            key BLOB NOT NULL UNIQUE,
             model_id INTEGER NOT NULL REFERENCES models(id),
             template_id INTEGER NOT NULL REFERENCES templates(id),
             dtype TEXT NOT NULL,
-            vector BLOB NOT NULL,
-            last_used INTEGER NOT NULL
-        ) WITHOUT ROWID;
+            last_used INTEGER NOT NULL,
+            vector BLOB NOT NULL
+        );
         CREATE INDEX embeddings_last_used ON embeddings(last_used);
         CREATE TABLE files (
             path TEXT PRIMARY KEY,
@@ -116,7 +117,7 @@ class CacheKey:
             data = part.encode("utf-8")
             h.update(len(data).to_bytes(8, "little"))  # length-prefixed: no ambiguous joins
             h.update(data)
-        return h.digest()
+        return h.digest()[:16]  # 128 bits: collisions are out of reach, the index stays small
 
 
 def _hour() -> int:
@@ -256,8 +257,15 @@ class EmbeddingCache:
                         "SELECT id FROM templates WHERE text = ?", (key.template,)
                     ).fetchone()[0]
                 blob = np.ascontiguousarray(vector, dtype=DTYPES[key.dtype]).tobytes()
-                rows.append((key.digest(), model_ids[key.model], template_ids[key.template], key.dtype, blob, now))
-            db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?, ?)", rows)
+                rows.append((key.digest(), model_ids[key.model], template_ids[key.template], key.dtype, now, blob))
+            # Rows go in rowid order, so pages fill completely (random keys as the
+            # primary key left pages a third empty). A pair another process stored
+            # meanwhile holds the same vector: vectors are deterministic.
+            db.executemany(
+                "INSERT OR IGNORE INTO embeddings(key, model_id, template_id, dtype, last_used, vector)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             if self.max_bytes is not None:
                 self._evict(db)
 
@@ -271,7 +279,7 @@ class EmbeddingCache:
         per_entry = total / count
         excess = math.ceil((total - self.max_bytes) / per_entry)
         db.execute(
-            "DELETE FROM embeddings WHERE key IN (SELECT key FROM embeddings ORDER BY last_used LIMIT ?)",
+            "DELETE FROM embeddings WHERE id IN (SELECT id FROM embeddings ORDER BY last_used LIMIT ?)",
             (excess,),
         )
 

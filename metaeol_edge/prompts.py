@@ -66,21 +66,21 @@ def preprocess(sentence: str) -> str:
     return s
 
 
-def _builtin_dir() -> Path | None:
+def _builtin_dir():
+    """The installed ``prompts/`` folder (a Traversable), or the source checkout's."""
     try:
         root = resources.files("metaeol_edge.prompt_sets")
         if root.is_dir():
-            return Path(str(root))
+            return root
     except ModuleNotFoundError:
         pass
-    # Running from a source checkout that is not installed.
     here = Path(__file__).resolve().parent.parent / "prompts"
     return here if here.is_dir() else None
 
 
 def builtin_names() -> list[str]:
     folder = _builtin_dir()
-    return sorted(p.stem for p in folder.glob("*.json")) if folder else []
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json")) if folder else []
 
 
 def load_templates(name_or_path: str | Path) -> TemplateSet:
@@ -92,7 +92,7 @@ def load_templates(name_or_path: str | Path) -> TemplateSet:
     path = Path(name_or_path)
     if not path.is_file():
         folder = _builtin_dir()
-        candidate = folder / f"{name_or_path}.json" if folder else None
+        candidate = Path(folder / f"{name_or_path}.json") if folder else None
         if candidate is None or not candidate.is_file() or "/" in str(name_or_path):
             raise TemplateError(
                 f"no template set named or at {str(name_or_path)!r}; built-in sets: "

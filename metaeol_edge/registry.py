@@ -53,8 +53,8 @@ class ModelSpec:
 def _registry_file() -> Path:
     try:
         root = resources.files("metaeol_edge.model_registry")
-        if root.is_dir():
-            return Path(str(root)) / "registry.json"
+        if root.is_dir():  # a namespace package: root may be a MultiplexedPath, not a Path
+            return Path(root / "registry.json")
     except ModuleNotFoundError:
         pass
     return Path(__file__).resolve().parent.parent / "models" / "registry.json"

@@ -8,20 +8,32 @@ import zipfile
 def test_wheel_carries_the_data_and_finds_it(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
-        capture_output=True, text=True, cwd=str(__import__("conftest").REPO),
+        capture_output=True,
+        text=True,
+        cwd=str(__import__("conftest").REPO),
     )
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("metaeol_edge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for data in ("metaeol_edge/prompt_sets/metaeol.json", "metaeol_edge/prompt_sets/prompteol.json",
-                 "metaeol_edge/model_registry/registry.json"):
+    for data in (
+        "metaeol_edge/prompt_sets/metaeol.json",
+        "metaeol_edge/prompt_sets/prompteol.json",
+        "metaeol_edge/model_registry/registry.json",
+    ):
         assert data in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import metaeol_edge, metaeol_edge.prompts as p, metaeol_edge.registry as r;"
-            "assert metaeol_edge.__file__.startswith(%r), metaeol_edge.__file__;"
-            "print(p.builtin_names(), len(p.load_templates('metaeol')), r.default_model_id())") % str(site)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
-                       env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import metaeol_edge, metaeol_edge.prompts as p, metaeol_edge.registry as r;"
+        f"assert metaeol_edge.__file__.startswith({str(site)!r}), metaeol_edge.__file__;"
+        "print(p.builtin_names(), len(p.load_templates('metaeol')), r.default_model_id())"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['metaeol', 'prompteol'] 8 smollm2-135m"

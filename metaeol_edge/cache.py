@@ -186,6 +186,8 @@ class EmbeddingCache:
         made; a path that cannot be written gives a warning and no cache.
         """
         path = Path(path) if path else default_path()
+        if max_bytes is None and os.environ.get("METAEOL_CACHE_MAX_MB"):
+            max_bytes = int(float(os.environ["METAEOL_CACHE_MAX_MB"]) * 1e6)
         try:
             return cls(path, max_bytes)
         except CacheError as exc:

@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-preprocess", action="store_true", help="skip the official sentence pre-processing")
         sp.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
         sp.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32")
+        sp.add_argument(
+            "--cache-max-mb",
+            type=float,
+            default=None,
+            help="cap the cache's vectors at this size, evicting the least recently used "
+            "(default: $METAEOL_CACHE_MAX_MB, else no cap)",
+        )
         sp.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a Metal/CUDA GPU")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
 
@@ -128,6 +135,7 @@ def _model(args: argparse.Namespace):
         truncate=not args.no_truncate,
         cache=not args.no_cache,
         cache_dtype=args.cache_dtype,
+        cache_max_bytes=int(args.cache_max_mb * 1e6) if args.cache_max_mb else None,
     )
 
 

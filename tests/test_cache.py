@@ -120,6 +120,14 @@ def test_size_cap_evicts_least_recently_used(tmp_path):
     assert len(left) == 10
 
 
+def test_size_cap_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAEOL_CACHE_MAX_MB", "0.002")
+    cache = EmbeddingCache.open(tmp_path / "c.sqlite3")
+    v = np.ones(100, dtype=np.float32)
+    cache.put_many([(_key(f"s{i}"), "m", "t", v) for i in range(10)])
+    assert cache.max_bytes == 2000 and cache.stats()["entries"] == 4  # 4 x (400 + 48) <= 2000
+
+
 def test_clear_by_template_and_model(tmp_path):
     cache = EmbeddingCache(tmp_path / "c.sqlite3")
     v = np.ones(4, dtype=np.float32)

@@ -83,7 +83,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class CacheError(Exception):
-    """The cache file cannot be used (corrupt, foreign, or from a newer release)."""
+    """The cache file cannot be used: corrupt or foreign."""
+
+
+class CacheTooNewError(Exception):
+    """The cache file was written by a newer release: keep it, run without it."""
 
 
 def default_path() -> Path:
@@ -152,7 +156,7 @@ class EmbeddingCache:
         if tables and app_id != APPLICATION_ID:
             raise CacheError(f"{self.path} is an SQLite database that metaeol-edge did not create")
         if version > SCHEMA_VERSION:
-            raise CacheError(
+            raise CacheTooNewError(
                 f"{self.path} has cache schema {version}, newer than this release's {SCHEMA_VERSION}; "
                 "upgrade metaeol-edge or use another --cache path"
             )
@@ -201,7 +205,7 @@ class EmbeddingCache:
                 return None
             warnings.warn(f"{exc}; moved it to {aside} and started a new cache", stacklevel=2)
             return cls.open(path, max_bytes)
-        except (OSError, sqlite3.OperationalError) as exc:
+        except (OSError, sqlite3.OperationalError, CacheTooNewError) as exc:
             warnings.warn(f"embedding cache at {path} cannot be used ({exc}); running without a cache", stacklevel=2)
             return None
 

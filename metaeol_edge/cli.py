@@ -34,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
     try:
         return args.func(args) or 0
-    except MetaEOLError as exc:
+    except (MetaEOLError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. an output folder that cannot be written
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -192,6 +195,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".npy", ".jsonl"):
         raise InputError(f"output must end in .npy or .jsonl, not {out.name!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)  # fail before the work, not after
     sentences = read_sentences(args.input)
     with _model(args) as model:
         vectors = model.encode(

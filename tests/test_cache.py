@@ -58,6 +58,9 @@ def test_schema_is_versioned_and_migrated_once(tmp_path):
     db.close()
     with pytest.raises(Exception, match="newer than this release"):
         EmbeddingCache(path)
+    with pytest.warns(UserWarning, match="newer than this release.*running without a cache"):
+        assert EmbeddingCache.open(path) is None
+    assert path.exists()  # a newer release's cache is left alone
 
 
 def test_corrupt_file_is_moved_aside_with_a_warning(tmp_path):

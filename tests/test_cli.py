@@ -73,6 +73,16 @@ def test_bad_input_files_are_clear_errors(tmp_path, capsys, content, message):
     assert not (tmp_path / "o.npy").exists()
 
 
+def test_bad_options_and_unwritable_output_are_errors(tmp_path, sentences_file, capsys):
+    assert main(["embed", "-i", str(sentences_file), "-o", str(tmp_path / "o.npy"), "--batch-size", "0"]) == 2
+    assert "batch_size must be a positive integer" in capsys.readouterr().err
+    assert main(["embed", "-i", str(sentences_file), "-o", str(tmp_path / "o.csv")]) == 2
+    assert "must end in .npy or .jsonl" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["embed", "-t", "prompteol", "-i", str(sentences_file), "-o", str(tmp_path / "file" / "o.npy")]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
 def test_read_sentences_keeps_text_as_given(tmp_path):
     path = tmp_path / "in.txt"
     path.write_text("\ufeffA first line.\r\nA second one\n", encoding="utf-8")

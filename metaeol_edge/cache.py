@@ -146,9 +146,15 @@ class EmbeddingCache:
         db = self.db
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         try:
-            app_id = db.execute("PRAGMA application_id").fetchone()[0]
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            # One read transaction: another process may be creating the schema right
+            # now, and reads taken apart could see its tables but not yet its id.
+            db.execute("BEGIN")
+            try:
+                app_id = db.execute("PRAGMA application_id").fetchone()[0]
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            finally:
+                db.execute("COMMIT")
         except sqlite3.OperationalError:
             raise  # cannot open or lock: not the file's fault
         except sqlite3.DatabaseError as exc:

@@ -349,7 +349,8 @@ class Engine:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(tuple(p.prefix or ()), []).append(i)
-        for prefix, members in groups.items():
+        # Start with the prefix the cache already holds: one prefix decode fewer.
+        for prefix, members in sorted(groups.items(), key=lambda g: g[0] != self._prefix):
             self._load_prefix(prefix)
             for i in members:
                 out[i] = self._embed_one(prompts[i].tokens, prefix)

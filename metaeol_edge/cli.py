@@ -186,6 +186,9 @@ def _write_atomic(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it; mkstemp makes it private
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -128,7 +128,7 @@ class MetaEOL:
         try:
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start : start + batch_size]
-                out[start : start + len(chunk)] = self._encode_chunk(chunk)
+                out[start : start + len(chunk)] = self._encode_chunk(chunk, start)
                 if bar is not None:
                     bar.update(len(chunk))
         finally:
@@ -166,7 +166,8 @@ class MetaEOL:
             for t in self.templates.templates
         ]
 
-    def _encode_chunk(self, sentences: list[str]) -> np.ndarray:
+    def _encode_chunk(self, sentences: list[str], offset: int) -> np.ndarray:
+        """Vectors (len, T, dim) of sentences[offset:...] of the caller's list."""
         n_t = len(self.templates)
         out = np.empty((len(sentences), n_t, self.dim), dtype=np.float32)
         todo: list[tuple[int, int]] = []  # (sentence index, template index)
@@ -185,7 +186,7 @@ class MetaEOL:
         self.last_misses += len(todo)
         if not todo:
             return out
-        fresh = self._compute(sentences, todo)
+        fresh = self._compute(sentences, todo, offset)
         if self.cache_dtype == "float16" and self.cache is not None:
             # Return what the cache will return next time, so warm and cold runs agree.
             fresh = fresh.astype(np.float16).astype(np.float32)
@@ -200,9 +201,9 @@ class MetaEOL:
             )
         return out
 
-    def _compute(self, sentences: list[str], todo: list[tuple[int, int]]) -> np.ndarray:
+    def _compute(self, sentences: list[str], todo: list[tuple[int, int]], offset: int) -> np.ndarray:
         engine = self.engine
-        placed = {i: self._fit(sentences[i], i) for i in {i for i, _ in todo}}
+        placed = {i: self._fit(sentences[i], offset + i) for i in {i for i, _ in todo}}
         prefix_tokens = {j: engine.tokenize(self.templates.templates[j].prefix) for j in {j for _, j in todo}}
         prompts = [
             Prompt(engine.tokenize(self.templates.templates[j].render(placed[i])), prefix_tokens[j]) for i, j in todo

@@ -102,7 +102,8 @@ def use_extra_bufts(system_info: str, os_grants_amx: Callable[[], bool] = _os_gr
     grants the tile state, so the first AMX matmul dies with SIGILL. And the
     repacked-weight kernels round differently for 1-3 rows than for 4, so a
     prompt's vector would depend on how it is split across decodes (up to 0.002
-    in cosine on Gemma 3), which prefix sharing does. They are worth 0-8% speed.
+    in cosine on Gemma 3), which prefix sharing does. No speed was lost here without
+    them (benchmarks/speed.py with METAEOL_EXTRA_BUFTS=1 vs 0).
     ``METAEOL_EXTRA_BUFTS=1`` turns them on, except AMX where the OS forbids it.
     """
     if os.environ.get("METAEOL_EXTRA_BUFTS") != "1":

@@ -94,8 +94,8 @@ def test_too_long_sentence_is_truncated_with_a_warning(smollm2):
 
 def test_too_long_sentence_is_refused_without_truncation(smollm2):
     with MetaEOL(smollm2, templates="prompteol", cache=False, max_length=64, truncate=False) as m:
-        with pytest.raises(InputError, match="over max_length 64"):
-            m.encode([" ".join(["word"] * 400)])
+        with pytest.raises(InputError, match="sentence #5 needs .* over max_length 64"):
+            m.encode(["short."] * 4 + [" ".join(["word"] * 400)], batch_size=2)
 
 
 @pytest.mark.parametrize("batch_size", [0, -3, 2.5])

@@ -62,7 +62,7 @@ def main() -> None:
             [
                 (key, args.model, t.task, cold[i, j])
                 for i, s in enumerate(sentences)
-                for j, (t, key) in enumerate(zip(m16.templates.templates, m16._keys(s), strict=True))
+                for j, (t, key) in enumerate(zip(m16.templates.templates, m16.cache_keys(s), strict=True))
             ]
         )
         m16.close()

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import stsb_sentences  # noqa: E402
 
-from metaeol_edge import MetaEOL, load_templates  # noqa: E402
+from metaeol_edge import MetaEOL, load_templates, preprocess  # noqa: E402
 from metaeol_edge.naive import NaiveRecipe  # noqa: E402
 
 
@@ -41,9 +41,7 @@ def main() -> None:
     fast = model.encode(sentences, show_progress_bar=False)
     t_engine = time.perf_counter() - t0
     decoded = engine.tokens_decoded - before
-    prompt_tokens = sum(
-        len(engine.tokenize(t.render(model._fit(s, i)))) for i, s in enumerate(sentences) for t in templates.templates
-    )
+    prompt_tokens = sum(len(engine.tokenize(t.render(preprocess(s)))) for s in sentences for t in templates.templates)
     path = model.model_path
     model.close()
 

@@ -160,7 +160,8 @@ class MetaEOL:
             texts.append(s)
         return texts
 
-    def _keys(self, sentence: str) -> list[CacheKey]:
+    def cache_keys(self, sentence: str) -> list[CacheKey]:
+        """The cache keys of a (stripped) sentence's prompt vectors, one per template."""
         return [
             CacheKey(self.fingerprint, t.text, self.layer, self.preprocess, self.cache_dtype, self.max_length, sentence)
             for t in self.templates.templates
@@ -174,7 +175,7 @@ class MetaEOL:
         if self.cache is None:
             todo = [(i, j) for i in range(len(sentences)) for j in range(n_t)]
         else:
-            keys = {(i, j): k for i, s in enumerate(sentences) for j, k in enumerate(self._keys(s))}
+            keys = {(i, j): k for i, s in enumerate(sentences) for j, k in enumerate(self.cache_keys(s))}
             found = self.cache.get_many(list(keys.values()))
             for (i, j), k in keys.items():
                 if k in found:

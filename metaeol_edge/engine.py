@@ -60,7 +60,7 @@ _log_callback = None
 _log_lock = threading.Lock()
 
 
-def _init_backend(verbose: bool) -> None:
+def init_backend(verbose: bool) -> None:
     """Initialise llama.cpp once per process and keep its log quiet unless asked."""
     global _backend_ready, _log_callback
     with _log_lock:
@@ -210,7 +210,7 @@ class Engine:
     ) -> None:
         self.info: GGUFInfo = inspect_gguf(model_path)
         lc = _llama()
-        _init_backend(verbose)
+        init_backend(verbose)
         self._lc = lc
         self._ggml = _Ggml()
         self.model_path = Path(model_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import _init_backend, safe_model_params
+from .engine import init_backend, safe_model_params
 from .prompts import TemplateSet, preprocess
 
 
@@ -22,7 +22,7 @@ class NaiveRecipe:
         """``kv_f32`` matches the engine's KV precision; False keeps llama.cpp's F16 default."""
         import llama_cpp
 
-        _init_backend(verbose=False)
+        init_backend(verbose=False)
         with safe_model_params():
             self.llm = llama_cpp.Llama(
                 str(model_path),

@@ -135,10 +135,24 @@ class EmbeddingCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
-            self._check_and_migrate()
+            self._open_with_retry()
         except BaseException:
             self.db.close()
             raise
+
+    def _open_with_retry(self) -> None:
+        # Switching a new file to WAL needs a lock that SQLite does not wait for:
+        # a process that opens the cache while another creates it sees "database
+        # is locked" at once, whatever the busy timeout. Wait for it here.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._check_and_migrate()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     # -- opening ---------------------------------------------------------------
 

@@ -294,3 +294,23 @@ def test_sigkill_mid_run_keeps_every_committed_entry(smollm2, sts_sentences, tmp
         assert (m.last_hits, m.last_misses) == (kept, 0)
     with MetaEOL(smollm2, templates="prompteol", cache=False) as m:
         assert np.array_equal(warm, m.encode(done))
+
+
+OPENER = (
+    "import sys, warnings; warnings.simplefilter('error');"
+    "from metaeol_edge.cache import EmbeddingCache;"
+    "c = EmbeddingCache.open(sys.argv[1]); assert c is not None; c.close()"
+)
+
+
+def test_processes_opening_a_new_cache_at_once_all_get_it(tmp_path):
+    # A new file switched to WAL by one process used to make others see "database is locked".
+    for trial in range(10):
+        path = tmp_path / f"c{trial}.sqlite3"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", OPENER, str(path)], stderr=subprocess.PIPE, text=True)
+            for _ in range(6)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 from . import __version__, registry
 from .cache import EmbeddingCache, default_path
 from .errors import InputError, MetaEOLError
+from .files import atomic_write
 
 EXAMPLES = [
     "A man is playing a guitar.",
@@ -180,20 +179,6 @@ def read_sentences(path: str | Path) -> list[str]:
     return sentences
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it; mkstemp makes it private
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".npy", ".jsonl"):
@@ -210,14 +195,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
         )
         hits, misses = model.last_hits, model.last_misses
     if out.suffix.lower() == ".npy":
-        _write_atomic(out, lambda f: np.save(f, vectors))
+        with atomic_write(out) as f:
+            np.save(f, vectors)
     else:
-
-        def write_jsonl(f) -> None:
+        with atomic_write(out) as f:
             for s, v in zip(sentences, vectors, strict=True):
                 f.write((json.dumps({"text": s, "embedding": v.tolist()}) + "\n").encode("utf-8"))
-
-        _write_atomic(out, write_jsonl)
     cached = f", {hits} cached and {misses} computed prompt vectors" if hits or misses else ""
     print(f"wrote {len(sentences)} embeddings {tuple(vectors.shape)} to {out}{cached}", file=sys.stderr)
     return 0

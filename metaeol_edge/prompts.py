@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from .errors import TemplateError
+from .files import package_data
 
 DEFAULT_PLACEHOLDER = "*sent 0*"
 
@@ -67,15 +67,7 @@ def preprocess(sentence: str) -> str:
 
 
 def _builtin_dir():
-    """The installed ``prompts/`` folder (a Traversable), or the source checkout's."""
-    try:
-        root = resources.files("metaeol_edge.prompt_sets")
-        if root.is_dir():
-            return root
-    except ModuleNotFoundError:
-        pass
-    here = Path(__file__).resolve().parent.parent / "prompts"
-    return here if here.is_dir() else None
+    return package_data("prompt_sets", "prompts")
 
 
 def builtin_names() -> list[str]:

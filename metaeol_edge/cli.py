@@ -69,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
             help="cap the cache's vectors at this size, evicting the least recently used "
             "(default: $METAEOL_CACHE_MAX_MB, else no cap)",
         )
+        sp.add_argument(
+            "--layer",
+            default="-1",
+            help="hidden state to read: -1 = final layer after the final norm (default), k = output of block k "
+            "(1..n_layer), -j counts from the end, 0.8 = that share of the depth",
+        )
+        sp.add_argument(
+            "--no-early-exit", action="store_true", help="run the whole model even when a lower layer is asked for"
+        )
+        sp.add_argument(
+            "--postprocess", action="store_true", help="apply the per-dimension fit stored by fit-postprocess"
+        )
         sp.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a Metal/CUDA GPU")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
 
@@ -92,6 +104,16 @@ def _parser() -> argparse.ArgumentParser:
     model_options(d)
     d.set_defaults(func=cmd_demo)
 
+    f = sub.add_parser(
+        "fit-postprocess", help="fit per-dimension standardization (or whitening) on a corpus and store it"
+    )
+    model_options(f)
+    f.add_argument("--input", "-i", required=True, help="unlabeled sentences, one per line (not your test set)")
+    f.add_argument("--whiten", action="store_true", help="decorrelate dimensions too (needs more sentences than dims)")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_fit_postprocess)
+
     m = sub.add_parser("models", help="list, pull, locate or remove models")
     msub = m.add_subparsers(title="models commands")
     ml = msub.add_parser("list", help="known models and whether they are pulled")
@@ -104,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     mpa = msub.add_parser("path", help="print a pulled model's file path")
     mpa.add_argument("id")
     mpa.set_defaults(func=cmd_models_path)
+    mq = msub.add_parser("quantize", help="write other quantization levels of a model into the store")
+    mq.add_argument("id", help="registry id or .gguf path")
+    mq.add_argument("--to", required=True, help="comma-separated levels, e.g. f32,f16,q8_0,q4_k_m")
+    mq.set_defaults(func=cmd_models_quantize)
     mr = msub.add_parser("rm", help="remove a pulled model")
     mr.add_argument("id")
     mr.set_defaults(func=cmd_models_rm)
@@ -138,6 +164,9 @@ def _model(args: argparse.Namespace):
         cache=not args.no_cache,
         cache_dtype=args.cache_dtype,
         cache_max_bytes=int(args.cache_max_mb * 1e6) if args.cache_max_mb else None,
+        layer=args.layer,
+        early_exit=not args.no_early_exit,
+        postprocess=args.postprocess,
     )
 
 
@@ -322,3 +351,32 @@ def cmd_cache_path(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_fit_postprocess(args: argparse.Namespace) -> int:
+    sentences = read_sentences(args.input)
+    args.postprocess = False
+    with _model(args) as model:
+        paths = model.fit_postprocess(
+            sentences,
+            kind="whiten" if args.whiten else "standardize",
+            batch_size=args.batch_size,
+            show_progress_bar=not args.quiet,
+        )
+    for path in paths:
+        print(path)
+    print(f"fitted on {len(sentences)} sentences; use it with --postprocess", file=sys.stderr)
+    return 0
+
+
+def cmd_models_quantize(args: argparse.Namespace) -> int:
+    from .engine import QUANT_LEVELS
+
+    levels = [x.strip().lower() for x in args.to.split(",") if x.strip()]
+    unknown = [x for x in levels if x not in QUANT_LEVELS]
+    if not levels or unknown:
+        raise InputError(f"unknown level(s) {', '.join(unknown) or '(none)'}; known: {', '.join(QUANT_LEVELS)}")
+    for level in levels:
+        path = registry.quantized(args.id, level)
+        print(f"{level}\t{path.stat().st_size / 1e6:.0f} MB\t{path}")
+    return 0

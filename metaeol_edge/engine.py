@@ -40,6 +40,8 @@ from .errors import ModelError
 from .modelfile import GGUFInfo, inspect_gguf
 
 RESULT_NORM = b"result_norm"
+FINAL = -1
+"""The layer index of the final-norm state (what LAST pooling and the paper use)."""
 PREFIX_SEQ = 0
 WORK_SEQ = 1
 GGML_LOG_LEVEL_ERROR = 3
@@ -146,6 +148,49 @@ def safe_model_params():
         high.llama_cpp.llama_model_default_params = original
 
 
+def resolve_layer(spec: int | float | str, n_layer: int) -> int:
+    """Turn a user's layer choice into ``FINAL`` (-1) or a block number ``1..n_layer``.
+
+    ``-1``: the final layer after the final norm. ``k`` in ``1..n_layer``: the
+    output of transformer block k before any final norm (Hugging Face
+    ``hidden_states[k]``, llama.cpp tensor ``l_out-(k-1)``). ``-j`` for j >= 2
+    counts from the end as ``hidden_states[-j]`` does (-2 is block n_layer-1). A
+    fraction in (0, 1) is that share of the depth, rounded, at least block 1.
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        try:
+            spec = int(text)
+        except ValueError:
+            try:
+                spec = float(text)
+            except ValueError:
+                raise ValueError(f"layer must be an integer or a fraction of the depth, not {text!r}") from None
+    if isinstance(spec, bool) or not isinstance(spec, int | float):
+        raise ValueError(f"layer must be an integer or a fraction of the depth, not {spec!r}")
+    if isinstance(spec, float):
+        if spec.is_integer() and spec not in (0.0, 1.0):
+            spec = int(spec)
+        elif 0.0 < spec <= 1.0:
+            return max(1, min(n_layer, round(spec * n_layer)))
+        else:
+            raise ValueError(f"a fractional layer must lie in (0, 1], not {spec}")
+    if spec == FINAL:
+        return FINAL
+    if 1 <= spec <= n_layer:
+        return spec
+    if -n_layer <= spec <= -2:
+        return n_layer + 1 + spec
+    raise ValueError(
+        f"layer {spec} is out of range for a model of {n_layer} blocks: use -1 (final), 1..{n_layer}, "
+        f"-{n_layer}..-2, or a fraction such as 0.8"
+    )
+
+
+def _tensor_name(layer: int) -> bytes:
+    return RESULT_NORM if layer == FINAL else f"l_out-{layer - 1}".encode()
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -226,7 +271,8 @@ class Engine:
         self.n_layer = lc.llama_model_n_layer(self.model)
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.model)
 
-        self._rows: list[np.ndarray] = []
+        self._wanted: dict[bytes, int] = {RESULT_NORM: 0}  # tensor name -> slot in _rows
+        self._rows: list[np.ndarray | None] = [None]
         self._callback_error: BaseException | None = None
         self._cb = lc.ggml_backend_sched_eval_callback(self._eval_callback)
 
@@ -281,19 +327,26 @@ class Engine:
     # -- eval callback --------------------------------------------------------
 
     def _eval_callback(self, tensor: int, ask: bool, user_data: int) -> bool:
+        """Copy out the last row of each wanted tensor (the output token: one prompt per decode).
+
+        ``result_norm`` and the last block's ``l_out`` hold only the output rows;
+        the other blocks' ``l_out`` hold every token of the ubatch, in batch order.
+        Either way the prompt's last token is the last row.
+        """
         try:
             name = self._ggml.lib.ggml_get_name(tensor)
+            slot = self._wanted.get(name)
             if ask:
-                return name == RESULT_NORM
-            if name != RESULT_NORM:
+                return slot is not None
+            if slot is None:
                 return True
             type_, ne0, ne1 = self._ggml.shape(tensor)
             nbytes = self._ggml.lib.ggml_nbytes(tensor)
-            if type_ != 0 or ne0 != self.n_embd or nbytes != ne0 * ne1 * 4:
-                raise RuntimeError(f"unexpected result_norm tensor: type {type_}, shape ({ne0}, {ne1})")
-            out = np.empty((ne1, ne0), dtype=np.float32)
-            self._ggml.lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, nbytes)
-            self._rows.append(out)
+            if type_ != GGML_TYPE_F32 or ne0 != self.n_embd or ne1 < 1 or nbytes != ne0 * ne1 * 4:
+                raise RuntimeError(f"unexpected {name.decode()} tensor: type {type_}, shape ({ne0}, {ne1})")
+            row = np.empty(ne0, dtype=np.float32)
+            self._ggml.lib.ggml_backend_tensor_get(tensor, row.ctypes.data, (ne1 - 1) * ne0 * 4, ne0 * 4)
+            self._rows[slot] = row
         except BaseException as exc:  # never let an exception cross the C boundary
             self._callback_error = exc
             return False
@@ -301,39 +354,49 @@ class Engine:
 
     # -- decoding ------------------------------------------------------------
 
-    def _decode(self, items: list[tuple[int, int, Sequence[int], bool]]) -> np.ndarray:
-        """Decode (seq_id, first_pos, tokens, want_output) runs in one batch; return the output rows."""
+    def _decode(self, seq: int, pos0: int, tokens: Sequence[int], want: bool) -> list[np.ndarray] | None:
+        """Decode one run of a sequence; with ``want``, return the wanted tensors' last-token rows."""
         b = self.batch
-        n = 0
-        n_out = 0
-        for seq, pos0, toks, want in items:
-            for j, tok in enumerate(toks):
-                b.token[n] = tok
-                b.pos[n] = pos0 + j
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = seq
-                b.logits[n] = 1 if (want and j == len(toks) - 1) else 0
-                n += 1
-            n_out += 1 if want else 0
+        n = len(tokens)
+        for j, tok in enumerate(tokens):
+            b.token[j] = tok
+            b.pos[j] = pos0 + j
+            b.n_seq_id[j] = 1
+            b.seq_id[j][0] = seq
+            b.logits[j] = 0
+        # llama.cpp needs one output per batch; a prefix's row is simply dropped.
+        b.logits[n - 1] = 1
         b.n_tokens = n
-        self._rows.clear()
+        self._rows = [None] * len(self._wanted)
         self._callback_error = None
         rc = self._lc.llama_decode(self.ctx, b)
         if self._callback_error is not None:
-            raise RuntimeError("reading result_norm failed") from self._callback_error
+            raise RuntimeError("reading a hidden state failed") from self._callback_error
         if rc != 0:
             raise RuntimeError(
                 f"llama_decode failed with code {rc} ({n} tokens, KV cache of {self.n_ctx}): "
                 + ("no room in the KV cache" if rc == 1 else "see llama.cpp's log")
             )
         self.tokens_decoded += n
-        rows = np.concatenate(self._rows) if self._rows else np.empty((0, self.n_embd), np.float32)
-        if len(rows) != n_out:
-            raise RuntimeError(f"expected {n_out} result_norm rows, got {len(rows)}")
-        return rows
+        if not want:
+            return None
+        missing = [name.decode() for name, slot in self._wanted.items() if self._rows[slot] is None]
+        if missing:
+            raise RuntimeError(f"llama.cpp's graph for this model has no tensor {', '.join(missing)}")
+        return self._rows  # type: ignore[return-value]
 
-    def embed(self, prompts: Sequence[Prompt], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Final-norm hidden state of each prompt's last token, shape (len(prompts), n_embd).
+    def embed(
+        self,
+        prompts: Sequence[Prompt],
+        progress: Callable[[int], None] | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Hidden state of each prompt's last token.
+
+        Without ``layers``: the final-norm state, shape (len(prompts), n_embd).
+        With ``layers`` (``FINAL`` or block numbers 1..n_layer, see
+        :func:`resolve_layer`): shape (len(layers), len(prompts), n_embd), all
+        read in the same pass.
 
         Each prompt's result depends on its own tokens only, bit for bit, whatever
         else is in the call: prompts run one per decode, grouped by template, on a
@@ -341,12 +404,19 @@ class Engine:
         so the KV cells, their count and every kernel's shape are the same each time.
         That is what lets the embedding cache mix stored and fresh vectors.
         """
-        out = np.empty((len(prompts), self.n_embd), dtype=np.float32)
+        wanted = [FINAL] if layers is None else list(layers)
+        for layer in wanted:
+            if layer != FINAL and not 1 <= layer <= self.n_layer:
+                raise ValueError(f"layer {layer} is not FINAL or a block number 1..{self.n_layer}")
+        out = np.empty((len(wanted), len(prompts), self.n_embd), dtype=np.float32)
         for p in prompts:
             if not p.tokens:
                 raise ValueError("empty prompt")
             if len(p.tokens) > self.max_length:
                 raise ValueError(f"prompt of {len(p.tokens)} tokens exceeds max_length {self.max_length}")
+        names = list(dict.fromkeys(_tensor_name(layer) for layer in wanted))
+        self._wanted = {name: slot for slot, name in enumerate(names)}
+        slots = [self._wanted[_tensor_name(layer)] for layer in wanted]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(tuple(p.prefix or ()), []).append(i)
@@ -354,10 +424,12 @@ class Engine:
         for prefix, members in sorted(groups.items(), key=lambda g: g[0] != self._prefix):
             self._load_prefix(prefix)
             for i in members:
-                out[i] = self._embed_one(prompts[i].tokens, prefix)
+                rows = self._embed_one(prompts[i].tokens, prefix)
+                for li, slot in enumerate(slots):
+                    out[li, i] = rows[slot]
                 if progress:
                     progress(1)
-        return out
+        return out[0] if layers is None else out
 
     def _load_prefix(self, prefix: tuple[int, ...]) -> None:
         """Empty the cache and decode a template prefix into PREFIX_SEQ (no-op if already there)."""
@@ -367,11 +439,10 @@ class Engine:
         self._prefix = ()
         # The last token is an output only so the batch has one; its row is dropped.
         for start in range(0, len(prefix), self.n_batch):
-            chunk = prefix[start : start + self.n_batch]
-            self._decode([(PREFIX_SEQ, start, chunk, start + len(chunk) == len(prefix))])
+            self._decode(PREFIX_SEQ, start, prefix[start : start + self.n_batch], want=False)
         self._prefix = prefix
 
-    def _embed_one(self, tokens: Sequence[int], prefix: tuple[int, ...]) -> np.ndarray:
+    def _embed_one(self, tokens: Sequence[int], prefix: tuple[int, ...]) -> list[np.ndarray]:
         # Share only the longest common token prefix: a BPE merge across the
         # template/sentence boundary then changes nothing. The last token must be
         # decoded to be an output.
@@ -380,10 +451,12 @@ class Engine:
         try:
             if shared:
                 self._lc.llama_memory_seq_cp(self.mem, PREFIX_SEQ, WORK_SEQ, 0, shared)
+            rows = None
             for start in range(shared, len(tokens), self.n_batch):
                 chunk = tokens[start : start + self.n_batch]
-                rows = self._decode([(WORK_SEQ, start, chunk, start + len(chunk) == len(tokens))])
-            return rows[0]
+                rows = self._decode(WORK_SEQ, start, chunk, want=start + len(chunk) == len(tokens))
+            assert rows is not None
+            return rows
         finally:
             self._lc.llama_memory_seq_rm(self.mem, WORK_SEQ, -1, -1)
 
@@ -412,3 +485,48 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+QUANT_LEVELS = {
+    "f32": "LLAMA_FTYPE_ALL_F32",
+    "f16": "LLAMA_FTYPE_MOSTLY_F16",
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+"""Quantization levels by the names llama.cpp's ``llama-quantize`` uses (lower case)."""
+
+
+def quantize_file(src: str | Path, dst: str | Path, level: str, n_threads: int | None = None) -> None:
+    """Write ``src`` at another quantization level with llama.cpp's own quantizer.
+
+    A quantized source is dequantized first (``allow_requantize``), so the
+    output carries the source's rounding as well as its own: quantize from an
+    F32 file for a clean ladder. ``dst`` is written in full before it appears.
+    """
+    lc = _llama()
+    if level not in QUANT_LEVELS:
+        raise ValueError(f"unknown quantization level {level!r}; known: {', '.join(QUANT_LEVELS)}")
+    init_backend(False)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = getattr(lc, QUANT_LEVELS[level])
+    params.allow_requantize = True
+    params.nthread = n_threads or default_threads()
+    try:
+        rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ModelError(f"llama.cpp could not write {src} as {level} (code {rc})")
+        inspect_gguf(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)

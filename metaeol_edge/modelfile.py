@@ -133,3 +133,65 @@ def _parse(cur: _Cursor) -> tuple[dict[str, object], int]:
     align = align if isinstance(align, int) and align > 0 else 32
     data_start = (cur.pos + align - 1) // align * align
     return meta, data_start + last_end
+
+
+def truncate_gguf(src: str | Path, dst: str | Path, n_blocks: int) -> None:
+    """Write a copy of a GGUF model that keeps only its first ``n_blocks`` transformer blocks.
+
+    llama.cpp then computes nothing above block ``n_blocks`` (early exit); the
+    blocks it keeps are byte-for-byte the original's, so their outputs are the
+    same. Per-layer array metadata (e.g. head counts per block) is cut to match.
+    Written with the ``gguf`` package; ``dst`` appears only when complete.
+    """
+    import os
+    import tempfile
+
+    import gguf
+
+    info = inspect_gguf(src)
+    if not 1 <= n_blocks < info.n_layer:
+        raise ValueError(f"n_blocks must lie in 1..{info.n_layer - 1}, not {n_blocks}")
+    reader = gguf.GGUFReader(str(src))
+    arch = info.architecture
+    keep = [t for t in reader.tensors if _block_index(t.name) < n_blocks]
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
+                continue
+            vtype = field.types[0]
+            value = field.contents()
+            sub_type = None
+            if vtype == gguf.GGUFValueType.ARRAY:
+                sub_type = field.types[-1]
+                if key.startswith(f"{arch}.") and len(value) == info.n_layer:
+                    value = value[:n_blocks]
+            if key == f"{arch}.block_count":
+                value = n_blocks
+            if key == gguf.Keys.General.ALIGNMENT:
+                writer.data_alignment = int(value)
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        for t in keep:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in keep:
+            writer.write_tensor_data(t.data)
+        writer.close()
+        check = inspect_gguf(tmp)
+        if check.n_layer != n_blocks:  # a gguf package whose writer changed
+            raise ModelError(f"writing {dst} failed: it has {check.n_layer} blocks, not {n_blocks}")
+        os.replace(tmp, dst)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _block_index(tensor_name: str) -> int:
+    """The block number of a ``blk.N.*`` tensor, -1 for the others (embeddings, output)."""
+    parts = tensor_name.split(".")
+    return int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else -1

@@ -90,6 +90,38 @@ def model_path(model_id: str) -> Path:
     return store_dir() / spec.id / spec.file
 
 
+def derived_path(source: Path, fingerprint: str, tag: str) -> Path:
+    """Where the store keeps a file made from a model (another quantization level, a truncated copy).
+
+    Named by the source's content hash, so a changed source never reuses a stale copy.
+    """
+    return store_dir() / "derived" / f"{source.stem}.{fingerprint[:12]}.{tag}.gguf"
+
+
+def quantized(model: str | os.PathLike[str], level: str, progress: Progress | None = None) -> Path:
+    """A model at another quantization level, written once into the store and reused.
+
+    ``f32`` is the shipped file dequantized; every other level is quantized from
+    that F32 file (as a ladder should be), not from the shipped quantization.
+    """
+    from .engine import QUANT_LEVELS, quantize_file
+
+    if level not in QUANT_LEVELS:
+        raise ValueError(f"unknown quantization level {level!r}; known: {', '.join(QUANT_LEVELS)}")
+    source = resolve_model(model, progress=progress)
+    spec = None if looks_like_path(model) else get_spec(str(model))
+    fingerprint = spec.sha256 if spec is not None else sha256_file(source)
+    f32 = derived_path(source, fingerprint, "f32")
+    if not f32.is_file():
+        quantize_file(source, f32, "f32")
+    if level == "f32":
+        return f32
+    target = derived_path(source, fingerprint, level)
+    if not target.is_file():
+        quantize_file(f32, target, level)
+    return target
+
+
 def is_pulled(model_id: str) -> bool:
     return model_path(model_id).is_file()
 

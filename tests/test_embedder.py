@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from metaeol_edge import MetaEOL
-from metaeol_edge.errors import InputError
+from metaeol_edge.errors import InputError, ModelError
 from metaeol_edge.naive import NaiveRecipe
 from metaeol_edge.prompts import load_templates
 
@@ -106,6 +106,68 @@ def test_bad_batch_size_is_refused(model, batch_size):
 
 def test_a_non_finite_vector_is_an_error_not_a_result(model, monkeypatch):
     engine = model.engine
-    monkeypatch.setattr(engine, "embed", lambda prompts: np.full((len(prompts), 576), np.nan, np.float32))
+    monkeypatch.setattr(
+        engine, "embed", lambda prompts, layers: np.full((len(layers), len(prompts), 576), np.nan, np.float32)
+    )
     with pytest.raises(RuntimeError, match="non-finite values for 1 sentence"):
         model.encode(["a cat sits."])
+
+
+def test_layer_choices_and_one_array_per_layer(smollm2, sts_sentences):
+    with MetaEOL(smollm2, "prompteol", layer=0.5, cache=False) as half:
+        assert half.layer == 15
+        mid = half.encode(sts_sentences[:3])
+    with MetaEOL(smollm2, "prompteol", layer=[-1, 15, "-2"], cache=False, early_exit=False) as many:
+        assert many.layers == (-1, 15, 29)
+        final, mid_again, late = many.encode(sts_sentences[:3])
+    with MetaEOL(smollm2, "prompteol", cache=False) as default:
+        assert np.array_equal(final, default.encode(sts_sentences[:3]))
+    assert np.allclose(mid, mid_again, atol=1e-5) and mid.shape == late.shape == (3, 576)
+    assert _cos(mid, final).max() < 0.99  # a different layer is a different vector
+    with pytest.raises(ValueError, match="out of range"):
+        MetaEOL(smollm2, layer=31)
+
+
+@pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
+def test_early_exit_gives_the_full_models_vectors(request, model_fixture, sentences):
+    path = request.getfixturevalue(model_fixture)
+    with MetaEOL(path, "metaeol", layer=0.5, cache=False, early_exit=False) as full:
+        expected = full.encode(sentences)
+        assert full.engine.n_layer > full.layer
+    with MetaEOL(path, "metaeol", layer=0.5, cache=False) as early:
+        got = early.encode(sentences)
+        assert early.engine.n_layer == early.layer  # nothing above the layer is loaded
+        assert early.engine.model_path.name.endswith(f".blocks{early.layer}.gguf")
+    assert _cos(got, expected).min() >= 0.99999
+
+
+def test_the_layer_is_part_of_the_cache_key(smollm2, sts_sentences):
+    with MetaEOL(smollm2, "prompteol") as final:
+        a = final.encode(sts_sentences[:4])
+    with MetaEOL(smollm2, "prompteol", layer=20) as mid:
+        b = mid.encode(sts_sentences[:4])
+        assert (mid.last_hits, mid.last_misses) == (0, 4)
+        again = mid.encode(sts_sentences[:4])
+        assert (mid.last_hits, mid.last_misses) == (4, 0)
+    assert np.array_equal(b, again) and _cos(a, b).max() < 0.99
+
+
+def test_postprocessing_is_fitted_on_a_corpus_stored_and_applied(smollm2, sts_sentences, tmp_path, monkeypatch):
+    monkeypatch.setenv("METAEOL_HOME", str(tmp_path))  # fits go to the store; keep the user's clean
+    corpus, evaluation = sts_sentences[:40], sts_sentences[40:44]
+    with MetaEOL(smollm2, "prompteol", layer=15) as model:
+        with pytest.raises(ModelError, match="fit-postprocess"):
+            MetaEOL(smollm2, "prompteol", layer=15, postprocess=True).encode(evaluation)
+        raw_corpus = model.encode(corpus)
+        raw = model.encode(evaluation)
+        (path,) = model.fit_postprocess(corpus)
+        assert path.is_file() and path.parent == tmp_path / "models" / "postprocess"
+    expected = (raw - raw_corpus.mean(0)) / raw_corpus.std(0)
+    with MetaEOL(smollm2, "prompteol", layer=15, postprocess=True) as fitted:
+        got = fitted.encode(evaluation)
+        with pytest.raises(ValueError, match="per_template"):
+            fitted.encode(evaluation, per_template=True)
+    assert np.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    with MetaEOL(smollm2, "prompteol", layer=16, postprocess=True) as other_layer:
+        with pytest.raises(ModelError, match="layer 16"):
+            other_layer.encode(evaluation)

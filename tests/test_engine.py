@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from metaeol_edge.engine import Engine, Prompt, use_extra_bufts
+from metaeol_edge.engine import FINAL, Engine, Prompt, resolve_layer, use_extra_bufts
 from metaeol_edge.prompts import load_templates, preprocess
 
 AMX_BUILD = "CPU : SSE3 = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |"
@@ -95,3 +95,35 @@ def test_long_prompts_are_decoded_in_chunks(smollm2):
             e.embed([Prompt(tokens * 2)])
     finally:
         e.close()
+
+
+def test_layer_choices_resolve_to_blocks_or_final():
+    assert resolve_layer(-1, 30) == FINAL
+    assert [resolve_layer(k, 30) for k in (1, 15, 30)] == [1, 15, 30]
+    assert resolve_layer(-2, 30) == 29  # as hidden_states[-2]
+    assert resolve_layer(-30, 30) == 1
+    assert resolve_layer(0.8, 30) == 24
+    assert resolve_layer("0.5", 18) == 9
+    assert resolve_layer("12", 30) == 12
+    assert resolve_layer(1.0, 30) == 30
+    assert resolve_layer(0.01, 30) == 1
+
+
+@pytest.mark.parametrize("bad", [0, 31, -31, 1.5, -0.5, "x", "", True, None])
+def test_impossible_layers_are_refused_with_the_range(bad):
+    with pytest.raises(ValueError, match="layer"):
+        resolve_layer(bad, 30)
+
+
+def test_several_layers_are_read_in_one_pass(engine, sts_sentences):
+    prompts = _prompts(engine, sts_sentences[:2])
+    many = engine.embed(prompts, layers=[FINAL, 15, 30, 1])
+    assert many.shape == (4, 16, 576)
+    assert np.array_equal(many[0], engine.embed(prompts))
+    assert np.array_equal(many[1], engine.embed(prompts, layers=[15])[0])
+    assert np.array_equal(many[3], engine.embed(prompts, layers=[1])[0])
+    # Block 30 is the last block's output before the final norm: same direction up to
+    # the norm's per-dimension weight, so not the final vector.
+    assert not np.allclose(many[2], many[0])
+    with pytest.raises(ValueError, match="block number"):
+        engine.embed(prompts, layers=[31])

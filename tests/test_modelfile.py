@@ -1,7 +1,7 @@
 import pytest
 
 from metaeol_edge.errors import ModelError
-from metaeol_edge.modelfile import inspect_gguf
+from metaeol_edge.modelfile import inspect_gguf, truncate_gguf
 
 
 def test_reads_the_header_of_a_real_model(smollm2):
@@ -28,3 +28,15 @@ def test_truncated_file(tmp_path, smollm2, keep):
     path.write_bytes(data[:keep])
     with pytest.raises(ModelError, match="truncated|damaged"):
         inspect_gguf(path)
+
+
+def test_a_truncated_copy_keeps_only_the_lower_blocks(smollm2, tmp_path):
+    dst = tmp_path / "first12.gguf"
+    truncate_gguf(smollm2, dst, 12)
+    info = inspect_gguf(dst)
+    assert (info.architecture, info.n_embd, info.n_layer) == ("llama", 576, 12)
+    assert info.size < 0.7 * smollm2.stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == ["first12.gguf"]  # no temporary file left
+    for bad in (0, 30):
+        with pytest.raises(ValueError, match="n_blocks"):
+            truncate_gguf(smollm2, tmp_path / "bad.gguf", bad)

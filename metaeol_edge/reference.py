@@ -1,0 +1,138 @@
+"""The full-precision reference: the same prompts and last-token rule, in PyTorch.
+
+Optional (``pip install 'metaeol-edge[reference]'``: torch, transformers,
+accelerate). Loads a Hugging Face checkpoint (an id, for users with a network,
+or a local folder) or a GGUF file, which transformers dequantizes to the chosen
+dtype. Runs on CUDA or Apple MPS when present, else the CPU. Batches with left
+padding as the official MetaEOL code does; position ids follow the attention
+mask, so a padded prompt sees the positions it would see alone.
+
+Layers follow :func:`metaeol_edge.engine.resolve_layer`: ``-1`` is
+``hidden_states[-1]`` (after the final norm), ``k < n_layer`` is
+``hidden_states[k]``, and ``k = n_layer`` is the last block's output before the
+final norm (Hugging Face's ``hidden_states[n_layer]`` has the norm applied, so
+it is read with a hook).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .engine import FINAL, resolve_layer
+from .errors import MetaEOLError
+from .prompts import TemplateSet, load_templates, preprocess
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _imports():
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise MetaEOLError(
+            f"the reference backend needs PyTorch and transformers ({exc.name} is missing): "
+            "pip install 'metaeol-edge[reference]'"
+        ) from exc
+    return torch, transformers
+
+
+def default_device() -> str:
+    torch, _ = _imports()
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class Reference:
+    """MetaEOL / PromptEOL vectors from a PyTorch model, for checking the llama.cpp engine."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        templates: str | os.PathLike[str] | TemplateSet = "metaeol",
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        preprocess: bool = True,
+        layer: int | float | str | Sequence[int | float | str] = FINAL,
+    ) -> None:
+        torch, transformers = _imports()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        self.torch = torch
+        self.device = device or default_device()
+        self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
+        self.preprocess = preprocess
+        path = Path(os.fspath(model)).expanduser()
+        kwargs: dict[str, object] = {}
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise MetaEOLError(f"model file {path} does not exist")
+            source, kwargs["gguf_file"] = str(path.parent), path.name
+        else:
+            source = os.fspath(model)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+        self.model = lm.get_decoder().to(self.device).eval()
+        self.n_layer = int(lm.config.get_text_config().num_hidden_layers)
+        self._multi = isinstance(layer, list | tuple)
+        specs = list(layer) if isinstance(layer, list | tuple) else [layer]
+        self.layers = tuple(resolve_layer(s, self.n_layer) for s in specs)
+
+    def encode(
+        self, sentences: Sequence[str], batch_size: int = 16, per_template: bool = False
+    ) -> np.ndarray | list[np.ndarray]:
+        """Vectors (N, dim) (mean over templates) or (N, T, dim); a list of them for several layers."""
+        texts = [preprocess(s.strip()) if self.preprocess else s.strip() for s in sentences]
+        prompts = [t.render(s) for s in texts for t in self.templates.templates]
+        rows = self._last_token_states(prompts, batch_size)  # (L, N*T, dim)
+        n_t = len(self.templates)
+        out = []
+        for layer_rows in rows:
+            per = layer_rows.reshape(len(texts), n_t, -1)
+            out.append(per if per_template else per.mean(axis=1, dtype=np.float32))
+        return out if self._multi else out[0]
+
+    def _last_token_states(self, prompts: list[str], batch_size: int) -> np.ndarray:
+        torch = self.torch
+        captured: list = []
+        hook = None
+        if self.n_layer in self.layers:  # the last block's output before the final norm
+            block = self.model.layers[-1]
+            hook = block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+        result = []
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(prompts), batch_size):
+                    enc = self.tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+                    ids = enc["input_ids"].to(self.device)
+                    mask = enc["attention_mask"].to(self.device)
+                    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                    captured.clear()
+                    hidden = self.model(
+                        input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
+                    ).hidden_states
+                    per_layer = []
+                    for layer in self.layers:
+                        if layer == FINAL:
+                            h = hidden[-1]
+                        elif layer == self.n_layer:
+                            h = captured[-1]
+                        else:
+                            h = hidden[layer]
+                        per_layer.append(h[:, -1, :].float().cpu().numpy())  # left padding: last is real
+                    result.append(np.stack(per_layer))
+        finally:
+            if hook is not None:
+                hook.remove()
+        return np.concatenate(result, axis=1)

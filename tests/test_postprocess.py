@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from metaeol_edge import postprocess as pp
+from metaeol_edge.errors import ModelError
+
+
+@pytest.fixture
+def skewed():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    x[:, 0] = x[:, 0] * 5 + 100  # a dimension with a huge mean, as in middle layers
+    x[:, 1] += 0.9 * x[:, 2]  # correlated dimensions
+    return x
+
+
+def test_standardize_centres_and_scales_each_dimension(skewed):
+    fit = pp.fit(skewed, "standardize")
+    out = fit.apply(skewed)
+    assert out.dtype == np.float32
+    assert np.allclose(out.mean(0), 0, atol=1e-4) and np.allclose(out.std(0), 1, atol=1e-3)
+    assert fit.n_fit == 400
+
+
+def test_whiten_also_decorrelates(skewed):
+    out = pp.fit(skewed, "whiten").apply(skewed)
+    assert np.allclose(np.cov(out, rowvar=False), np.eye(8), atol=1e-3)
+
+
+def test_bad_fits_are_refused(skewed):
+    with pytest.raises(ValueError, match="more than 8 sentences"):
+        pp.fit(skewed[:8], "whiten")
+    with pytest.raises(ValueError, match="kind"):
+        pp.fit(skewed, "pca")
+    with pytest.raises(ValueError, match="non-finite"):
+        pp.fit(np.full((3, 2), np.nan), "standardize")
+    with pytest.raises(ValueError, match="dimension 8"):
+        pp.fit(skewed).apply(np.zeros((2, 9), np.float32))
+
+
+def test_a_fit_survives_saving_and_a_damaged_file_is_a_clear_error(skewed, tmp_path):
+    fit = pp.fit(skewed, "whiten")
+    path = tmp_path / "fit.npz"
+    pp.save(fit, path, {"layer": 3})
+    back = pp.load(path)
+    assert back.kind == "whiten" and np.array_equal(back.apply(skewed), fit.apply(skewed))
+    path.write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="fit it again"):
+        pp.load(path)
+
+
+def test_the_key_changes_with_everything_that_changes_the_vectors():
+    base = ("sha", ["t1", "t2"], 12, True, 512)
+    key = pp.fit_key(*base)
+    for i, other in enumerate(["sha2", ["t1"], 13, False, 256]):
+        changed = list(base)
+        changed[i] = other
+        assert pp.fit_key(*changed) != key

@@ -1,0 +1,47 @@
+"""The PyTorch reference against the llama.cpp engine, on the F32 versions of the shipped models.
+
+Runs when the reference extra (torch, transformers) is installed; `.ci/run` installs it.
+"""
+
+import numpy as np
+import pytest
+
+from metaeol_edge import MetaEOL, registry
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from metaeol_edge.reference import Reference  # noqa: E402
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "Is the cat on the mat?",
+    'He said "hello" twice',
+    "Ünïcödé café, naïve façade",
+    "The stock market fell sharply today after a long rally in technology shares.",
+]
+
+
+def _cos(a, b):
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@pytest.mark.parametrize(("model_id", "n_layer"), [("smollm2-135m", 30), ("gemma3-270m", 18)])
+def test_engine_layers_match_pytorch_hidden_states_on_the_f32_model(model_id, n_layer):
+    path = registry.quantized(model_id, "f32")
+    layers = [1, n_layer // 2, n_layer, -1]
+    ref = Reference(path, "metaeol", layer=layers).encode(SENTENCES, per_template=True)
+    with MetaEOL(path, "metaeol", layer=layers, cache=False, early_exit=False) as model:
+        got = model.encode(SENTENCES, per_template=True)
+    for layer, r, g in zip(layers, ref, got, strict=True):
+        assert r.shape == g.shape == (len(SENTENCES), 8, model.dim)
+        cos = _cos(r, g)
+        assert cos.min() >= 0.999, (layer, cos.min())
+
+
+def test_left_padding_changes_no_prompt(smollm2):
+    path = registry.quantized("smollm2-135m", "f32")
+    ref = Reference(path, "prompteol")
+    batched = ref.encode(SENTENCES, batch_size=5)  # prompts of different lengths, padded on the left
+    alone = np.stack([ref.encode([s], batch_size=1)[0] for s in SENTENCES])
+    assert _cos(batched, alone).min() >= 0.9999

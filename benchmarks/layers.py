@@ -76,6 +76,21 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def early_exit_markdown(speeds: list[dict]) -> str:
+    if not speeds:
+        return ""
+    md = "\n### Early exit (STS-B test sentences, both timed in one run)\n\n"
+    md += "Command: `python benchmarks/layers.py " + " ".join(sys.argv[1:]) + "`\n\n"
+    md += (
+        "| model | templates | layer | STS-B dev (final -> layer) | final layer sent/s | early exit sent/s | ratio |\n"
+    )
+    md += "|---|---|---:|---|---:|---:|---:|\n"
+    for x in speeds:
+        md += f"| {x['model']} | {x['templates']} | {x['layer']} | {x['final_raw']:.2f} -> {x['raw']:.2f} | "
+        md += f"{x['final']:.2f} | {x['early_exit']:.2f} | {x['early_exit'] / x['final']:.2f}x |\n"
+    return md
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -112,6 +127,45 @@ def early_exit_speed(model_id: str, set_name: str, layer: int, sentences: list[s
     return out
 
 
+def exit_layer(result: dict, tolerance: float) -> int | None:
+    """The shallowest block within ``tolerance`` of the best raw score, if below the last block."""
+    top = best(result, "raw")["raw"]
+    blocks = [x["layer"] for x in result["layers"] if x["layer"] != -1 and x["raw"] >= top - tolerance]
+    layer = min(blocks, default=None)
+    return layer if layer is not None and layer < result["n_layer"] else None
+
+
+def time_early_exit(results: list[dict], args: argparse.Namespace, sentences: list[str]) -> list[dict]:
+    speeds = []
+    for model_id in dict.fromkeys(r["model"] for r in results):
+        mine = [x for x in results if x["model"] == model_id]
+        r = next((x for x in mine if x["templates"] == "metaeol"), mine[0])
+        layer = exit_layer(r, args.tolerance)
+        if layer is None:
+            print(f"{model_id}: no block below the last scores within {args.tolerance} of the best; no early exit")
+            continue
+        s = early_exit_speed(model_id, r["templates"], layer, sentences)
+        (final_label, final), (early_label, early) = s.items()
+        score = next(x["raw"] for x in r["layers"] if x["layer"] == layer)
+        speeds.append(
+            {
+                "model": model_id,
+                "templates": r["templates"],
+                "layer": layer,
+                "raw": score,
+                "final_raw": r["layers"][-1]["raw"],
+                "final": final,
+                "early_exit": early,
+            }
+        )
+        ratio = early / final
+        print(
+            f"{model_id} {r['templates']} sentences/s: {final_label} {final:.2f}, "
+            f"{early_label} {early:.2f} ({ratio:.2f}x); STS-B dev {r['layers'][-1]['raw']:.2f} -> {score:.2f}"
+        )
+    return speeds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -119,9 +173,20 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=250, help="STS-B dev pairs scored")
     ap.add_argument("--fit", type=int, default=300, help="STS-B train sentences the standardization is fitted on")
     ap.add_argument("--speed-n", type=int, default=48, help="sentences timed for early exit")
+    ap.add_argument("--tolerance", type=float, default=1.0, help="early exit: Spearman points given up at most")
+    ap.add_argument("--timing-only", action="store_true", help="reuse results/layers.json; time early exit only")
     ap.add_argument("--data", default=None)
     args = ap.parse_args()
     root = data_dir(args.data)
+    if args.timing_only:
+        saved = json.loads((RESULTS / "layers.json").read_text())
+        saved["early_exit"] = time_early_exit(
+            saved["sweeps"], args, load_sts("stsb", root, "test").sentences()[: args.speed_n]
+        )
+        (RESULTS / "layers.json").write_text(json.dumps(saved, indent=1))
+        md = (RESULTS / "layers.md").read_text().split("\n### Early exit")[0].rstrip("\n") + "\n"
+        (RESULTS / "layers.md").write_text(md + early_exit_markdown(saved["early_exit"]))
+        return
     dev = load_sts("stsb", root, "dev", args.pairs)
     fit_sentences = load_sts("stsb", root, "train").sentences()[: args.fit]
     results = []
@@ -137,35 +202,10 @@ def main() -> None:
                 flush=True,
             )
     RESULTS.mkdir(exist_ok=True)
-    speed_sentences = load_sts("stsb", root, "test").sentences()[: args.speed_n]
-    speeds = []
-    for model_id in args.models.split(","):
-        mine = [x for x in results if x["model"] == model_id]
-        r = next((x for x in mine if x["templates"] == "metaeol"), mine[0])
-        layer = best(r, "raw")["layer"]
-        if layer == -1:
-            print(f"{model_id}: the final layer is best; no early exit to time")
-            continue
-        s = early_exit_speed(model_id, r["templates"], layer, speed_sentences)
-        (final_label, final), (early_label, early) = s.items()
-        speeds.append(
-            {"model": model_id, "templates": r["templates"], "layer": layer, "final": final, "early_exit": early}
-        )
-        ratio = early / final
-        print(
-            f"{model_id} {r['templates']} sentences/s: {final_label} {final:.2f}, "
-            f"{early_label} {early:.2f} ({ratio:.2f}x)"
-        )
+    speeds = time_early_exit(results, args, load_sts("stsb", root, "test").sentences()[: args.speed_n])
     (RESULTS / "layers.json").write_text(json.dumps({"sweeps": results, "early_exit": speeds}, indent=1))
     md = markdown(results, args)
-    if speeds:
-        md += "\n### Early exit (STS-B test sentences, both timed in one run)\n\n"
-        md += "| model | templates | layer | final layer sent/s | early exit sent/s | ratio |\n"
-        md += "|---|---|---:|---:|---:|---:|\n"
-        for x in speeds:
-            ratio = x["early_exit"] / x["final"]
-            md += f"| {x['model']} | {x['templates']} | {x['layer']} | {x['final']:.2f} | "
-            md += f"{x['early_exit']:.2f} | {ratio:.2f}x |\n"
+    md += early_exit_markdown(speeds)
     (RESULTS / "layers.md").write_text(md)
     plot(results, RESULTS / "layers.png")
     print(f"wrote {RESULTS / 'layers.md'}, layers.json, layers.png")

@@ -114,6 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fit_postprocess)
 
+    ev = sub.add_parser("eval", help="score a model on SentEval's STS tasks (Spearman x100)")
+    model_options(ev)
+    ev.add_argument("--level", default=None, help="evaluate another quantization level of the model (e.g. q8_0, f32)")
+    ev.add_argument(
+        "--tasks", default="stsb,sickr", help="comma-separated: sts12..sts16, stsb, sickr, or 'sts' (all 7)"
+    )
+    ev.add_argument("--data", default=None, help="SentEval data folder (default: $METAEOL_DATA)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N pairs of each task")
+    ev.add_argument("--save-embeddings", default=None, help="write each task's vectors and pair order here")
+    ev.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
+    ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+
     m = sub.add_parser("models", help="list, pull, locate or remove models")
     msub = m.add_subparsers(title="models commands")
     ml = msub.add_parser("list", help="known models and whether they are pulled")
@@ -379,4 +392,45 @@ def cmd_models_quantize(args: argparse.Namespace) -> int:
     for level in levels:
         path = registry.quantized(args.id, level)
         print(f"{level}\t{path.stat().st_size / 1e6:.0f} MB\t{path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import STS_TASKS, data_dir, load_sts, run_sts
+
+    tasks = [t.strip().lower() for t in args.tasks.split(",") if t.strip()]
+    tasks = [x for t in tasks for x in (STS_TASKS if t == "sts" else [t])]
+    unknown = [t for t in tasks if t not in STS_TASKS]
+    if not tasks or unknown:
+        raise InputError(f"unknown task(s) {', '.join(unknown) or '(none)'}; known: {', '.join(STS_TASKS)}, sts")
+    if args.limit is not None and args.limit < 2:
+        raise InputError("--limit must be at least 2 pairs")
+    root = data_dir(args.data)
+    data = [load_sts(t, root, "test", args.limit) for t in tasks]  # all missing files reported before any work
+    if args.level:
+        args.model = str(registry.quantized(args.model or registry.default_model_id(), args.level.lower()))
+    save = Path(args.save_embeddings) if args.save_embeddings else None
+    results = {}
+    with _model(args) as model:
+        for d in data:
+            results[d.name] = run_sts(d, lambda s: model.encode(s, show_progress_bar=not args.quiet), save)
+            if not args.json:
+                r = results[d.name]
+                print(
+                    f"{d.name:<8}{r['score']:7.2f}   ({r['pairs']} pairs, {r['sentences'] / r['seconds']:.2f} sent/s)"
+                )
+        report = {
+            "model": model.model_label,
+            "model_file": model.model_path.name,
+            "templates": model.templates.name,
+            "layer": model.layer,
+            "limit": args.limit,
+            "scores": {k: v["score"] for k, v in results.items()},
+            "average": float(np.mean([v["score"] for v in results.values()])),
+            "details": results,
+        }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{'avg':<8}{report['average']:7.2f}")
     return 0

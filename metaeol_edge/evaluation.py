@@ -142,3 +142,41 @@ def score_sts(data: STSData, encode: Callable[[list[str]], np.ndarray]) -> float
     sentences = data.sentences()
     vectors = dict(zip(sentences, encode(sentences), strict=True))
     return 100.0 * spearman(pair_cosines(data, vectors), data.gold)
+
+
+def run_sts(
+    data: STSData, encode: Callable[[list[str]], np.ndarray], save_dir: Path | None = None
+) -> dict[str, float | int]:
+    """Score one STS task; with ``save_dir``, write the vectors and the pair order to recompute it.
+
+    ``save_dir/TASK.npy`` holds one float32 row per distinct sentence and
+    ``TASK.pairs.tsv`` one line per pair: row of a, row of b, gold score.
+    """
+    import time
+
+    sentences = data.sentences()
+    t0 = time.perf_counter()
+    vectors = np.asarray(encode(sentences), dtype=np.float32)
+    seconds = time.perf_counter() - t0
+    by_text = dict(zip(sentences, vectors, strict=True))
+    score = 100.0 * spearman(pair_cosines(data, by_text), data.gold)
+    if save_dir is not None:
+        from .files import atomic_write
+
+        save_dir.mkdir(parents=True, exist_ok=True)
+        row = {s: i for i, s in enumerate(sentences)}
+        with atomic_write(save_dir / f"{data.name}.npy") as f:
+            np.save(f, vectors)
+        lines = [f"{row[a]}\t{row[b]}\t{g!r}\n" for a, b, g in zip(data.a, data.b, data.gold.tolist(), strict=True)]
+        with atomic_write(save_dir / f"{data.name}.pairs.tsv") as f:
+            f.write("".join(lines).encode("ascii"))
+    return {"score": score, "pairs": len(data), "sentences": len(sentences), "seconds": seconds}
+
+
+def rescore_saved(save_dir: Path, task: str) -> float:
+    """Spearman x100 recomputed from what :func:`run_sts` saved, with nothing else."""
+    vectors = np.load(save_dir / f"{task}.npy").astype(np.float64)
+    pairs = np.loadtxt(save_dir / f"{task}.pairs.tsv", delimiter="\t", ndmin=2)
+    a, b = vectors[pairs[:, 0].astype(int)], vectors[pairs[:, 1].astype(int)]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return 100.0 * spearman(cos, pairs[:, 2])

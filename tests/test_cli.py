@@ -145,3 +145,31 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "metaeol"
     r = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "metaeol-edge 0.1.0" in r.stdout
+
+
+def test_embed_at_a_layer_and_with_a_fitted_postprocessing(
+    tmp_path, sentences_file, sts_sentences, smollm2, monkeypatch
+):
+    # fits are written to the store; keep the user's clean (the model is given by path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sts_sentences[20:60]) + "\n", encoding="utf-8")
+    monkeypatch.setenv("METAEOL_HOME", str(tmp_path / "home"))
+    common = ["-m", smollm2, "-t", "prompteol", "--layer", "0.5"]
+    r = run("embed", *common, "-i", sentences_file, "-o", tmp_path / "raw.npy", "--postprocess")
+    assert r.returncode == 2 and "run: metaeol fit-postprocess" in r.stderr
+    r = run("fit-postprocess", *common, "-i", corpus, "-q")
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).is_file() and "fitted on 40 sentences" in r.stderr
+    assert run("embed", *common, "-i", sentences_file, "-o", tmp_path / "raw.npy", "-q").returncode == 0
+    assert run("embed", *common, "-i", sentences_file, "-o", tmp_path / "pp.npy", "-q", "--postprocess").returncode == 0
+    raw, post = np.load(tmp_path / "raw.npy"), np.load(tmp_path / "pp.npy")
+    assert raw.shape == post.shape == (5, 576) and not np.allclose(raw, post)
+    with MetaEOL(smollm2, "prompteol", layer=15, cache=False) as m:
+        assert np.array_equal(raw, m.encode(sts_sentences[:5]))
+    r = run("embed", "-m", smollm2, "--layer", "31", "-i", sentences_file, "-o", tmp_path / "x.npy")
+    assert r.returncode == 2 and "out of range" in r.stderr
+
+
+def test_models_quantize_refuses_unknown_levels():
+    r = run("models", "quantize", "smollm2-135m", "--to", "f16,q9_9")
+    assert r.returncode == 2 and "unknown level(s) q9_9" in r.stderr

@@ -1,0 +1,100 @@
+import json
+
+import numpy as np
+import pytest
+
+from metaeol_edge.errors import InputError
+from metaeol_edge.evaluation import (
+    STS_TASKS,
+    data_dir,
+    load_sts,
+    rankdata,
+    rescore_saved,
+    run_sts,
+    spearman,
+)
+from metaeol_edge.files import CHECKOUT
+
+
+def senteval_dir():
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("METAEOL_DATA", CHECKOUT.parent / "shared" / "senteval"))
+
+
+def run(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "metaeol_edge", *map(str, args)], capture_output=True, text=True)
+
+
+# Pair counts as the data's README lists them (STS16: lines without gold skipped).
+PAIRS = {"sts12": 3108, "sts13": 1500, "sts14": 3750, "sts15": 3000, "sts16": 1186, "stsb": 1379, "sickr": 4927}
+
+
+def test_ranks_give_ties_their_average():
+    assert rankdata(np.array([10, 20, 20, 5])).tolist() == [2.0, 3.5, 3.5, 1.0]
+
+
+def test_spearman_on_known_cases():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Pearson of the ranks [1,2,3,4] and [1,3,2,4]: 0.8
+    assert spearman([1, 2, 3, 4], [1, 5, 3, 7]) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("task", STS_TASKS)
+def test_every_sts_task_loads_with_its_documented_size(task):
+    data = load_sts(task, senteval_dir())
+    assert len(data) == PAIRS[task] == len(data.a) == len(data.b)
+    assert np.isfinite(data.gold).all() and all(data.a) and all(data.b)
+
+
+def test_missing_data_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAEOL_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match="nowhere.*METAEOL_DATA"):
+        data_dir()
+    with pytest.raises(InputError, match="is missing"):
+        load_sts("stsb", tmp_path)
+
+
+def _hashed_bag_of_words(sentences):
+    out = np.zeros((len(sentences), 64), np.float32)
+    for i, s in enumerate(sentences):
+        for w in s.lower().split():
+            out[i, sum(w.encode()) % 64] += 1
+    return out + 1e-3
+
+
+def test_a_score_can_be_recomputed_from_the_saved_embeddings(tmp_path):
+    data = load_sts("stsb", senteval_dir(), "test", limit=200)
+    result = run_sts(data, _hashed_bag_of_words, tmp_path)
+    assert result["pairs"] == 200 and 20 < result["score"] < 90  # word overlap does correlate
+    assert rescore_saved(tmp_path, "stsb") == pytest.approx(result["score"], abs=1e-9)
+
+
+def test_eval_prints_json_scores(tmp_path, smollm2):
+    r = run(
+        "eval",
+        "-m",
+        smollm2,
+        "-t",
+        "prompteol",
+        "--tasks",
+        "stsb,sickr",
+        "--limit",
+        "30",
+        "--json",
+        "-q",
+        "--save-embeddings",
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert set(report["scores"]) == {"stsb", "sickr"} and report["details"]["stsb"]["pairs"] == 30
+    for task, score in report["scores"].items():
+        assert rescore_saved(tmp_path, task) == pytest.approx(score, abs=1e-6)
+    r = run("eval", "-m", smollm2, "--tasks", "stsb,sts99")
+    assert r.returncode == 2 and "unknown task(s) sts99" in r.stderr

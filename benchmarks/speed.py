@@ -41,7 +41,16 @@ def _sentences(n: int) -> list[str]:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
+    parent across fork and exec, and the parent may have held a model while quantizing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def worker(kind: str, model_path: str, templates: str, n: int, out: str) -> dict:
@@ -60,7 +69,9 @@ def worker(kind: str, model_path: str, templates: str, n: int, out: str) -> dict
         vectors = model.encode(sentences, show_progress_bar=False)
         seconds = time.perf_counter() - t0
         result["decoded"] = (engine.tokens_decoded - before) / n
-        result["prompt_tokens"] = sum(len(engine.tokenize(t.render(preprocess(s)))) for s in sentences for t in ts) / n
+        result["prompt_tokens"] = (
+            sum(len(engine.tokenize(t.render(preprocess(s)))) for s in sentences for t in ts.templates) / n
+        )
         # The ceiling: one long sequence, one output, no prefix sharing.
         text = " ".join(sentences)
         tokens = engine.tokenize(text)[:CEILING_TOKENS]
@@ -152,9 +163,10 @@ def main() -> None:
                 }
             rows.append(row)
 
+            ratio = _num(row, "ratio", ".2f", 6) + ("x" if "ratio" in row else " ")
             print(
                 f"{model_id:<14}{level:<9}{row['size_mb']:>6.0f}{_num(row, 'naive_sent_per_s', '.2f', 8)}"
-                f"{row['engine_sent_per_s']:>8.2f}{_num(row, 'ratio', '.2f', 6)}x{row['decoded_per_sentence']:>9.0f}"
+                f"{row['engine_sent_per_s']:>8.2f}{ratio}{row['decoded_per_sentence']:>9.0f}"
                 f"{row['prompt_tokens_per_sentence']:>5.0f}{row['ceiling_tok_per_s']:>9.0f}{row['efficiency']:>8.2f}"
                 f"{_num(row, 'cos_min', '.5f', 9)}{_num(row, 'naive_rss_mb', '.0f', 10)}{row['engine_rss_mb']:>9.0f}",
                 flush=True,

@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="registry id or path to a .gguf file (default: the registry's default, smollm2-135m)",
         )
+        sp.add_argument(
+            "--level",
+            default=None,
+            help="another quantization level of the model (f32, f16, q8_0, q4_k_m, ...), made once from its F32 "
+            "dequantization and kept in the store",
+        )
         sp.add_argument("--templates", "-t", default="metaeol", help="metaeol, prompteol, or a template file")
         sp.add_argument("--max-length", type=int, default=512, help="tokens per prompt (default: 512)")
         sp.add_argument("--no-truncate", action="store_true", help="refuse sentences too long for max-length")
@@ -116,7 +122,6 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a model on SentEval's STS tasks (Spearman x100)")
     model_options(ev)
-    ev.add_argument("--level", default=None, help="evaluate another quantization level of the model (e.g. q8_0, f32)")
     ev.add_argument(
         "--tasks", default="stsb,sickr", help="comma-separated: sts12..sts16, stsb, sickr, or 'sts' (all 7)"
     )
@@ -126,6 +131,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser(
+        "bench", help="measure speed and STS-B accuracy of quantization levels on this machine, and advise"
+    )
+    model_options(b)
+    b.add_argument("--levels", default="shipped,f16,q8_0,q4_k_m", help="comma-separated levels to measure")
+    b.add_argument("--pairs", type=int, default=300, help="STS-B test pairs scored per level")
+    b.add_argument("--n", type=int, default=48, help="sentences timed per level (embedding cache off)")
+    b.add_argument("--data", default=None, help="SentEval data folder (default: $METAEOL_DATA)")
+    b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="list, pull, locate or remove models")
     msub = m.add_subparsers(title="models commands")
@@ -163,11 +178,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model(args: argparse.Namespace):
+def _model(args: argparse.Namespace, **overrides):
     from .embedder import MetaEOL
 
-    return MetaEOL(
-        args.model,
+    model = args.model
+    if args.level and args.level.lower() != "shipped":
+        model = registry.quantized(model or registry.default_model_id(), args.level.lower())
+    options = dict(
         templates=args.templates,
         n_gpu_layers=args.n_gpu_layers,
         n_threads=args.threads,
@@ -181,6 +198,7 @@ def _model(args: argparse.Namespace):
         early_exit=not args.no_early_exit,
         postprocess=args.postprocess,
     )
+    return MetaEOL(model, **(options | overrides))
 
 
 def read_sentences(path: str | Path) -> list[str]:
@@ -300,6 +318,15 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             f"{'yes' if r['pulled'] else 'no':<7} {r['license']}"
         )
     print(f"\n* default model. Store: {registry.store_dir()}")
+    from . import measurements
+
+    measured = measurements.load(registry.store_dir())
+    for r in rows:
+        line = measurements.advice(measured, r["id"])
+        if line:
+            print(f"advice: {line}")
+    if not measured:
+        print("(run `metaeol bench --model ID --levels shipped,f16,q8_0` to see which level is fastest here)")
     return 0
 
 
@@ -407,8 +434,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError("--limit must be at least 2 pairs")
     root = data_dir(args.data)
     data = [load_sts(t, root, "test", args.limit) for t in tasks]  # all missing files reported before any work
-    if args.level:
-        args.model = str(registry.quantized(args.model or registry.default_model_id(), args.level.lower()))
     save = Path(args.save_embeddings) if args.save_embeddings else None
     results = {}
     with _model(args) as model:
@@ -433,4 +458,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(f"{'avg':<8}{report['average']:7.2f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from . import measurements
+    from .evaluation import data_dir, load_sts, run_sts
+
+    levels = [x.strip().lower() for x in args.levels.split(",") if x.strip()]
+    from .engine import QUANT_LEVELS
+
+    unknown = [x for x in levels if x != "shipped" and x not in QUANT_LEVELS]
+    if not levels or unknown:
+        raise InputError(
+            f"unknown level(s) {', '.join(unknown) or '(none)'}; known: shipped, {', '.join(QUANT_LEVELS)}"
+        )
+    model_id = args.model or registry.default_model_id()
+    args.model = model_id
+    data = load_sts("stsb", data_dir(args.data), "test", args.pairs)
+    timed = data.sentences()[: args.n]
+    rows = []
+    print(f"{'level':<9}{'MB':>7}{'sent/s':>9}{'STS-B':>8}   ({args.pairs} STS-B test pairs, {args.n} sentences timed)")
+    for level in levels:
+        args.level = level
+        with _model(args, cache=False) as model:
+            model.encode(timed[:1], show_progress_bar=False)  # load outside the timing
+            t0 = time.perf_counter()
+            model.encode(timed, show_progress_bar=False)
+            speed = len(timed) / (time.perf_counter() - t0)
+            size = model.model_path.stat().st_size
+        with _model(args) as model:
+            score = run_sts(data, lambda s: model.encode(s, show_progress_bar=True))["score"]
+        rows.append(measurements.Measurement(model_id, level, args.templates, speed, score, len(data), size))
+        print(f"{level:<9}{size / 1e6:>7.0f}{speed:>9.2f}{score:>8.2f}", flush=True)
+    measurements.record(registry.store_dir(), rows)
+    stored = measurements.load(registry.store_dir())
+    fastest = max(rows, key=lambda m: m.sentences_per_s)
+    print(f"fastest here: {fastest.level} ({fastest.sentences_per_s:.2f} sentences/s)")
+    line = measurements.advice(stored, model_id)
+    print(f"advice: {line}" if line else "advice: the shipped level is the best trade measured here")
     return 0

@@ -17,6 +17,13 @@ is what llama.cpp's LAST pooling returns) without paying for every token:
   partial copies abort on a non-unified cache.
 * One prompt per decode, on a cache laid out the same way every time, so a
   prompt's vector is the same bit for bit whatever else is embedded with it.
+* Once the callback has read every tensor asked for, it stops the graph: the
+  vocabulary head (262k rows on Gemma 3, ~30% of a short decode) and any block
+  above the highest layer asked for never run. llama.cpp then drops that
+  ubatch from the KV cache, which is only allowed on a prompt's last run.
+* Layers: the eval callback also copies the last row of ``l_out-N`` (block N+1's
+  output); below the last block these hold every token of the ubatch, and a
+  prompt's last token is the last row.
 * The KV cache is F32 by default. With llama.cpp's F16 cache, Gemma 3's vectors
   move by up to 0.003 in cosine depending only on how a prompt is split across
   decodes (so prefix sharing would change them); with F32 every split gives the
@@ -46,6 +53,7 @@ PREFIX_SEQ = 0
 WORK_SEQ = 1
 GGML_LOG_LEVEL_ERROR = 3
 GGML_TYPE_F32 = 0
+DECODE_ABORTED = 2  # llama_decode's code when the eval callback stops the graph
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
 SYS_ARCH_PRCTL = 158  # x86-64
@@ -273,11 +281,13 @@ class Engine:
 
         self._wanted: dict[bytes, int] = {RESULT_NORM: 0}  # tensor name -> slot in _rows
         self._rows: list[np.ndarray | None] = [None]
+        self._n_read = 0
+        self._may_stop = False
         self._callback_error: BaseException | None = None
         self._cb = lc.ggml_backend_sched_eval_callback(self._eval_callback)
 
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = max_length + 256
+        cparams.n_ctx = 2 * max_length  # room for any template prefix beside a full-length prompt
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch  # one ubatch per decode: one callback, rows in batch order
         cparams.n_seq_max = 2  # PREFIX_SEQ and WORK_SEQ
@@ -346,11 +356,15 @@ class Engine:
                 raise RuntimeError(f"unexpected {name.decode()} tensor: type {type_}, shape ({ne0}, {ne1})")
             row = np.empty(ne0, dtype=np.float32)
             self._ggml.lib.ggml_backend_tensor_get(tensor, row.ctypes.data, (ne1 - 1) * ne0 * 4, ne0 * 4)
+            if self._rows[slot] is None:
+                self._n_read += 1
             self._rows[slot] = row
         except BaseException as exc:  # never let an exception cross the C boundary
             self._callback_error = exc
             return False
-        return True
+        # Once every wanted tensor is read, stop the graph: the vocabulary head (and
+        # any block above the highest layer asked for) is never computed.
+        return not (self._may_stop and self._n_read == len(self._wanted))
 
     # -- decoding ------------------------------------------------------------
 
@@ -369,9 +383,15 @@ class Engine:
         b.n_tokens = n
         self._rows = [None] * len(self._wanted)
         self._callback_error = None
+        self._n_read = 0
+        # Stopping early makes llama.cpp drop this ubatch from the KV cache, which is
+        # what a prompt's last run wants (it is removed after) and a prefix must not.
+        self._may_stop = want
         rc = self._lc.llama_decode(self.ctx, b)
         if self._callback_error is not None:
             raise RuntimeError("reading a hidden state failed") from self._callback_error
+        if rc == DECODE_ABORTED and want and self._n_read == len(self._wanted):
+            rc = 0
         if rc != 0:
             raise RuntimeError(
                 f"llama_decode failed with code {rc} ({n} tokens, KV cache of {self.n_ctx}): "

@@ -23,16 +23,27 @@ def sentences(sts_sentences):
     return sts_sentences[:6] + EXTRA
 
 
+_naive_results: dict[tuple[str, str], np.ndarray] = {}
+
+
+def _naive(path, set_name, sentences):
+    """The naive recipe's vectors, computed once per model and template set."""
+    key = (str(path), set_name)
+    if key not in _naive_results:
+        naive = NaiveRecipe(path)
+        _naive_results[key] = naive.encode(sentences, load_templates(set_name))
+        naive.close()
+    return _naive_results[key]
+
+
 @pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
 @pytest.mark.parametrize("set_name", ["metaeol", "prompteol"])
-def test_matches_the_naive_official_recipe(request, model_fixture, set_name, sentences):
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_matches_the_naive_official_recipe(request, model_fixture, set_name, batch_size, sentences):
     path = request.getfixturevalue(model_fixture)
-    templates = load_templates(set_name)
-    naive = NaiveRecipe(path)
-    expected = naive.encode(sentences, templates)
-    naive.close()
+    expected = _naive(path, set_name, sentences)
     with MetaEOL(path, templates=set_name, cache=False) as model:
-        got = model.encode(sentences, batch_size=3)
+        got = model.encode(sentences, batch_size=batch_size)
     assert got.shape == expected.shape and got.dtype == np.float32
     cos = _cos(got, expected)
     assert cos.min() >= 0.999, cos

@@ -1,0 +1,77 @@
+"""What ``metaeol bench`` measured on this machine, kept in the store, and the advice drawn from it.
+
+Speed depends on the CPU (on some, F16 or F32 weights run faster than 4-bit
+ones), so the advice comes from measurements taken here, never from a table
+shipped with the package. One record per model, quantization level and
+template set: the latest run replaces the earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .files import atomic_write
+
+
+@dataclass(frozen=True)
+class Measurement:
+    model: str  # registry id or file path
+    level: str  # "shipped" or a quantization level
+    templates: str
+    sentences_per_s: float
+    stsb: float  # STS-B test Spearman x100 on `pairs` pairs
+    pairs: int
+    size_bytes: int
+    machine: str = ""
+    when: float = 0.0
+
+
+def path(store: Path) -> Path:
+    return store / "measurements.json"
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.processor() or platform.platform()}"
+
+
+def load(store: Path) -> list[Measurement]:
+    try:
+        rows = json.loads(path(store).read_text(encoding="utf-8"))
+        return [Measurement(**row) for row in rows]
+    except (OSError, ValueError, TypeError):
+        return []  # none yet, or written by another version: measure again
+
+
+def record(store: Path, new: list[Measurement]) -> None:
+    keep = {(m.model, m.level, m.templates): m for m in load(store)}
+    for m in new:
+        keep[(m.model, m.level, m.templates)] = Measurement(**{**asdict(m), "machine": machine(), "when": time.time()})
+    with atomic_write(path(store)) as f:
+        f.write(json.dumps([asdict(m) for m in keep.values()], indent=1).encode("utf-8"))
+
+
+def advice(rows: list[Measurement], model: str, level: str = "shipped") -> str | None:
+    """A line saying which other level is both faster and no less accurate here, if one is."""
+    mine = [m for m in rows if m.model == model and m.machine in ("", machine())]
+    for chosen in [m for m in mine if m.level == level]:
+        better = [
+            m
+            for m in mine
+            if m.level != level
+            and m.templates == chosen.templates
+            and m.pairs == chosen.pairs
+            and m.sentences_per_s > chosen.sentences_per_s
+            and m.stsb >= chosen.stsb
+        ]
+        if better:
+            best = max(better, key=lambda m: m.sentences_per_s)
+            return (
+                f"{model}: {best.level} ran {best.sentences_per_s / chosen.sentences_per_s:.2f}x faster than {level} "
+                f"on this machine and scored no lower (STS-B {best.stsb:.2f} vs {chosen.stsb:.2f}, {best.pairs} "
+                f"pairs, {chosen.templates}); use it with --level {best.level}"
+            )
+    return None

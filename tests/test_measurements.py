@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+from metaeol_edge import measurements as ms
+
+
+def _m(level, speed, score, pairs=300, templates="metaeol"):
+    return ms.Measurement("smollm2-135m", level, templates, speed, score, pairs, 1)
+
+
+def test_advice_names_a_faster_level_that_is_no_less_accurate(tmp_path):
+    ms.record(tmp_path, [_m("shipped", 2.8, 84.0), _m("f16", 4.1, 84.3), _m("q4_0", 5.0, 80.0), _m("f32", 3.5, 84.9)])
+    line = ms.advice(ms.load(tmp_path), "smollm2-135m")
+    assert line is not None and "f16 ran 1.46x faster than shipped" in line and "--level f16" in line
+
+
+def test_no_advice_when_faster_levels_are_worse_or_not_comparable(tmp_path):
+    ms.record(tmp_path, [_m("shipped", 2.8, 84.0), _m("q4_0", 5.0, 80.0), _m("f16", 4.0, 85.0, pairs=50)])
+    assert ms.advice(ms.load(tmp_path), "smollm2-135m") is None
+    assert ms.advice([], "smollm2-135m") is None
+
+
+def test_a_new_run_replaces_the_old_record_and_a_damaged_file_is_ignored(tmp_path):
+    ms.record(tmp_path, [_m("f16", 4.0, 84.0)])
+    ms.record(tmp_path, [_m("f16", 3.0, 84.0)])
+    (only,) = ms.load(tmp_path)
+    assert only.sentences_per_s == 3.0 and only.machine == ms.machine()
+    ms.path(tmp_path).write_text("{not json")
+    assert ms.load(tmp_path) == []
+
+
+def run(*args, env_home):
+    import os
+
+    env = dict(os.environ, METAEOL_HOME=str(env_home))
+    cmd = [sys.executable, "-m", "metaeol_edge", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_bench_measures_levels_and_models_list_gives_the_advice(tmp_path, smollm2):
+    home = tmp_path / "home"
+    (home / "models" / "smollm2-135m").mkdir(parents=True)
+    (home / "models" / "smollm2-135m" / smollm2.name).symlink_to(smollm2)  # the pulled model, not a new pull
+    r = run("bench", "-t", "prompteol", "--levels", "shipped,q8_0", "--pairs", "12", "--n", "4", env_home=home)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(ms.path(home / "models").read_text())
+    assert [x["level"] for x in rows] == ["shipped", "q8_0"] and all(x["sentences_per_s"] > 0 for x in rows)
+    assert "fastest here:" in r.stdout and "advice:" in r.stdout
+    # A record that makes q8_0 both faster and better shows up in `metaeol models`.
+    rows[1]["sentences_per_s"], rows[1]["stsb"] = rows[0]["sentences_per_s"] * 2, rows[0]["stsb"] + 1
+    ms.path(home / "models").write_text(json.dumps(rows))
+    r = run("models", env_home=home)
+    assert r.returncode == 0 and "advice: smollm2-135m: q8_0 ran 2.00x faster than shipped" in r.stdout

@@ -120,13 +120,16 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fit_postprocess)
 
-    ev = sub.add_parser("eval", help="score a model on SentEval's STS tasks (Spearman x100)")
+    ev = sub.add_parser("eval", help="score a model on SentEval's STS and transfer tasks")
     model_options(ev)
     ev.add_argument(
-        "--tasks", default="stsb,sickr", help="comma-separated: sts12..sts16, stsb, sickr, or 'sts' (all 7)"
+        "--tasks",
+        default="stsb,sickr",
+        help="comma-separated: sts12..sts16, stsb, sickr, mr, cr, mpqa, sst2, trec, mrpc; or the groups sts, "
+        "transfer, all (default: stsb,sickr)",
     )
     ev.add_argument("--data", default=None, help="SentEval data folder (default: $METAEOL_DATA)")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N pairs of each task")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N pairs (items per split) of each task")
     ev.add_argument("--save-embeddings", default=None, help="write each task's vectors and pair order here")
     ev.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -423,27 +426,38 @@ def cmd_models_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import STS_TASKS, data_dir, load_sts, run_sts
+    from .evaluation import STS_TASKS, TRANSFER_TASKS, data_dir, load_sts, load_transfer, run_sts, run_transfer
 
+    groups = {"sts": STS_TASKS, "transfer": TRANSFER_TASKS, "all": STS_TASKS + TRANSFER_TASKS}
     tasks = [t.strip().lower() for t in args.tasks.split(",") if t.strip()]
-    tasks = [x for t in tasks for x in (STS_TASKS if t == "sts" else [t])]
-    unknown = [t for t in tasks if t not in STS_TASKS]
+    tasks = list(dict.fromkeys(x for t in tasks for x in groups.get(t, [t])))
+    unknown = [t for t in tasks if t not in STS_TASKS + TRANSFER_TASKS]
     if not tasks or unknown:
-        raise InputError(f"unknown task(s) {', '.join(unknown) or '(none)'}; known: {', '.join(STS_TASKS)}, sts")
+        known = ", ".join((*STS_TASKS, *TRANSFER_TASKS, *groups))
+        raise InputError(f"unknown task(s) {', '.join(unknown) or '(none)'}; known: {known}")
     if args.limit is not None and args.limit < 2:
-        raise InputError("--limit must be at least 2 pairs")
+        raise InputError("--limit must be at least 2")
     root = data_dir(args.data)
-    data = [load_sts(t, root, "test", args.limit) for t in tasks]  # all missing files reported before any work
+    # Every file is read before any work, so a missing one fails fast.
+    data = [
+        load_sts(t, root, "test", args.limit) if t in STS_TASKS else load_transfer(t, root, args.limit) for t in tasks
+    ]
     save = Path(args.save_embeddings) if args.save_embeddings else None
     results = {}
     with _model(args) as model:
+
+        def encode(sentences: list[str]) -> np.ndarray:
+            return model.encode(sentences, show_progress_bar=not args.quiet)
+
         for d in data:
-            results[d.name] = run_sts(d, lambda s: model.encode(s, show_progress_bar=not args.quiet), save)
+            run = run_sts if d.name in STS_TASKS else run_transfer
+            r = results[d.name] = run(d, encode, save)
             if not args.json:
-                r = results[d.name]
-                print(
-                    f"{d.name:<8}{r['score']:7.2f}   ({r['pairs']} pairs, {r['sentences'] / r['seconds']:.2f} sent/s)"
-                )
+                rate = r["sentences"] / r["seconds"] if r["seconds"] else float("inf")
+                size = f"{r['pairs']} pairs" if "pairs" in r else f"{r['sentences']} sentences"
+                print(f"{d.name:<8}{r['score']:7.2f}   ({size}, {rate:.2f} sent/s)", flush=True)
+        sts = [results[t]["score"] for t in results if t in STS_TASKS]
+        transfer = [results[t]["score"] for t in results if t in TRANSFER_TASKS]
         report = {
             "model": model.model_label,
             "model_file": model.model_path.name,
@@ -451,13 +465,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "layer": model.layer,
             "limit": args.limit,
             "scores": {k: v["score"] for k, v in results.items()},
-            "average": float(np.mean([v["score"] for v in results.values()])),
+            "sts_average": float(np.mean(sts)) if sts else None,
+            "transfer_average": float(np.mean(transfer)) if transfer else None,
             "details": results,
         }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{'avg':<8}{report['average']:7.2f}")
+        for label, key in (("STS avg", "sts_average"), ("transfer avg", "transfer_average")):
+            if report[key] is not None:
+                print(f"{label:<14}{report[key]:7.2f}")
     return 0
 
 

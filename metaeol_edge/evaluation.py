@@ -180,3 +180,146 @@ def rescore_saved(save_dir: Path, task: str) -> float:
     a, b = vectors[pairs[:, 0].astype(int)], vectors[pairs[:, 1].astype(int)]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return 100.0 * spearman(cos, pairs[:, 2])
+
+
+# -- transfer tasks ---------------------------------------------------------------
+
+TRANSFER_TASKS = ("mr", "cr", "mpqa", "sst2", "trec", "mrpc")
+CV_TASKS = {"mr": ("MR", "rt-polarity"), "cr": ("CR", "custrev"), "mpqa": ("MPQA", "mpqa")}
+C_GRID = tuple(2.0**t for t in range(-2, 4))  # SentEval's logistic-regression grid
+
+
+@dataclass(frozen=True)
+class TransferData:
+    """Sentences (or sentence pairs, for MRPC) and labels, per split ('all' for 10-fold tasks)."""
+
+    name: str
+    splits: dict[str, tuple[list[str], list[str] | None, np.ndarray]]
+
+    def sentences(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for a, b, _ in self.splits.values():
+            for s in a + (b or []):
+                seen.setdefault(s, None)
+        return list(seen)
+
+
+def _lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    """Non-empty lines split on newlines only (MR holds U+0085, which str.splitlines would split on)."""
+    if not path.is_file():
+        raise InputError(f"evaluation file {path} is missing")
+    text = path.read_bytes().decode(encoding, errors="replace")
+    return [ln.strip() for ln in text.split("\n") if ln.strip()]
+
+
+def load_transfer(task: str, root: Path, limit: int | None = None) -> TransferData:
+    """A SentEval transfer task; ``limit`` keeps the first N items of each split (for quick runs)."""
+
+    def cut(a: list[str], b: list[str] | None, y: list) -> tuple[list[str], list[str] | None, np.ndarray]:
+        if limit:
+            a, b, y = a[:limit], (b[:limit] if b is not None else None), y[:limit]
+        return a, b, np.asarray(y)
+
+    if task in CV_TASKS:
+        folder, stem = CV_TASKS[task]
+        pos = _lines(root / folder / f"{stem}.pos", "latin-1")
+        neg = _lines(root / folder / f"{stem}.neg", "latin-1")
+        # Interleave so that a --limit keeps both classes.
+        a, y = [], []
+        for i in range(max(len(pos), len(neg))):
+            for side, label in ((pos, 1), (neg, 0)):
+                if i < len(side):
+                    a.append(side[i])
+                    y.append(label)
+        return TransferData(task, {"all": cut(a, None, y)})
+    if task == "sst2":
+        splits = {}
+        for split in ("train", "dev", "test"):
+            rows = [ln.rsplit("\t", 1) for ln in _lines(root / "SST" / "binary" / f"sentiment-{split}")]
+            splits[split] = cut([r[0].strip() for r in rows], None, [int(r[1]) for r in rows])
+        return TransferData(task, splits)
+    if task == "trec":
+        splits = {}
+        for split, name in (("train", "train_5500.label"), ("test", "TREC_10.label")):
+            rows = [ln.split(" ", 1) for ln in _lines(root / "TREC" / name, "latin-1")]
+            splits[split] = cut([r[1] for r in rows], None, [r[0].split(":")[0] for r in rows])
+        return TransferData(task, splits)
+    if task == "mrpc":
+        splits = {}
+        for split in ("train", "test"):
+            rows = [ln.split("\t") for ln in _lines(root / "MRPC" / f"msr_paraphrase_{split}.txt", "utf-8-sig")[1:]]
+            splits[split] = cut([r[3] for r in rows], [r[4] for r in rows], [int(r[0]) for r in rows])
+        return TransferData(task, splits)
+    raise InputError(f"unknown transfer task {task!r}; known: {', '.join(TRANSFER_TASKS)}")
+
+
+def _sklearn():
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError as exc:
+        raise InputError("transfer tasks need scikit-learn: pip install 'metaeol-edge[eval]'") from exc
+    return LogisticRegression, StratifiedKFold, make_pipeline, StandardScaler
+
+
+def _classifier(c: float):
+    logreg, _, pipeline, scaler = _sklearn()
+    # Standardized features: LLM hidden states differ in scale by orders of magnitude.
+    return pipeline(scaler(), logreg(C=c, max_iter=2000))
+
+
+def _best_c(x: np.ndarray, y: np.ndarray, seed: int) -> float:
+    """SentEval's inner 5-fold choice of the regularization strength."""
+    _, kfold, _, _ = _sklearn()
+    folds = list(kfold(n_splits=5, shuffle=True, random_state=seed).split(x, y))
+    scores = {c: np.mean([_classifier(c).fit(x[tr], y[tr]).score(x[te], y[te]) for tr, te in folds]) for c in C_GRID}
+    return max(scores, key=lambda c: scores[c])
+
+
+def _features(split: tuple[list[str], list[str] | None, np.ndarray], vec: dict[str, np.ndarray]) -> np.ndarray:
+    a, b, _ = split
+    u = np.stack([vec[s] for s in a]).astype(np.float64)
+    if b is None:
+        return u
+    v = np.stack([vec[s] for s in b]).astype(np.float64)
+    return np.c_[np.abs(u - v), u * v]  # SentEval's MRPC features
+
+
+def score_transfer(data: TransferData, vectors: dict[str, np.ndarray], seed: int = 1111) -> float:
+    """Test accuracy x100: 10-fold CV (MR, CR, MPQA), dev-tuned (SST-2) or inner-CV-tuned (TREC, MRPC)."""
+    _, kfold, _, _ = _sklearn()
+    if "all" in data.splits:
+        x, y = _features(data.splits["all"], vectors), data.splits["all"][2]
+        accs = []
+        for tr, te in kfold(n_splits=10, shuffle=True, random_state=seed).split(x, y):
+            accs.append(_classifier(_best_c(x[tr], y[tr], seed)).fit(x[tr], y[tr]).score(x[te], y[te]))
+        return 100.0 * float(np.mean(accs))
+    x_tr, y_tr = _features(data.splits["train"], vectors), data.splits["train"][2]
+    x_te, y_te = _features(data.splits["test"], vectors), data.splits["test"][2]
+    if "dev" in data.splits:
+        x_dev, y_dev = _features(data.splits["dev"], vectors), data.splits["dev"][2]
+        c = max(C_GRID, key=lambda c: _classifier(c).fit(x_tr, y_tr).score(x_dev, y_dev))
+    else:
+        c = _best_c(x_tr, y_tr, seed)
+    return 100.0 * float(_classifier(c).fit(x_tr, y_tr).score(x_te, y_te))
+
+
+def run_transfer(
+    data: TransferData, encode: Callable[[list[str]], np.ndarray], save_dir: Path | None = None
+) -> dict[str, float | int]:
+    import time
+
+    sentences = data.sentences()
+    t0 = time.perf_counter()
+    vectors = np.asarray(encode(sentences), dtype=np.float32)
+    seconds = time.perf_counter() - t0
+    if save_dir is not None:
+        from .files import atomic_write
+
+        save_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(save_dir / f"{data.name}.npy") as f:
+            np.save(f, vectors)
+    score = score_transfer(data, dict(zip(sentences, vectors, strict=True)))
+    return {"score": score, "sentences": len(sentences), "seconds": seconds}

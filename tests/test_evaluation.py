@@ -6,11 +6,14 @@ import pytest
 from metaeol_edge.errors import InputError
 from metaeol_edge.evaluation import (
     STS_TASKS,
+    TRANSFER_TASKS,
     data_dir,
     load_sts,
+    load_transfer,
     rankdata,
     rescore_saved,
     run_sts,
+    run_transfer,
     spearman,
 )
 from metaeol_edge.files import CHECKOUT
@@ -98,3 +101,39 @@ def test_eval_prints_json_scores(tmp_path, smollm2):
         assert rescore_saved(tmp_path, task) == pytest.approx(score, abs=1e-6)
     r = run("eval", "-m", smollm2, "--tasks", "stsb,sts99")
     assert r.returncode == 2 and "unknown task(s) sts99" in r.stderr
+
+
+# Sizes as the data's README lists them.
+TRANSFER_SIZES = {
+    "mr": {"all": 10662},
+    "cr": {"all": 3771},  # the README's 2406 + 1367 count one empty line in each file, which is no sentence
+    "mpqa": {"all": 10603},  # likewise one empty line in mpqa.neg
+    "sst2": {"train": 67349, "dev": 872, "test": 1821},
+    "trec": {"train": 5452, "test": 500},
+    "mrpc": {"train": 4076, "test": 1725},
+}
+
+
+@pytest.mark.parametrize("task", TRANSFER_TASKS)
+def test_every_transfer_task_loads_with_its_documented_size(task):
+    data = load_transfer(task, senteval_dir())
+    assert {k: len(v[2]) for k, v in data.splits.items()} == TRANSFER_SIZES[task]
+    for a, b, y in data.splits.values():
+        assert len(a) == len(y) and all(a) and (b is None or len(b) == len(a))
+        assert len(set(y.tolist())) == (6 if task == "trec" else 2)
+
+
+def test_a_transfer_limit_keeps_every_class():
+    data = load_transfer("mr", senteval_dir(), limit=10)
+    assert sorted(data.splits["all"][2].tolist()) == [0] * 5 + [1] * 5
+
+
+@pytest.mark.parametrize("task", ["cr", "trec", "mrpc"])
+def test_transfer_scores_rise_above_chance_with_informative_vectors(task):
+    pytest.importorskip("sklearn")
+    data = load_transfer(task, senteval_dir(), limit=300)
+    result = run_transfer(data, _hashed_bag_of_words)
+    chance = max(np.bincount(np.unique(s[2], return_inverse=True)[1]).max() / len(s[2]) for s in data.splits.values())
+    assert result["score"] > 100 * chance - 5  # bag of words is weak, but no worse than the majority class
+    noise = np.random.default_rng(0).normal(size=(len(data.sentences()), 64)).astype(np.float32)
+    assert run_transfer(data, lambda s: noise)["score"] < result["score"] + 1  # random vectors learn nothing

@@ -10,9 +10,11 @@ def _m(level, speed, score, pairs=300, templates="metaeol"):
 
 
 def test_advice_names_a_faster_level_that_is_no_less_accurate(tmp_path):
-    ms.record(tmp_path, [_m("shipped", 2.8, 84.0), _m("f16", 4.1, 84.3), _m("q4_0", 5.0, 80.0), _m("f32", 3.5, 84.9)])
-    line = ms.advice(ms.load(tmp_path), "smollm2-135m")
+    rows = [_m("shipped", 2.8, 84.0), _m("f16", 4.1, 83.7), _m("q4_0", 5.0, 80.0), _m("f32", 3.5, 84.9)]
+    ms.record(tmp_path, rows)
+    line = ms.advice(ms.load(tmp_path), "smollm2-135m")  # 0.3 lower counts as equal: within the tolerance
     assert line is not None and "f16 ran 1.46x faster than shipped" in line and "--level f16" in line
+    assert ms.advice(ms.load(tmp_path), "smollm2-135m", tolerance=0.1).startswith("smollm2-135m: f32 ran 1.25x")
 
 
 def test_no_advice_when_faster_levels_are_worse_or_not_comparable(tmp_path):

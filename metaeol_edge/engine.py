@@ -51,7 +51,10 @@ FINAL = -1
 """The layer index of the final-norm state (what LAST pooling and the paper use)."""
 PREFIX_SEQ = 0
 WORK_SEQ = 1
-GGML_LOG_LEVEL_ERROR = 3
+# ggml's log levels (ggml.h): llama-cpp-python's own _logger.py lists an older order.
+GGML_LOG_LEVEL_WARN = 3
+GGML_LOG_LEVEL_ERROR = 4
+GGML_LOG_LEVEL_CONT = 5  # continues the previous message
 GGML_TYPE_F32 = 0
 DECODE_ABORTED = 2  # llama_decode's code when the eval callback stops the graph
 ARCH_REQ_XCOMP_PERM = 0x1023
@@ -79,14 +82,30 @@ def init_backend(verbose: bool) -> None:
         lc = _llama()
         lc.llama_backend_init()
 
+        shows = LogFilter(verbose)
+
         @lc.llama_log_callback
         def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if verbose or level == GGML_LOG_LEVEL_ERROR:
+            if shows(level):
                 sys.stderr.write(text.decode("utf-8", "replace"))
 
         _log_callback = _log  # keep a reference: llama.cpp holds the pointer
         lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
         _backend_ready = True
+
+
+class LogFilter:
+    """Which llama.cpp log lines reach stderr: errors (and their continuations), or all when verbose."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self._last = False
+
+    def __call__(self, level: int) -> bool:
+        show = self.verbose or level == GGML_LOG_LEVEL_ERROR or (level == GGML_LOG_LEVEL_CONT and self._last)
+        if level != GGML_LOG_LEVEL_CONT:
+            self._last = show
+        return show
 
 
 def _os_grants_amx() -> bool:

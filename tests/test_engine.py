@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from metaeol_edge.engine import FINAL, Engine, Prompt, resolve_layer, use_extra_bufts
+from metaeol_edge.engine import FINAL, Engine, LogFilter, Prompt, resolve_layer, use_extra_bufts
 from metaeol_edge.prompts import load_templates, preprocess
 
 AMX_BUILD = "CPU : SSE3 = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |"
@@ -127,3 +127,9 @@ def test_several_layers_are_read_in_one_pass(engine, sts_sentences):
     assert not np.allclose(many[2], many[0])
     with pytest.raises(ValueError, match="block number"):
         engine.embed(prompts, layers=[31])
+
+
+def test_llama_cpp_errors_are_shown_and_warnings_are_not():
+    quiet = LogFilter(verbose=False)
+    assert [quiet(level) for level in (2, 3, 4, 5, 3, 5)] == [False, False, True, True, False, False]
+    assert all(LogFilter(verbose=True)(level) for level in (1, 2, 3, 4, 5))

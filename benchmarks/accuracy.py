@@ -31,23 +31,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _proc import peak_rss_mb  # benchmarks/ is on sys.path when a script here runs
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
 MINILM = "all-MiniLM-L6-v2"
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _meta_tasks() -> dict[str, list[int]]:
@@ -88,7 +76,7 @@ def worker(args: argparse.Namespace) -> dict:
             "scores": {d.name: run_sts(d, encode_minilm, out / MINILM)["score"] for d in tasks},
             "sentences_per_s": speed,
         }
-        return {"rows": rows, "rss_mb": _peak_rss_mb()}
+        return {"rows": rows, "rss_mb": peak_rss_mb()}
 
     from metaeol_edge import MetaEOL
 
@@ -108,10 +96,10 @@ def worker(args: argparse.Namespace) -> dict:
         for d in tasks:
             vecs = per_template[d.name] if idx is None else per_template[d.name][:, idx]
             mean = vecs.mean(axis=1)
-            folder = out / label.replace(": ", "-").replace(" ", "_").replace("/", "_")
+            folder = out / _folder(label)
             scores[d.name] = run_sts(d, lambda s, m=mean: m, folder)["score"]
         rows[label] = {"scores": scores, "sentences_per_s": speed}
-    return {"rows": rows, "rss_mb": _peak_rss_mb()}
+    return {"rows": rows, "rss_mb": peak_rss_mb()}
 
 
 def run_worker(kind: str, method: str, out: Path, args: argparse.Namespace) -> dict:

@@ -11,18 +11,15 @@ for float32 and float16 entries.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import stsb_sentences  # noqa: E402
-
-from metaeol_edge import MetaEOL  # noqa: E402
-from metaeol_edge.cache import EmbeddingCache  # noqa: E402
+from metaeol_edge import MetaEOL
+from metaeol_edge.cache import EmbeddingCache
+from metaeol_edge.evaluation import data_dir, load_sts
 
 
 def timed_run(model_id: str, cache_path: Path, sentences: list[str], dtype: str) -> tuple[np.ndarray, float, MetaEOL]:
@@ -45,7 +42,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=1000)
     args = ap.parse_args()
-    sentences = stsb_sentences("test", args.n)
+    sentences = load_sts("stsb", data_dir(), "test").sentences()[: args.n]
     with tempfile.TemporaryDirectory() as tmp:
         path32, path16 = Path(tmp) / "f32.sqlite3", Path(tmp) / "f16.sqlite3"
         cold, t_cold, m = timed_run(args.model, path32, sentences, "float32")

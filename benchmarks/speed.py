@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _proc import peak_rss_mb  # benchmarks/ is on sys.path when a script here runs
 
 HERE = Path(__file__).resolve()
 CEILING_TOKENS = 500
@@ -38,19 +38,6 @@ def _sentences(n: int) -> list[str]:
     from metaeol_edge.evaluation import data_dir, load_sts
 
     return load_sts("stsb", data_dir(), "test").sentences()[:n]
-
-
-def _rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
-    parent across fork and exec, and the parent may have held a model while quantizing."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def worker(kind: str, model_path: str, templates: str, n: int, out: str) -> dict:
@@ -92,7 +79,7 @@ def worker(kind: str, model_path: str, templates: str, n: int, out: str) -> dict
         seconds = time.perf_counter() - t0
         naive.close()
     result["sent_per_s"] = n / seconds
-    result["rss_mb"] = _rss_mb()
+    result["rss_mb"] = peak_rss_mb()
     np.save(out, vectors)
     return result
 

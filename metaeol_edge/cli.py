@@ -412,14 +412,20 @@ def cmd_fit_postprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_quantize(args: argparse.Namespace) -> int:
+def _levels(text: str, shipped: bool = False) -> list[str]:
+    """Parse a comma-separated list of quantization levels; unknown ones are an error naming the known."""
     from .engine import QUANT_LEVELS
 
-    levels = [x.strip().lower() for x in args.to.split(",") if x.strip()]
-    unknown = [x for x in levels if x not in QUANT_LEVELS]
+    known = (["shipped"] if shipped else []) + list(QUANT_LEVELS)
+    levels = [x.strip().lower() for x in text.split(",") if x.strip()]
+    unknown = [x for x in levels if x not in known]
     if not levels or unknown:
-        raise InputError(f"unknown level(s) {', '.join(unknown) or '(none)'}; known: {', '.join(QUANT_LEVELS)}")
-    for level in levels:
+        raise InputError(f"unknown level(s) {', '.join(unknown) or '(none)'}; known: {', '.join(known)}")
+    return levels
+
+
+def cmd_models_quantize(args: argparse.Namespace) -> int:
+    for level in _levels(args.to):
         path = registry.quantized(args.id, level)
         print(f"{level}\t{path.stat().st_size / 1e6:.0f} MB\t{path}")
     return 0
@@ -484,14 +490,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import measurements
     from .evaluation import data_dir, load_sts, run_sts
 
-    levels = [x.strip().lower() for x in args.levels.split(",") if x.strip()]
-    from .engine import QUANT_LEVELS
-
-    unknown = [x for x in levels if x != "shipped" and x not in QUANT_LEVELS]
-    if not levels or unknown:
-        raise InputError(
-            f"unknown level(s) {', '.join(unknown) or '(none)'}; known: shipped, {', '.join(QUANT_LEVELS)}"
-        )
+    levels = _levels(args.levels, shipped=True)
     model_id = args.model or registry.default_model_id()
     args.model = model_id
     data = load_sts("stsb", data_dir(args.data), "test", args.pairs)

@@ -9,6 +9,7 @@ are skipped.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .files import CHECKOUT
+from .files import CHECKOUT, atomic_write
 
 STS_YEARS = {
     "sts12": ("STS12-en-test", ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"]),
@@ -152,8 +153,6 @@ def run_sts(
     ``save_dir/TASK.npy`` holds one float32 row per distinct sentence and
     ``TASK.pairs.tsv`` one line per pair: row of a, row of b, gold score.
     """
-    import time
-
     sentences = data.sentences()
     t0 = time.perf_counter()
     vectors = np.asarray(encode(sentences), dtype=np.float32)
@@ -161,16 +160,17 @@ def run_sts(
     by_text = dict(zip(sentences, vectors, strict=True))
     score = 100.0 * spearman(pair_cosines(data, by_text), data.gold)
     if save_dir is not None:
-        from .files import atomic_write
-
-        save_dir.mkdir(parents=True, exist_ok=True)
+        _save_vectors(save_dir, data.name, vectors)
         row = {s: i for i, s in enumerate(sentences)}
-        with atomic_write(save_dir / f"{data.name}.npy") as f:
-            np.save(f, vectors)
         lines = [f"{row[a]}\t{row[b]}\t{g!r}\n" for a, b, g in zip(data.a, data.b, data.gold.tolist(), strict=True)]
         with atomic_write(save_dir / f"{data.name}.pairs.tsv") as f:
             f.write("".join(lines).encode("ascii"))
     return {"score": score, "pairs": len(data), "sentences": len(sentences), "seconds": seconds}
+
+
+def _save_vectors(save_dir: Path, task: str, vectors: np.ndarray) -> None:
+    with atomic_write(save_dir / f"{task}.npy") as f:  # atomic_write makes the folder
+        np.save(f, vectors)
 
 
 def rescore_saved(save_dir: Path, task: str) -> float:
@@ -309,17 +309,11 @@ def score_transfer(data: TransferData, vectors: dict[str, np.ndarray], seed: int
 def run_transfer(
     data: TransferData, encode: Callable[[list[str]], np.ndarray], save_dir: Path | None = None
 ) -> dict[str, float | int]:
-    import time
-
     sentences = data.sentences()
     t0 = time.perf_counter()
     vectors = np.asarray(encode(sentences), dtype=np.float32)
     seconds = time.perf_counter() - t0
     if save_dir is not None:
-        from .files import atomic_write
-
-        save_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(save_dir / f"{data.name}.npy") as f:
-            np.save(f, vectors)
+        _save_vectors(save_dir, data.name, vectors)
     score = score_transfer(data, dict(zip(sentences, vectors, strict=True)))
     return {"score": score, "sentences": len(sentences), "seconds": seconds}

@@ -4,8 +4,11 @@ user's model store between runs); every test gets its own empty embedding cache.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from metaeol_edge import registry
@@ -15,6 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def senteval_dir() -> Path:
     return Path(os.environ.get("METAEOL_DATA", REPO.parent / "shared" / "senteval"))
+
+
+def run_cli(*args):
+    """The ``metaeol`` command in a fresh process, as a user runs it (environment inherited)."""
+    cmd = [sys.executable, "-m", "metaeol_edge", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def cosine(a, b):
+    """Cosine along the last axis."""
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
 @pytest.fixture(autouse=True)

@@ -5,15 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli as run
 
 from metaeol_edge import MetaEOL
 from metaeol_edge.cli import main, read_sentences
-
-
-def run(*args):
-    """The command in a fresh process, as a user runs it."""
-    cmd = [sys.executable, "-m", "metaeol_edge", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from conftest import cosine
 
 from metaeol_edge import MetaEOL
 from metaeol_edge.errors import InputError, ModelError
@@ -12,10 +13,6 @@ EXTRA = [
     "Ünïcödé text, with emoji 🙂 and numbers 3.14",
     "  leading and trailing spaces  ",
 ]
-
-
-def _cos(a, b):
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,7 @@ def test_matches_the_naive_official_recipe(request, model_fixture, set_name, bat
     with MetaEOL(path, templates=set_name, cache=False) as model:
         got = model.encode(sentences, batch_size=batch_size)
     assert got.shape == expected.shape and got.dtype == np.float32
-    cos = _cos(got, expected)
+    cos = cosine(got, expected)
     assert cos.min() >= 0.999, cos
 
 
@@ -134,7 +131,7 @@ def test_layer_choices_and_one_array_per_layer(smollm2, sts_sentences):
     with MetaEOL(smollm2, "prompteol", cache=False) as default:
         assert np.array_equal(final, default.encode(sts_sentences[:3]))
     assert np.allclose(mid, mid_again, atol=1e-5) and mid.shape == late.shape == (3, 576)
-    assert _cos(mid, final).max() < 0.99  # a different layer is a different vector
+    assert cosine(mid, final).max() < 0.99  # a different layer is a different vector
     with pytest.raises(ValueError, match="out of range"):
         MetaEOL(smollm2, layer=31)
 
@@ -149,7 +146,7 @@ def test_early_exit_gives_the_full_models_vectors(request, model_fixture, senten
         got = early.encode(sentences)
         assert early.engine.n_layer == early.layer  # nothing above the layer is loaded
         assert early.engine.model_path.name.endswith(f".blocks{early.layer}.gguf")
-    assert _cos(got, expected).min() >= 0.99999
+    assert cosine(got, expected).min() >= 0.99999
 
 
 def test_the_layer_is_part_of_the_cache_key(smollm2, sts_sentences):
@@ -160,7 +157,7 @@ def test_the_layer_is_part_of_the_cache_key(smollm2, sts_sentences):
         assert (mid.last_hits, mid.last_misses) == (0, 4)
         again = mid.encode(sts_sentences[:4])
         assert (mid.last_hits, mid.last_misses) == (4, 0)
-    assert np.array_equal(b, again) and _cos(a, b).max() < 0.99
+    assert np.array_equal(b, again) and cosine(a, b).max() < 0.99
 
 
 def test_postprocessing_is_fitted_on_a_corpus_stored_and_applied(smollm2, sts_sentences, tmp_path, monkeypatch):

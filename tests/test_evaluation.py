@@ -2,6 +2,8 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_cli as run
+from conftest import senteval_dir
 
 from metaeol_edge.errors import InputError
 from metaeol_edge.evaluation import (
@@ -16,22 +18,6 @@ from metaeol_edge.evaluation import (
     run_transfer,
     spearman,
 )
-from metaeol_edge.files import CHECKOUT
-
-
-def senteval_dir():
-    import os
-    from pathlib import Path
-
-    return Path(os.environ.get("METAEOL_DATA", CHECKOUT.parent / "shared" / "senteval"))
-
-
-def run(*args):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "metaeol_edge", *map(str, args)], capture_output=True, text=True)
-
 
 # Pair counts as the data's README lists them (STS16: lines without gold skipped).
 PAIRS = {"sts12": 3108, "sts13": 1500, "sts14": 3750, "sts15": 3000, "sts16": 1186, "stsb": 1379, "sickr": 4927}

@@ -1,6 +1,6 @@
 import json
-import subprocess
-import sys
+
+from conftest import run_cli as run
 
 from metaeol_edge import measurements as ms
 
@@ -32,19 +32,12 @@ def test_a_new_run_replaces_the_old_record_and_a_damaged_file_is_ignored(tmp_pat
     assert ms.load(tmp_path) == []
 
 
-def run(*args, env_home):
-    import os
-
-    env = dict(os.environ, METAEOL_HOME=str(env_home))
-    cmd = [sys.executable, "-m", "metaeol_edge", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-
-
-def test_bench_measures_levels_and_models_list_gives_the_advice(tmp_path, smollm2):
+def test_bench_measures_levels_and_models_list_gives_the_advice(tmp_path, smollm2, monkeypatch):
     home = tmp_path / "home"
+    monkeypatch.setenv("METAEOL_HOME", str(home))
     (home / "models" / "smollm2-135m").mkdir(parents=True)
     (home / "models" / "smollm2-135m" / smollm2.name).symlink_to(smollm2)  # the pulled model, not a new pull
-    r = run("bench", "-t", "prompteol", "--levels", "shipped,q8_0", "--pairs", "12", "--n", "4", env_home=home)
+    r = run("bench", "-t", "prompteol", "--levels", "shipped,q8_0", "--pairs", "12", "--n", "4")
     assert r.returncode == 0, r.stderr
     rows = json.loads(ms.path(home / "models").read_text())
     assert [x["level"] for x in rows] == ["shipped", "q8_0"] and all(x["sentences_per_s"] > 0 for x in rows)
@@ -52,5 +45,5 @@ def test_bench_measures_levels_and_models_list_gives_the_advice(tmp_path, smollm
     # A record that makes q8_0 both faster and better shows up in `metaeol models`.
     rows[1]["sentences_per_s"], rows[1]["stsb"] = rows[0]["sentences_per_s"] * 2, rows[0]["stsb"] + 1
     ms.path(home / "models").write_text(json.dumps(rows))
-    r = run("models", env_home=home)
+    r = run("models")
     assert r.returncode == 0 and "advice: smollm2-135m: q8_0 ran 2.00x faster than shipped" in r.stdout

@@ -5,6 +5,7 @@ Runs when the reference extra (torch, transformers) is installed; `.ci/run` inst
 
 import numpy as np
 import pytest
+from conftest import cosine
 
 from metaeol_edge import MetaEOL, registry
 
@@ -22,10 +23,6 @@ SENTENCES = [
 ]
 
 
-def _cos(a, b):
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-
-
 @pytest.mark.parametrize(("model_id", "n_layer"), [("smollm2-135m", 30), ("gemma3-270m", 18)])
 def test_engine_layers_match_pytorch_hidden_states_on_the_f32_model(model_id, n_layer):
     path = registry.quantized(model_id, "f32")
@@ -35,7 +32,7 @@ def test_engine_layers_match_pytorch_hidden_states_on_the_f32_model(model_id, n_
         got = model.encode(SENTENCES, per_template=True)
     for layer, r, g in zip(layers, ref, got, strict=True):
         assert r.shape == g.shape == (len(SENTENCES), 8, model.dim)
-        cos = _cos(r, g)
+        cos = cosine(r, g)
         assert cos.min() >= 0.999, (layer, cos.min())
 
 
@@ -44,4 +41,4 @@ def test_left_padding_changes_no_prompt(smollm2):
     ref = Reference(path, "prompteol")
     batched = ref.encode(SENTENCES, batch_size=5)  # prompts of different lengths, padded on the left
     alone = np.stack([ref.encode([s], batch_size=1)[0] for s in SENTENCES])
-    assert _cos(batched, alone).min() >= 0.9999
+    assert cosine(batched, alone).min() >= 0.9999

@@ -97,6 +97,16 @@ def default_path() -> Path:
     return Path(platformdirs.user_cache_dir("metaeol-edge")) / "embeddings.sqlite3"
 
 
+def key_digest(parts: Iterable[str]) -> bytes:
+    """SHA-256 over length-prefixed UTF-8 parts: no two different part lists join to the same bytes."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.digest()
+
+
 @dataclass(frozen=True)
 class CacheKey:
     model: str  # model fingerprint (SHA-256 of the file)
@@ -108,8 +118,7 @@ class CacheKey:
     sentence: str
 
     def digest(self) -> bytes:
-        h = hashlib.sha256()
-        for part in (
+        parts = (
             self.model,
             self.template,
             str(self.layer),
@@ -117,11 +126,8 @@ class CacheKey:
             self.dtype,
             str(self.max_length),
             self.sentence,
-        ):
-            data = part.encode("utf-8")
-            h.update(len(data).to_bytes(8, "little"))  # length-prefixed: no ambiguous joins
-            h.update(data)
-        return h.digest()[:16]  # 128 bits: collisions are out of reach, the index stays small
+        )
+        return key_digest(parts)[:16]  # 128 bits: collisions are out of reach, the index stays small
 
 
 def _hour() -> int:

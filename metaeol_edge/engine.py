@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
+from .files import atomic_path
 from .modelfile import GGUFInfo, inspect_gguf
 
 RESULT_NORM = b"result_norm"
@@ -554,18 +555,12 @@ def quantize_file(src: str | Path, dst: str | Path, level: str, n_threads: int |
     if level not in QUANT_LEVELS:
         raise ValueError(f"unknown quantization level {level!r}; known: {', '.join(QUANT_LEVELS)}")
     init_backend(False)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
     params = lc.llama_model_quantize_default_params()
     params.ftype = getattr(lc, QUANT_LEVELS[level])
     params.allow_requantize = True
     params.nthread = n_threads or default_threads()
-    try:
+    with atomic_path(Path(dst)) as tmp:
         rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise ModelError(f"llama.cpp could not write {src} as {level} (code {rc})")
         inspect_gguf(tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)

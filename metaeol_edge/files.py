@@ -30,21 +30,29 @@ def package_data(subpackage: str, checkout_folder: str):
 
 
 @contextmanager
-def atomic_write(path: Path) -> Iterator[BinaryIO]:
-    """Yield a binary file beside ``path``; it becomes ``path`` only if the block succeeds.
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it becomes ``path`` only if the block succeeds.
 
+    For writers that open a file by name (llama.cpp's quantizer, the gguf package).
     A crash or an exception leaves ``path`` as it was and no file that looks valid.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it; mkstemp makes it private
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """Yield a binary file beside ``path``; it becomes ``path`` (flushed to disk) only if the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())

@@ -143,10 +143,9 @@ def truncate_gguf(src: str | Path, dst: str | Path, n_blocks: int) -> None:
     same. Per-layer array metadata (e.g. head counts per block) is cut to match.
     Written with the ``gguf`` package; ``dst`` appears only when complete.
     """
-    import os
-    import tempfile
-
     import gguf
+
+    from .files import atomic_path
 
     info = inspect_gguf(src)
     if not 1 <= n_blocks < info.n_layer:
@@ -155,10 +154,7 @@ def truncate_gguf(src: str | Path, dst: str | Path, n_blocks: int) -> None:
     arch = info.architecture
     keep = [t for t in reader.tensors if _block_index(t.name) < n_blocks]
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         for key, field in reader.fields.items():
             if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
@@ -186,9 +182,6 @@ def truncate_gguf(src: str | Path, dst: str | Path, n_blocks: int) -> None:
         check = inspect_gguf(tmp)
         if check.n_layer != n_blocks:  # a gguf package whose writer changed
             raise ModelError(f"writing {dst} failed: it has {check.n_layer} blocks, not {n_blocks}")
-        os.replace(tmp, dst)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _block_index(tensor_name: str) -> int:

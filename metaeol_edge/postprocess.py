@@ -10,13 +10,13 @@ embedding cache (model file, templates, layer, pre-processing, max_length).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .cache import key_digest
 from .errors import ModelError
 from .files import atomic_write
 
@@ -61,12 +61,7 @@ def fit(vectors: np.ndarray, kind: str = "standardize") -> Postprocess:
 
 
 def fit_key(fingerprint: str, template_texts: list[str], layer: int, preprocess: bool, max_length: int) -> str:
-    parts = [fingerprint, *template_texts, str(layer), str(preprocess), str(max_length)]
-    h = hashlib.sha256()
-    for part in parts:
-        data = part.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()[:32]
+    return key_digest([fingerprint, *template_texts, str(layer), str(preprocess), str(max_length)])[:16].hex()
 
 
 def save(pp: Postprocess, path: Path, meta: dict[str, object]) -> None:

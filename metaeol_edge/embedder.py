@@ -13,12 +13,11 @@ import numpy as np
 from . import postprocess as pp
 from . import registry
 from .cache import CacheKey, EmbeddingCache
-from .engine import FINAL, Engine, Prompt, resolve_layer
+from .engine import FINAL, Engine, Prompt, resolve_layers
 from .errors import InputError, ModelError
 from .modelfile import inspect_gguf, truncate_gguf
 from .prompts import TemplateSet, load_templates, preprocess
 
-FINAL_LAYER = FINAL
 LayerSpec = int | float | str
 
 
@@ -70,11 +69,7 @@ class MetaEOL:
         self.preprocess = preprocess
         self.truncate = truncate
         self.cache_dtype = cache_dtype
-        self._multi = isinstance(layer, list | tuple)
-        specs = list(layer) if isinstance(layer, list | tuple) else [layer]
-        if not specs:
-            raise ValueError("layer list is empty")
-        self.layers: tuple[int, ...] = tuple(resolve_layer(spec, self.info.n_layer) for spec in specs)
+        self.layers, self._multi = resolve_layers(layer, self.info.n_layer)
         self.layer = self.layers[0]
         top = max(self.layers)
         # Early exit: nothing above the highest block asked for needs computing.

@@ -215,6 +215,15 @@ def resolve_layer(spec: int | float | str, n_layer: int) -> int:
     )
 
 
+def resolve_layers(spec, n_layer: int) -> tuple[tuple[int, ...], bool]:
+    """One layer choice or a list of them -> (resolved layers, whether a list was given)."""
+    many = isinstance(spec, list | tuple)
+    specs = list(spec) if many else [spec]
+    if not specs:
+        raise ValueError("layer list is empty")
+    return tuple(resolve_layer(s, n_layer) for s in specs), many
+
+
 def _tensor_name(layer: int) -> bytes:
     return RESULT_NORM if layer == FINAL else f"l_out-{layer - 1}".encode()
 

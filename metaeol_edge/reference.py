@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import FINAL, resolve_layer
+from .engine import FINAL, resolve_layers
 from .errors import MetaEOLError
 from .prompts import TemplateSet, load_templates, preprocess
 
@@ -85,9 +85,7 @@ class Reference:
         lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
         self.model = lm.get_decoder().to(self.device).eval()
         self.n_layer = int(lm.config.get_text_config().num_hidden_layers)
-        self._multi = isinstance(layer, list | tuple)
-        specs = list(layer) if isinstance(layer, list | tuple) else [layer]
-        self.layers = tuple(resolve_layer(s, self.n_layer) for s in specs)
+        self.layers, self._multi = resolve_layers(layer, self.n_layer)
 
     def encode(
         self, sentences: Sequence[str], batch_size: int = 16, per_template: bool = False

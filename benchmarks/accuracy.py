@@ -38,17 +38,6 @@ RESULTS = HERE.parent / "results"
 MINILM = "all-MiniLM-L6-v2"
 
 
-def _meta_tasks() -> dict[str, list[int]]:
-    """The paper's four meta-tasks -> indices of their templates in prompts/metaeol.json."""
-    from metaeol_edge.files import package_data
-
-    data = json.loads((package_data("prompt_sets", "prompts") / "metaeol.json").read_text(encoding="utf-8"))
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(data["templates"]):
-        groups.setdefault(t["meta_task"], []).append(i)
-    return groups
-
-
 def worker(args: argparse.Namespace) -> dict:
     """Embed every task's sentences for one model file and method; save vectors; score."""
     from metaeol_edge.evaluation import data_dir, load_sts, run_sts
@@ -78,7 +67,7 @@ def worker(args: argparse.Namespace) -> dict:
         }
         return {"rows": rows, "rss_mb": peak_rss_mb()}
 
-    from metaeol_edge import MetaEOL
+    from metaeol_edge import MetaEOL, load_templates
 
     model_path, method = args.worker, args.method
     with MetaEOL(model_path, method, cache=False) as model:  # speed: nothing cached
@@ -90,7 +79,8 @@ def worker(args: argparse.Namespace) -> dict:
         per_template = {d.name: model.encode(d.sentences(), per_template=True, show_progress_bar=True) for d in tasks}
     variants = {method: None}
     if method == "metaeol" and args.ablations:
-        variants |= {f"metaeol: {name} only": idx for name, idx in _meta_tasks().items()}
+        groups = load_templates("metaeol").meta_tasks()  # the paper's four meta-tasks, two templates each
+        variants |= {f"metaeol: {name} only": idx for name, idx in groups.items()}
     for label, idx in variants.items():
         scores = {}
         for d in tasks:

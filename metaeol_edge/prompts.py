@@ -25,6 +25,7 @@ class Template:
     task: str
     text: str
     placeholder: str = DEFAULT_PLACEHOLDER
+    meta_task: str | None = None  # the paper's meta-task this template belongs to, where the file says
 
     @property
     def prefix(self) -> str:
@@ -49,6 +50,14 @@ class TemplateSet:
     @property
     def tasks(self) -> list[str]:
         return [t.task for t in self.templates]
+
+    def meta_tasks(self) -> dict[str, list[int]]:
+        """Meta-task name -> indices of its templates, for templates whose file names one."""
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(self.templates):
+            if t.meta_task:
+                groups.setdefault(t.meta_task, []).append(i)
+        return groups
 
 
 def preprocess(sentence: str) -> str:
@@ -117,7 +126,10 @@ def _parse_json(raw: str, path: Path) -> TemplateSet:
         if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
             raise TemplateError(f"template file {path}, template #{i + 1}: needs a 'text' string")
         task = str(entry.get("task") or f"template-{i + 1}")
-        templates.append(Template(task=task, text=entry["text"], placeholder=placeholder))
+        meta = entry.get("meta_task")
+        if meta is not None and (not isinstance(meta, str) or not meta.strip()):
+            raise TemplateError(f"template file {path}, template #{i + 1}: 'meta_task' must be a non-empty string")
+        templates.append(Template(task=task, text=entry["text"], placeholder=placeholder, meta_task=meta))
     return _validated(str(data.get("name") or path.stem), templates, path)
 
 

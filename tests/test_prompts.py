@@ -42,6 +42,13 @@ def test_metaeol_set_is_the_papers_eight_templates():
         assert t.text.endswith('in one word:"')
         assert t.text.startswith("In this task, you're")
     assert 'this sentence : "*sent 0*" means in one word:"' in ts.templates[4].text
+    # The paper's four meta-tasks, two templates each, in the paper's order (its ablation rows).
+    assert ts.meta_tasks() == {
+        "text classification": [0, 1],
+        "sentiment analysis": [2, 3],
+        "paraphrase identification": [4, 5],
+        "information extraction": [6, 7],
+    }
 
 
 def test_prompteol_is_the_single_template():
@@ -60,6 +67,7 @@ def test_custom_json_and_text_files(tmp_path):
     j.write_text(json.dumps({"templates": [{"task": "a", "text": "X *sent 0* Y"}, "Z *sent 0*"]}))
     ts = load_templates(j)
     assert ts.name == "mine" and ts.tasks == ["a", "template-2"]
+    assert ts.meta_tasks() == {}
     t = tmp_path / "lines.txt"
     t.write_text("# comment\nFirst *sent 0* one\n\nSecond *sent 0* two\n")
     assert [x.text for x in load_templates(t).templates] == ["First *sent 0* one", "Second *sent 0* two"]
@@ -73,6 +81,7 @@ def test_custom_json_and_text_files(tmp_path):
         ('{"templates": []}', "holds no templates"),
         ("{not json", "not valid JSON"),
         ('{"templates": [{"task": "a", "text": "*sent 0*"}, {"task": "a", "text": "x *sent 0*"}]}', "repeat"),
+        ('{"templates": [{"text": "*sent 0*", "meta_task": 3}]}', "template #1: 'meta_task'"),
     ],
 )
 def test_invalid_template_files_name_the_file_and_template(tmp_path, content, message):

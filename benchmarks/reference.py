@@ -1,0 +1,233 @@
+"""The full-precision reference's own scores, on the PyTorch backend (a GPU when there is one).
+
+    python benchmarks/reference.py --model PATH.gguf|HF-ID|DIR --tasks sts \\
+        --dtypes float32,bfloat16,float16 --ablations --save-embeddings DIR [--compare engine.npz]
+
+For each dtype x method (MetaEOL, PromptEOL, and with ``--ablations`` each
+meta-task's two MetaEOL templates alone, from the same per-template vectors),
+one row with every task's Spearman x100, the average, sentences/s on the
+device, and, for dtypes after the first, the mean and minimum cosine of the
+sentence vectors to the first dtype's. ``--compare`` takes per-template vectors
+that the llama.cpp engine wrote (``--write-compare`` makes that file, on a
+machine with llama.cpp) and prints how close the reference comes to them.
+
+Rows are written to ``OUT/NAME.json`` and ``OUT/NAME.md`` after every task, so
+a run cut short keeps what it finished; ``--budget-s`` stops starting new work
+after that many seconds. With ``--save-embeddings`` the vectors of the first
+dtype's MetaEOL and PromptEOL rows (``--save-methods``) are saved rounded to
+float16 (so the files are half the size) with the pair order; the scores are
+computed from those same rounded vectors, so
+``metaeol_edge.evaluation.rescore_saved`` gives back the numbers in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EMPTY = {"average": None, "cos_mean": None, "cos_min": None, "sentences_per_s": None}
+
+
+def _task_names(text: str) -> list[str]:
+    from metaeol_edge.evaluation import STS_TASKS
+
+    names: list[str] = []
+    for part in text.split(","):
+        names += list(STS_TASKS) if part == "sts" else [part]
+    return names
+
+
+def _by_length(ref, sentences: list[str], batch_size: int) -> np.ndarray:
+    """Per-template vectors (N, T, dim), batching prompts of similar length (less padding)."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    vecs = ref.encode([sentences[i] for i in order], batch_size=batch_size, per_template=True)
+    out = np.empty_like(vecs)
+    out[order] = vecs
+    return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def write_compare(model: str, sentences: list[str], path: Path) -> None:
+    """Per-template MetaEOL vectors of the llama.cpp engine, for ``--compare`` on another machine."""
+    from metaeol_edge import MetaEOL
+
+    with MetaEOL(model, "metaeol") as m:
+        vecs = m.encode(sentences, per_template=True, show_progress_bar=False)
+    np.savez(path, sentences=np.array(sentences), vectors=vecs)
+
+
+def markdown(report: dict) -> str:
+    tasks = report["tasks"]
+    head = ["dtype", "method", *tasks, "avg", "cos mean", "cos min", "sent/s"]
+    lines = [
+        f"Full-precision reference (PyTorch {report['torch']}, transformers {report['transformers']}) on "
+        f"{report['device']}, model `{report['model']}`. Spearman x100, all test pairs. cos: of each sentence "
+        f"vector to the {report['dtypes'][0]} row's. sent/s: this task set on that device, batch "
+        f"{report['batch_size']}.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|",
+    ]
+
+    def f(x, fmt=".2f"):
+        return "-" if x is None else format(x, fmt)
+
+    for r in report["rows"]:
+        cells = [r["dtype"], r["method"], *[f(r["scores"].get(t)) for t in tasks]]
+        cells += [f(r["average"]), f(r["cos_mean"], ".5f"), f(r["cos_min"], ".5f"), f(r["sentences_per_s"], ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.get("compare"):
+        c = report["compare"]
+        lines += [
+            "",
+            f"Against the llama.cpp engine ({c['file']}, {c['sentences']} sentences x {c['templates']} templates, "
+            f"per-template vectors, {report['dtypes'][0]}): cosine mean {c['cos_mean']:.6f}, min {c['cos_min']:.6f}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a .gguf file, a Hugging Face id or a local checkpoint folder")
+    ap.add_argument("--tasks", default="stsb,sickr", help="STS tasks, or 'sts' for all seven")
+    ap.add_argument("--methods", default="metaeol,prompteol")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated; the first is the one others are compared to")
+    ap.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first present)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--ablations", action="store_true", help="add each meta-task's templates alone")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--limit", type=int, default=None, help="first N pairs of each task (quick runs)")
+    ap.add_argument("--save-embeddings", default=None, help="folder for the first dtype's vectors and pair orders")
+    ap.add_argument("--save-methods", default="metaeol,prompteol", help="rows whose vectors are saved")
+    ap.add_argument("--compare", default=None, help="an .npz written by --write-compare")
+    ap.add_argument("--write-compare", default=None, help="write the llama.cpp engine's vectors here and stop")
+    ap.add_argument("--compare-n", type=int, default=64, help="STS-B test sentences for --write-compare")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new work after this many seconds")
+    ap.add_argument("--output", default=str(RESULTS))
+    ap.add_argument("--name", default="reference")
+    args = ap.parse_args()
+
+    from metaeol_edge.evaluation import data_dir, load_sts, run_sts
+
+    root = data_dir(args.data)
+    if args.write_compare:
+        write_compare(
+            args.model, load_sts("stsb", root, "test").sentences()[: args.compare_n], Path(args.write_compare)
+        )
+        return
+
+    import torch
+    import transformers
+
+    from metaeol_edge.prompts import load_templates
+    from metaeol_edge.reference import Reference
+
+    t_start = time.perf_counter()
+    tasks = {name: load_sts(name, root, "test", args.limit) for name in _task_names(args.tasks)}
+    dtypes = args.dtypes.split(",")
+    save = set(args.save_methods.split(",")) if args.save_embeddings else set()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "command": "python benchmarks/reference.py " + " ".join(sys.argv[1:]),
+        "model": Path(args.model).name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tasks": list(tasks),
+        "dtypes": dtypes,
+        "batch_size": args.batch_size,
+        "rows": [],
+    }
+    first: dict[tuple[str, str], np.ndarray] = {}  # (method label, task) -> the first dtype's vectors
+
+    def flush() -> None:
+        (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+        (out / f"{args.name}.md").write_text(markdown(report))
+
+    def over_budget() -> bool:
+        return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
+
+    for dtype in dtypes:
+        for method in args.methods.split(","):
+            if over_budget():
+                break
+            ref = Reference(args.model, method, dtype=dtype, device=args.device)
+            report["device"] = torch.cuda.get_device_name() if ref.device == "cuda" else ref.device
+            variants: dict[str, list[int] | None] = {method: None}
+            if method == "metaeol" and args.ablations:
+                groups = load_templates("metaeol").meta_tasks()
+                variants |= {f"metaeol: {name} only": idx for name, idx in groups.items()}
+            rows = {label: {"dtype": dtype, "method": label, "scores": {}, **EMPTY} for label in variants}
+            cosines: dict[str, list[np.ndarray]] = {label: [] for label in variants}
+            report["rows"] += rows.values()
+            if args.compare and method == "metaeol" and dtype == dtypes[0]:
+                ref_file = np.load(args.compare)
+                mine = _by_length(ref, [str(s) for s in ref_file["sentences"]], args.batch_size)
+                c = _cos(mine, ref_file["vectors"]).ravel()
+                report["compare"] = {
+                    "file": Path(args.compare).name,
+                    "sentences": int(mine.shape[0]),
+                    "templates": int(mine.shape[1]),
+                    "cos_mean": float(c.mean()),
+                    "cos_min": float(c.min()),
+                }
+                print(f"   vs llama.cpp: cos mean {c.mean():.6f} min {c.min():.6f}", file=sys.stderr)
+            n_sent, seconds = 0, 0.0
+            for name, data in tasks.items():
+                if over_budget():
+                    break
+                sentences = data.sentences()
+                if ref.device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                per_template = _by_length(ref, sentences, args.batch_size)
+                seconds += time.perf_counter() - t0
+                n_sent += len(sentences)
+                for label, idx in variants.items():
+                    vecs = (per_template if idx is None else per_template[:, idx]).mean(axis=1)
+                    where = None
+                    if label in save and dtype == dtypes[0]:
+                        vecs = vecs.astype(np.float16).astype(np.float32)  # what the saved file holds
+                        where = Path(args.save_embeddings) / method
+                    r = rows[label]
+                    r["scores"][name] = run_sts(data, lambda s, v=vecs: v, where)["score"]
+                    if where is not None:  # the same values at half the size
+                        np.save(where / f"{name}.npy", vecs.astype(np.float16))
+                    if dtype == dtypes[0]:
+                        first[(label, name)] = vecs
+                    else:
+                        cosines[label].append(_cos(vecs, first[(label, name)]))
+                    r["average"] = float(np.mean(list(r["scores"].values())))
+                    r["sentences_per_s"] = n_sent / seconds
+                    allc = np.concatenate(cosines[label]) if cosines[label] else None
+                    r["cos_mean"] = None if allc is None else float(allc.mean())
+                    r["cos_min"] = None if allc is None else float(allc.min())
+                print(
+                    f"== {dtype} {method} {name}: "
+                    + ", ".join(f"{label} {rows[label]['scores'][name]:.2f}" for label in variants),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                flush()
+            del ref
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    report["seconds"] = time.perf_counter() - t_start
+    flush()
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -177,6 +177,13 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--levels", default="f32,f16,q8_0,q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k,shipped")
     ap.add_argument("--methods", default="metaeol,prompteol")
+    ap.add_argument(
+        "--method-levels",
+        action="append",
+        default=[],
+        metavar="METHOD=LEVELS",
+        help="run METHOD at these levels only (repeatable), e.g. metaeol=f32,shipped while PromptEOL runs them all",
+    )
     ap.add_argument("--tasks", default="stsb,sickr")
     ap.add_argument("--limit", type=int, default=None, help="first N pairs of each task")
     ap.add_argument("--speed-n", type=int, default=32)
@@ -198,13 +205,18 @@ def main() -> None:
     out = Path(args.output)
     emb = out / "embeddings"
     tasks = args.tasks.split(",")
-    levels = args.levels.split(",")
-    if "f32" in levels:  # the reference first, so every other row can be compared with it
-        levels = ["f32"] + [x for x in levels if x != "f32"]
+    per_method = dict(item.split("=", 1) for item in args.method_levels)
+
+    def levels_of(method: str) -> list[str]:
+        levels = per_method.get(method, args.levels).split(",")
+        if "f32" in levels:  # the reference first, so every other row can be compared with it
+            levels = ["f32"] + [x for x in levels if x != "f32"]
+        return levels
+
     rows = []
     for model_id in args.models.split(","):
         for method in args.methods.split(","):
-            for level in levels:
+            for level in levels_of(method):
                 path = registry.resolve_model(model_id) if level == "shipped" else registry.quantized(model_id, level)
                 where = emb / model_id / level / method
                 print(f"== {model_id} {level} {method}", file=sys.stderr, flush=True)

@@ -43,15 +43,6 @@ def _task_names(text: str) -> list[str]:
     return names
 
 
-def _by_length(ref, sentences: list[str], batch_size: int) -> np.ndarray:
-    """Per-template vectors (N, T, dim), batching prompts of similar length (less padding)."""
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    vecs = ref.encode([sentences[i] for i in order], batch_size=batch_size, per_template=True)
-    out = np.empty_like(vecs)
-    out[order] = vecs
-    return out
-
-
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
@@ -174,7 +165,7 @@ def main() -> None:
             report["rows"] += rows.values()
             if args.compare and method == "metaeol" and dtype == dtypes[0]:
                 ref_file = np.load(args.compare)
-                mine = _by_length(ref, [str(s) for s in ref_file["sentences"]], args.batch_size)
+                mine = ref.encode([str(s) for s in ref_file["sentences"]], args.batch_size, per_template=True)
                 c = _cos(mine, ref_file["vectors"]).ravel()
                 report["compare"] = {
                     "file": Path(args.compare).name,
@@ -192,7 +183,7 @@ def main() -> None:
                 if ref.device == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                per_template = _by_length(ref, sentences, args.batch_size)
+                per_template = ref.encode(sentences, args.batch_size, per_template=True)
                 seconds += time.perf_counter() - t0
                 n_sent += len(sentences)
                 for label, idx in variants.items():

@@ -93,7 +93,11 @@ class Reference:
         """Vectors (N, dim) (mean over templates) or (N, T, dim); a list of them for several layers."""
         texts = [preprocess(s.strip()) if self.preprocess else s.strip() for s in sentences]
         prompts = [t.render(s) for s in texts for t in self.templates.templates]
-        rows = self._last_token_states(prompts, batch_size)  # (L, N*T, dim)
+        # Batch prompts of similar length together: less padding, same vectors.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        sorted_rows = self._last_token_states([prompts[i] for i in order], batch_size)  # (L, N*T, dim)
+        rows = np.empty_like(sorted_rows)
+        rows[:, order] = sorted_rows
         n_t = len(self.templates)
         out = []
         for layer_rows in rows:

@@ -122,6 +122,7 @@ def main() -> None:
     import torch
     import transformers
 
+    from metaeol_edge.files import atomic_write
     from metaeol_edge.prompts import load_templates
     from metaeol_edge.reference import Reference
 
@@ -143,9 +144,10 @@ def main() -> None:
     }
     first: dict[tuple[str, str], np.ndarray] = {}  # (method label, task) -> the first dtype's vectors
 
-    def flush() -> None:
-        (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-        (out / f"{args.name}.md").write_text(markdown(report))
+    def flush() -> None:  # whole files or none: a run killed mid-write keeps the last complete report
+        for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
+            with atomic_write(out / f"{args.name}{suffix}") as f:
+                f.write(text.encode("utf-8"))
 
     def over_budget() -> bool:
         return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s

@@ -132,6 +132,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="only the first N pairs (items per split) of each task")
     ev.add_argument("--save-embeddings", default=None, help="write each task's vectors and pair order here")
     ev.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
+    ev.add_argument(
+        "--reference",
+        action="store_true",
+        help="score the full-precision PyTorch reference instead of llama.cpp (extra [reference]); --model may "
+        "then also be a Hugging Face id or checkpoint folder",
+    )
+    ev.add_argument("--device", default=None, help="with --reference: cuda, mps or cpu (default: the first present)")
+    ev.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="with --reference (default: float32)",
+    )
+    ev.add_argument("--batch-size", type=int, default=16, help="with --reference: prompts per forward pass")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
@@ -202,6 +216,28 @@ def _model(args: argparse.Namespace, **overrides):
         postprocess=args.postprocess,
     )
     return MetaEOL(model, **(options | overrides))
+
+
+def _reference(args: argparse.Namespace):
+    """The PyTorch reference for ``eval --reference``: a registry id becomes its GGUF file."""
+    from .reference import Reference
+
+    if args.postprocess:
+        raise InputError("--postprocess applies to the llama.cpp engine only, not to --reference")
+    model = args.model or registry.default_model_id()
+    if args.level and args.level.lower() != "shipped":
+        model = registry.quantized(model, args.level.lower())
+    elif not registry.looks_like_path(model) and model in registry.load_registry()[0]:
+        model = registry.resolve_model(model)
+    # Anything else (a folder, a Hugging Face id) goes to transformers as given.
+    return Reference(
+        model,
+        args.templates,
+        dtype=args.dtype,
+        device=args.device,
+        preprocess=not args.no_preprocess,
+        layer=args.layer,
+    )
 
 
 def read_sentences(path: str | Path) -> list[str]:
@@ -450,9 +486,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]
     save = Path(args.save_embeddings) if args.save_embeddings else None
     results = {}
-    with _model(args) as model:
+    with _reference(args) if args.reference else _model(args) as model:
 
         def encode(sentences: list[str]) -> np.ndarray:
+            if args.reference:
+                return model.encode(sentences, batch_size=args.batch_size, show_progress_bar=not args.quiet)
             return model.encode(sentences, show_progress_bar=not args.quiet)
 
         for d in data:
@@ -467,8 +505,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = {
             "model": model.model_label,
             "model_file": model.model_path.name,
+            "backend": f"pytorch {model.device} {args.dtype}" if args.reference else "llama.cpp",
             "templates": model.templates.name,
-            "layer": model.layer,
+            "layer": model.layers[0] if args.reference else model.layer,
             "limit": args.limit,
             "scores": {k: v["score"] for k, v in results.items()},
             "sts_average": float(np.mean(sts)) if sts else None,

@@ -17,6 +17,7 @@ it is read with a hook).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,7 +71,9 @@ class Reference:
         self.device = device or default_device()
         self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
         self.preprocess = preprocess
-        path = Path(os.fspath(model)).expanduser()
+        self.model_label = os.fspath(model)
+        path = Path(self.model_label).expanduser()
+        self.model_path = path  # a file or folder, or the Hugging Face id as a path
         kwargs: dict[str, object] = {}
         if path.suffix == ".gguf":
             if not path.is_file():
@@ -88,14 +91,18 @@ class Reference:
         self.layers, self._multi = resolve_layers(layer, self.n_layer)
 
     def encode(
-        self, sentences: Sequence[str], batch_size: int = 16, per_template: bool = False
+        self,
+        sentences: Sequence[str],
+        batch_size: int = 16,
+        per_template: bool = False,
+        show_progress_bar: bool = False,
     ) -> np.ndarray | list[np.ndarray]:
         """Vectors (N, dim) (mean over templates) or (N, T, dim); a list of them for several layers."""
         texts = [preprocess(s.strip()) if self.preprocess else s.strip() for s in sentences]
         prompts = [t.render(s) for s in texts for t in self.templates.templates]
         # Batch prompts of similar length together: less padding, same vectors.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        sorted_rows = self._last_token_states([prompts[i] for i in order], batch_size)  # (L, N*T, dim)
+        sorted_rows = self._last_token_states([prompts[i] for i in order], batch_size, show_progress_bar)
         rows = np.empty_like(sorted_rows)
         rows[:, order] = sorted_rows
         n_t = len(self.templates)
@@ -105,7 +112,20 @@ class Reference:
             out.append(per if per_template else per.mean(axis=1, dtype=np.float32))
         return out if self._multi else out[0]
 
-    def _last_token_states(self, prompts: list[str], batch_size: int) -> np.ndarray:
+    def close(self) -> None:
+        """Free the model (and the GPU memory it holds)."""
+        self.model = None
+        if self.device == "cuda":
+            self.torch.cuda.empty_cache()
+
+    def __enter__(self) -> Reference:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _last_token_states(self, prompts: list[str], batch_size: int, progress: bool = False) -> np.ndarray:
+        """(L, len(prompts), dim): each layer's state of each prompt's last token."""
         torch = self.torch
         captured: list = []
         hook = None
@@ -113,6 +133,11 @@ class Reference:
             block = self.model.layers[-1]
             hook = block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
         result = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), unit="prompt", desc="reference", file=sys.stderr, dynamic_ncols=True)
         try:
             with torch.inference_mode():
                 for start in range(0, len(prompts), batch_size):
@@ -134,7 +159,11 @@ class Reference:
                             h = hidden[layer]
                         per_layer.append(h[:, -1, :].float().cpu().numpy())  # left padding: last is real
                     result.append(np.stack(per_layer))
+                    if bar is not None:
+                        bar.update(len(per_layer[0]))
         finally:
             if hook is not None:
                 hook.remove()
+            if bar is not None:
+                bar.close()
         return np.concatenate(result, axis=1)

@@ -3,11 +3,15 @@
 Runs when the reference extra (torch, transformers) is installed; `.ci/run` installs it.
 """
 
+import json
+
 import numpy as np
 import pytest
 from conftest import cosine
+from conftest import run_cli as run
 
 from metaeol_edge import MetaEOL, registry
+from metaeol_edge.evaluation import rescore_saved
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -43,3 +47,16 @@ def test_left_padding_changes_no_prompt(smollm2):
     batched = ref.encode(SENTENCES, batch_size=5)  # prompts of different lengths, padded on the left
     alone = np.stack([ref.encode([s], batch_size=1)[0] for s in SENTENCES])
     assert cosine(batched, alone).min() >= 0.9999
+
+
+def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path):
+    args = ["-m", "smollm2-135m", "--level", "f32", "-t", "prompteol", "--tasks", "stsb", "--limit", "40", "--json"]
+    ref = run("eval", *args, "-q", "--reference", "--device", "cpu", "--save-embeddings", tmp_path)
+    eng = run("eval", *args, "-q", "--no-cache")
+    assert ref.returncode == 0 and eng.returncode == 0, ref.stderr + eng.stderr
+    r, e = json.loads(ref.stdout), json.loads(eng.stdout)
+    assert r["backend"] == "pytorch cpu float32" and e["backend"] == "llama.cpp"
+    assert r["scores"]["stsb"] == pytest.approx(e["scores"]["stsb"], abs=0.5)
+    assert rescore_saved(tmp_path, "stsb") == pytest.approx(r["scores"]["stsb"], abs=1e-6)
+    bad = run("eval", "--reference", "--postprocess", "-m", "smollm2-135m", "--tasks", "stsb", "--limit", "4")
+    assert bad.returncode == 2 and "--postprocess applies to the llama.cpp engine only" in bad.stderr

@@ -81,11 +81,14 @@ class Reference:
             source, kwargs["gguf_file"] = str(path.parent), path.name
         else:
             source = os.fspath(model)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+            lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+        except OSError as exc:  # no such folder or hub id, or no network: say which model
+            raise MetaEOLError(f"transformers cannot load {self.model_label!r}: {exc}") from exc
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
         self.model = lm.get_decoder().to(self.device).eval()
         self.n_layer = int(lm.config.get_text_config().num_hidden_layers)
         self.layers, self._multi = resolve_layers(layer, self.n_layer)

@@ -49,7 +49,7 @@ def test_left_padding_changes_no_prompt(smollm2):
     assert cosine(batched, alone).min() >= 0.9999
 
 
-def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path):
+def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path, monkeypatch):
     args = ["-m", "smollm2-135m", "--level", "f32", "-t", "prompteol", "--tasks", "stsb", "--limit", "40", "--json"]
     ref = run("eval", *args, "-q", "--reference", "--device", "cpu", "--save-embeddings", tmp_path)
     eng = run("eval", *args, "-q", "--no-cache")
@@ -60,3 +60,7 @@ def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path)
     assert rescore_saved(tmp_path, "stsb") == pytest.approx(r["scores"]["stsb"], abs=1e-6)
     bad = run("eval", "--reference", "--postprocess", "-m", "smollm2-135m", "--tasks", "stsb", "--limit", "4")
     assert bad.returncode == 2 and "--postprocess applies to the llama.cpp engine only" in bad.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id that is not here: one clear line, no traceback
+    bad = run("eval", "--reference", "-m", "nobody/no-such-model", "--tasks", "stsb", "--limit", "4")
+    assert bad.returncode == 2 and "transformers cannot load 'nobody/no-such-model'" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -17,7 +17,10 @@ all-MiniLM-L6-v2 (extra ``[baseline]``) on the same tasks and CPU.
 Writes ``OUT/accuracy.json``, ``OUT/accuracy.md``, ``OUT/accuracy.png`` and, per
 row, the vectors and pair order under ``OUT/embeddings/`` (gitignored) so every
 score can be recomputed (``metaeol_edge.evaluation.rescore_saved``). Each row is
-computed in its own process; the embedding cache makes reruns cheap.
+computed in its own process; the embedding cache makes reruns cheap, and a run cut
+short loses nothing it embedded. ``--method-levels metaeol=f32,shipped`` runs a
+method at some levels only; ``--prefill-jobs N`` first fills the cache with N
+parallel one-thread processes (more sentences/s on a small CPU), untimed.
 """
 
 from __future__ import annotations
@@ -90,6 +93,34 @@ def worker(args: argparse.Namespace) -> dict:
             scores[d.name] = run_sts(d, lambda s, m=mean: m, folder)["score"]
         rows[label] = {"scores": scores, "sentences_per_s": speed}
     return {"rows": rows, "rss_mb": peak_rss_mb()}
+
+
+def prefill(jobs: list[tuple[str, str, str]], args: argparse.Namespace) -> None:
+    """Fill the embedding cache for (model, level, method) jobs in parallel single-thread processes.
+
+    On a small CPU, N one-thread processes embed more sentences per second than
+    one N-thread process (small models, short prompts: less time in thread
+    synchronisation). Nothing is timed here; the rows are timed afterwards, one
+    at a time, with the cache off.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fill(job: tuple[str, str, str]) -> None:
+        model_id, level, method = job
+        cmd = [sys.executable, "-m", "metaeol_edge", "eval", "--model", model_id, "--level", level]
+        cmd += ["--templates", method, "--tasks", args.tasks, "--threads", "1", "-q", "--json"]
+        cmd += ["--limit", str(args.limit)] if args.limit else []
+        cmd += ["--data", args.data] if args.data else []
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"prefill of {model_id} {level} {method} failed: {proc.stderr.strip()[-500:]}")
+        print(f"   prefilled {model_id} {level} {method} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    # MetaEOL (8 prompts a sentence) first, so the short PromptEOL jobs fill the gaps at the end.
+    jobs = sorted(jobs, key=lambda j: j[2] != "metaeol")
+    with ThreadPoolExecutor(max_workers=args.prefill_jobs) as pool:
+        list(pool.map(fill, jobs))
 
 
 def run_worker(kind: str, method: str, out: Path, args: argparse.Namespace) -> dict:
@@ -189,6 +220,13 @@ def main() -> None:
     ap.add_argument("--speed-n", type=int, default=32)
     ap.add_argument("--ablations", action="store_true", help="add each meta-task's templates alone")
     ap.add_argument("--baseline", action="store_true", help=f"add sentence-transformers {MINILM}")
+    ap.add_argument(
+        "--prefill-jobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first fill the embedding cache with N parallel one-thread processes (untimed), then time and score",
+    )
     ap.add_argument("--data", default=None)
     ap.add_argument("--output", default=str(RESULTS), help="folder for accuracy.{json,md,png}")
     ap.add_argument("--name", default="accuracy", help="file name stem of the report")
@@ -213,6 +251,9 @@ def main() -> None:
             levels = ["f32"] + [x for x in levels if x != "f32"]
         return levels
 
+    if args.prefill_jobs:
+        jobs = [(m, lv, me) for m in args.models.split(",") for me in args.methods.split(",") for lv in levels_of(me)]
+        prefill(jobs, args)
     rows = []
     for model_id in args.models.split(","):
         for method in args.methods.split(","):

@@ -117,10 +117,18 @@ def prefill(jobs: list[tuple[str, str, str]], args: argparse.Namespace) -> None:
             raise SystemExit(f"prefill of {model_id} {level} {method} failed: {proc.stderr.strip()[-500:]}")
         print(f"   prefilled {model_id} {level} {method} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
+    from metaeol_edge import registry
+
+    # Each level's file first, once: two jobs on one level would both write it.
+    for model_id, level, _ in jobs:
+        registry.resolve_model(model_id) if level == "shipped" else registry.quantized(model_id, level)
     # MetaEOL (8 prompts a sentence) first, so the short PromptEOL jobs fill the gaps at the end.
     jobs = sorted(jobs, key=lambda j: j[2] != "metaeol")
-    with ThreadPoolExecutor(max_workers=args.prefill_jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=args.prefill_jobs)
+    try:
         list(pool.map(fill, jobs))
+    finally:  # after a failure, start nothing more (the cache keeps what was done)
+        pool.shutdown(cancel_futures=True)
 
 
 def run_worker(kind: str, method: str, out: Path, args: argparse.Namespace) -> dict:
@@ -243,6 +251,9 @@ def main() -> None:
     out = Path(args.output)
     emb = out / "embeddings"
     tasks = args.tasks.split(",")
+    bad = [item for item in args.method_levels if "=" not in item]
+    if bad:
+        ap.error(f"--method-levels takes METHOD=LEVEL,LEVEL..., not {bad[0]!r}")
     per_method = dict(item.split("=", 1) for item in args.method_levels)
 
     def levels_of(method: str) -> list[str]:

@@ -152,71 +152,73 @@ def main() -> None:
     def over_budget() -> bool:
         return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
 
+    def run_method(ref: Reference, dtype: str, method: str) -> None:
+        variants: dict[str, list[int] | None] = {method: None}
+        if method == "metaeol" and args.ablations:
+            groups = load_templates("metaeol").meta_tasks()
+            variants |= {f"metaeol: {name} only": idx for name, idx in groups.items()}
+        rows = {label: {"dtype": dtype, "method": label, "scores": {}, **EMPTY} for label in variants}
+        cosines: dict[str, list[np.ndarray]] = {label: [] for label in variants}
+        if args.compare and method == "metaeol" and dtype == dtypes[0]:
+            ref_file = np.load(args.compare)
+            mine = ref.encode([str(s) for s in ref_file["sentences"]], args.batch_size, per_template=True)
+            c = _cos(mine, ref_file["vectors"]).ravel()
+            report["compare"] = {
+                "file": Path(args.compare).name,
+                "sentences": int(mine.shape[0]),
+                "templates": int(mine.shape[1]),
+                "cos_mean": float(c.mean()),
+                "cos_min": float(c.min()),
+            }
+            print(f"   vs llama.cpp: cos mean {c.mean():.6f} min {c.min():.6f}", file=sys.stderr)
+        n_sent, seconds = 0, 0.0
+        for name, data in tasks.items():
+            if over_budget():
+                return
+            sentences = data.sentences()
+            if ref.on_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            per_template = ref.encode(sentences, args.batch_size, per_template=True)
+            seconds += time.perf_counter() - t0
+            n_sent += len(sentences)
+            if not rows[method]["scores"]:  # a row appears once it has a score
+                report["rows"] += rows.values()
+            for label, idx in variants.items():
+                vecs = (per_template if idx is None else per_template[:, idx]).mean(axis=1)
+                saved = label in save and dtype == dtypes[0]
+                where = Path(args.save_embeddings) / method if saved else None
+                r = rows[label]
+                result = run_sts(data, lambda s, v=vecs: v, where, np.float16 if saved else np.float32)
+                r["scores"][name] = result["score"]
+                if saved:  # compare other dtypes with what the files hold
+                    vecs = vecs.astype(np.float16).astype(np.float32)
+                if dtype == dtypes[0]:
+                    first[(label, name)] = vecs
+                else:
+                    cosines[label].append(_cos(vecs, first[(label, name)]))
+                # An average over only some of the tasks would not compare with the other rows.
+                done = len(r["scores"]) == len(tasks)
+                r["average"] = float(np.mean(list(r["scores"].values()))) if done else None
+                r["sentences_per_s"] = n_sent / seconds
+                allc = np.concatenate(cosines[label]) if cosines[label] else None
+                r["cos_mean"] = None if allc is None else float(allc.mean())
+                r["cos_min"] = None if allc is None else float(allc.min())
+            print(
+                f"== {dtype} {method} {name}: "
+                + ", ".join(f"{label} {rows[label]['scores'][name]:.2f}" for label in variants),
+                file=sys.stderr,
+                flush=True,
+            )
+            flush()
+
     for dtype in dtypes:
         for method in args.methods.split(","):
             if over_budget():
                 break
-            ref = Reference(args.model, method, dtype=dtype, device=args.device)
-            report["device"] = torch.cuda.get_device_name() if ref.device == "cuda" else ref.device
-            variants: dict[str, list[int] | None] = {method: None}
-            if method == "metaeol" and args.ablations:
-                groups = load_templates("metaeol").meta_tasks()
-                variants |= {f"metaeol: {name} only": idx for name, idx in groups.items()}
-            rows = {label: {"dtype": dtype, "method": label, "scores": {}, **EMPTY} for label in variants}
-            cosines: dict[str, list[np.ndarray]] = {label: [] for label in variants}
-            report["rows"] += rows.values()
-            if args.compare and method == "metaeol" and dtype == dtypes[0]:
-                ref_file = np.load(args.compare)
-                mine = ref.encode([str(s) for s in ref_file["sentences"]], args.batch_size, per_template=True)
-                c = _cos(mine, ref_file["vectors"]).ravel()
-                report["compare"] = {
-                    "file": Path(args.compare).name,
-                    "sentences": int(mine.shape[0]),
-                    "templates": int(mine.shape[1]),
-                    "cos_mean": float(c.mean()),
-                    "cos_min": float(c.min()),
-                }
-                print(f"   vs llama.cpp: cos mean {c.mean():.6f} min {c.min():.6f}", file=sys.stderr)
-            n_sent, seconds = 0, 0.0
-            for name, data in tasks.items():
-                if over_budget():
-                    break
-                sentences = data.sentences()
-                if ref.device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                per_template = ref.encode(sentences, args.batch_size, per_template=True)
-                seconds += time.perf_counter() - t0
-                n_sent += len(sentences)
-                for label, idx in variants.items():
-                    vecs = (per_template if idx is None else per_template[:, idx]).mean(axis=1)
-                    where = None
-                    if label in save and dtype == dtypes[0]:
-                        vecs = vecs.astype(np.float16).astype(np.float32)  # what the saved file holds
-                        where = Path(args.save_embeddings) / method
-                    r = rows[label]
-                    r["scores"][name] = run_sts(data, lambda s, v=vecs: v, where)["score"]
-                    if where is not None:  # the same values at half the size
-                        np.save(where / f"{name}.npy", vecs.astype(np.float16))
-                    if dtype == dtypes[0]:
-                        first[(label, name)] = vecs
-                    else:
-                        cosines[label].append(_cos(vecs, first[(label, name)]))
-                    r["average"] = float(np.mean(list(r["scores"].values())))
-                    r["sentences_per_s"] = n_sent / seconds
-                    allc = np.concatenate(cosines[label]) if cosines[label] else None
-                    r["cos_mean"] = None if allc is None else float(allc.mean())
-                    r["cos_min"] = None if allc is None else float(allc.min())
-                print(
-                    f"== {dtype} {method} {name}: "
-                    + ", ".join(f"{label} {rows[label]['scores'][name]:.2f}" for label in variants),
-                    file=sys.stderr,
-                    flush=True,
-                )
-                flush()
-            del ref
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            with Reference(args.model, method, dtype=dtype, device=args.device) as ref:
+                report["device"] = torch.cuda.get_device_name(ref.device) if ref.on_cuda else ref.device
+                run_method(ref, dtype, method)
     report["seconds"] = time.perf_counter() - t_start
     flush()
     print(markdown(report))

@@ -141,11 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="with --reference: cuda, mps or cpu (default: the first present)")
     ev.add_argument(
         "--dtype",
-        default="float32",
+        default=None,
         choices=["float32", "float16", "bfloat16"],
         help="with --reference (default: float32)",
     )
-    ev.add_argument("--batch-size", type=int, default=16, help="with --reference: prompts per forward pass")
+    ev.add_argument("--batch-size", type=int, default=None, help="with --reference: prompts per forward pass (16)")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
@@ -224,19 +224,26 @@ def _reference(args: argparse.Namespace):
 
     if args.postprocess:
         raise InputError("--postprocess applies to the llama.cpp engine only, not to --reference")
-    model = args.model or registry.default_model_id()
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    label = args.model or registry.default_model_id()
+    is_id = not registry.looks_like_path(label) and label in registry.load_registry()[0]
+    model: str | Path = label
     if args.level and args.level.lower() != "shipped":
-        model = registry.quantized(model, args.level.lower())
-    elif not registry.looks_like_path(model) and model in registry.load_registry()[0]:
-        model = registry.resolve_model(model)
-    # Anything else (a folder, a Hugging Face id) goes to transformers as given.
+        if not (is_id or label.endswith(".gguf")):
+            raise InputError("--level needs a registry id or a .gguf file, not a Hugging Face id or folder")
+        model = registry.quantized(label, args.level.lower())
+    elif is_id:
+        model = registry.resolve_model(label)
+    # Anything else (a .gguf path, a folder, a Hugging Face id) goes to transformers as given.
     return Reference(
         model,
         args.templates,
-        dtype=args.dtype,
+        dtype=args.dtype or "float32",
         device=args.device,
         preprocess=not args.no_preprocess,
         layer=args.layer,
+        label=label,
     )
 
 
@@ -479,6 +486,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"unknown task(s) {', '.join(unknown) or '(none)'}; known: {known}")
     if args.limit is not None and args.limit < 2:
         raise InputError("--limit must be at least 2")
+    if not args.reference:
+        given = [f"--{k.replace('_', '-')}" for k in ("device", "dtype", "batch_size") if getattr(args, k) is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply with --reference")
     root = data_dir(args.data)
     # Every file is read before any work, so a missing one fails fast.
     data = [
@@ -490,7 +501,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         def encode(sentences: list[str]) -> np.ndarray:
             if args.reference:
-                return model.encode(sentences, batch_size=args.batch_size, show_progress_bar=not args.quiet)
+                return model.encode(sentences, batch_size=args.batch_size or 16, show_progress_bar=not args.quiet)
             return model.encode(sentences, show_progress_bar=not args.quiet)
 
         for d in data:
@@ -503,11 +514,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sts = [results[t]["score"] for t in results if t in STS_TASKS]
         transfer = [results[t]["score"] for t in results if t in TRANSFER_TASKS]
         report = {
-            "model": model.model_label,
+            "model": args.model or registry.default_model_id(),
+            "level": (args.level or "shipped").lower(),
             "model_file": model.model_path.name,
-            "backend": f"pytorch {model.device} {args.dtype}" if args.reference else "llama.cpp",
+            "backend": f"pytorch {model.device} {args.dtype or 'float32'}" if args.reference else "llama.cpp",
             "templates": model.templates.name,
-            "layer": model.layers[0] if args.reference else model.layer,
+            "layer": model.layer,
             "limit": args.limit,
             "scores": {k: v["score"] for k, v in results.items()},
             "sts_average": float(np.mean(sts)) if sts else None,

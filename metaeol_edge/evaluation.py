@@ -146,21 +146,28 @@ def score_sts(data: STSData, encode: Callable[[list[str]], np.ndarray]) -> float
 
 
 def run_sts(
-    data: STSData, encode: Callable[[list[str]], np.ndarray], save_dir: Path | None = None
+    data: STSData,
+    encode: Callable[[list[str]], np.ndarray],
+    save_dir: Path | None = None,
+    save_dtype: type[np.floating] = np.float32,
 ) -> dict[str, float | int]:
     """Score one STS task; with ``save_dir``, write the vectors and the pair order to recompute it.
 
-    ``save_dir/TASK.npy`` holds one float32 row per distinct sentence and
-    ``TASK.pairs.tsv`` one line per pair: row of a, row of b, gold score.
+    ``save_dir/TASK.npy`` holds one row per distinct sentence (``save_dtype``:
+    float16 halves the files; the score is then computed from the rounded
+    vectors, so the files give back the same number) and ``TASK.pairs.tsv`` one
+    line per pair: row of a, row of b, gold score.
     """
     sentences = data.sentences()
     t0 = time.perf_counter()
     vectors = np.asarray(encode(sentences), dtype=np.float32)
     seconds = time.perf_counter() - t0
+    if save_dir is not None and save_dtype != np.float32:
+        vectors = vectors.astype(save_dtype).astype(np.float32)
     by_text = dict(zip(sentences, vectors, strict=True))
     score = 100.0 * spearman(pair_cosines(data, by_text), data.gold)
     if save_dir is not None:
-        _save_vectors(save_dir, data.name, vectors)
+        _save_vectors(save_dir, data.name, vectors.astype(save_dtype))
         row = {s: i for i, s in enumerate(sentences)}
         lines = [f"{row[a]}\t{row[b]}\t{g!r}\n" for a, b, g in zip(data.a, data.b, data.gold.tolist(), strict=True)]
         with atomic_write(save_dir / f"{data.name}.pairs.tsv") as f:

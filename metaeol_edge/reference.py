@@ -63,6 +63,7 @@ class Reference:
         device: str | None = None,
         preprocess: bool = True,
         layer: int | float | str | Sequence[int | float | str] = FINAL,
+        label: str | None = None,
     ) -> None:
         torch, transformers = _imports()
         if dtype not in DTYPES:
@@ -71,8 +72,8 @@ class Reference:
         self.device = device or default_device()
         self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
         self.preprocess = preprocess
-        self.model_label = os.fspath(model)
-        path = Path(self.model_label).expanduser()
+        self.model_label = label or os.fspath(model)  # what reports call it (a registry id, say)
+        path = Path(os.fspath(model)).expanduser()
         self.model_path = path  # a file or folder, or the Hugging Face id as a path
         kwargs: dict[str, object] = {}
         if path.suffix == ".gguf":
@@ -84,14 +85,17 @@ class Reference:
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
             lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
-        except OSError as exc:  # no such folder or hub id, or no network: say which model
+        except (OSError, ValueError) as exc:  # no such folder or hub id, no network, an unknown architecture
             raise MetaEOLError(f"transformers cannot load {self.model_label!r}: {exc}") from exc
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = lm.get_decoder().to(self.device).eval()
-        self.n_layer = int(lm.config.get_text_config().num_hidden_layers)
+        text_config = lm.config.get_text_config()
+        self.n_layer = int(text_config.num_hidden_layers)
+        self.dim = int(text_config.hidden_size)
         self.layers, self._multi = resolve_layers(layer, self.n_layer)
+        self.layer = self.layers[0]  # as MetaEOL.layer: the (first) layer read
 
     def encode(
         self,
@@ -102,6 +106,9 @@ class Reference:
     ) -> np.ndarray | list[np.ndarray]:
         """Vectors (N, dim) (mean over templates) or (N, T, dim); a list of them for several layers."""
         texts = [preprocess(s.strip()) if self.preprocess else s.strip() for s in sentences]
+        if not texts:
+            empty = np.empty((0, len(self.templates), self.dim) if per_template else (0, self.dim), np.float32)
+            return [empty] * len(self.layers) if self._multi else empty
         prompts = [t.render(s) for s in texts for t in self.templates.templates]
         # Batch prompts of similar length together: less padding, same vectors.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -118,8 +125,12 @@ class Reference:
     def close(self) -> None:
         """Free the model (and the GPU memory it holds)."""
         self.model = None
-        if self.device == "cuda":
+        if self.on_cuda:
             self.torch.cuda.empty_cache()
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.torch.device(self.device).type == "cuda"  # also "cuda:1"
 
     def __enter__(self) -> Reference:
         return self

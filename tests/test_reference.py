@@ -56,10 +56,17 @@ def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path,
     assert ref.returncode == 0 and eng.returncode == 0, ref.stderr + eng.stderr
     r, e = json.loads(ref.stdout), json.loads(eng.stdout)
     assert r["backend"] == "pytorch cpu float32" and e["backend"] == "llama.cpp"
-    assert r["scores"]["stsb"] == pytest.approx(e["scores"]["stsb"], abs=0.5)
+    assert r["model"] == e["model"] == "smollm2-135m" and r["level"] == e["level"] == "f32"
+    assert r["model_file"] == e["model_file"] and r["layer"] == e["layer"] == -1
+    # Cosine 1.000000 between the two backends' vectors: the same ranking, up to near-ties.
+    assert r["scores"]["stsb"] == pytest.approx(e["scores"]["stsb"], abs=0.1)
     assert rescore_saved(tmp_path, "stsb") == pytest.approx(r["scores"]["stsb"], abs=1e-6)
     bad = run("eval", "--reference", "--postprocess", "-m", "smollm2-135m", "--tasks", "stsb", "--limit", "4")
     assert bad.returncode == 2 and "--postprocess applies to the llama.cpp engine only" in bad.stderr
+    bad = run("eval", "--dtype", "float16", "-m", "smollm2-135m", "--tasks", "stsb", "--limit", "4")
+    assert bad.returncode == 2 and "--dtype only apply with --reference" in bad.stderr
+    bad = run("eval", "--reference", "--level", "f16", "-m", "some/hf-model", "--tasks", "stsb", "--limit", "4")
+    assert bad.returncode == 2 and "--level needs a registry id or a .gguf file" in bad.stderr
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id that is not here: one clear line, no traceback
     bad = run("eval", "--reference", "-m", "nobody/no-such-model", "--tasks", "stsb", "--limit", "4")
     assert bad.returncode == 2 and "transformers cannot load 'nobody/no-such-model'" in bad.stderr

@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _proc import peak_rss_mb  # benchmarks/ is on sys.path when a script here runs
+from _markdown import cell, table  # benchmarks/ is on sys.path when a script here runs
+from _proc import peak_rss_mb
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
@@ -167,20 +168,15 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|",
     ]
-
-    def f(x, fmt=".2f"):
-        return "-" if x is None else format(x, fmt)
-
+    rows = []
     for r in report["rows"]:
-        cells = [r["model"], r["level"], r["method"], f(r["size_mb"], ".0f")]
-        cells += [f(r["scores"][t]) for t in tasks]
-        cells += [f(r["average"]), f(r["delta"], "+.2f"), f(r["cos_mean"], ".5f"), f(r["cos_min"], ".5f")]
-        cells += [f(r["sentences_per_s"]), f(r["rss_mb"], ".0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells = [r["model"], r["level"], r["method"], cell(r["size_mb"], ".0f")]
+        cells += [cell(r["scores"][t]) for t in tasks]
+        cells += [cell(r["average"]), cell(r["delta"], "+.2f"), cell(r["cos_mean"], ".5f"), cell(r["cos_min"], ".5f")]
+        cells += [cell(r["sentences_per_s"]), cell(r["rss_mb"], ".0f")]
+        rows.append(cells)
+    return "\n".join(lines + table(head, rows, text_columns=3)) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:

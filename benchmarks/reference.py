@@ -29,18 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _markdown import cell, table  # benchmarks/ is on sys.path when a script here runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EMPTY = {"average": None, "cos_mean": None, "cos_min": None, "sentences_per_s": None}
-
-
-def _task_names(text: str) -> list[str]:
-    from metaeol_edge.evaluation import STS_TASKS
-
-    names: list[str] = []
-    for part in text.split(","):
-        names += list(STS_TASKS) if part == "sts" else [part]
-    return names
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -68,17 +60,13 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|",
     ]
-
-    def f(x, fmt=".2f"):
-        return "-" if x is None else format(x, fmt)
-
+    rows = []
     for r in report["rows"]:
-        cells = [r["dtype"], r["method"], *[f(r["scores"].get(t)) for t in tasks]]
-        cells += [f(r["average"]), f(r["cos_mean"], ".5f"), f(r["cos_min"], ".5f"), f(r["sentences_per_s"], ".1f")]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [r["dtype"], r["method"], *[cell(r["scores"].get(t)) for t in tasks]]
+        cells += [cell(r["average"]), cell(r["cos_mean"], ".5f"), cell(r["cos_min"], ".5f")]
+        rows.append(cells + [cell(r["sentences_per_s"], ".1f")])
+    lines += table(head, rows, text_columns=2)
     if report.get("compare"):
         c = report["compare"]
         lines += [
@@ -110,7 +98,7 @@ def main() -> None:
     ap.add_argument("--name", default="reference")
     args = ap.parse_args()
 
-    from metaeol_edge.evaluation import data_dir, load_sts, run_sts
+    from metaeol_edge.evaluation import data_dir, load_sts, run_sts, task_names
 
     root = data_dir(args.data)
     if args.write_compare:
@@ -127,7 +115,7 @@ def main() -> None:
     from metaeol_edge.reference import Reference
 
     t_start = time.perf_counter()
-    tasks = {name: load_sts(name, root, "test", args.limit) for name in _task_names(args.tasks)}
+    tasks = {name: load_sts(name, root, "test", args.limit) for name in task_names(args.tasks)}
     dtypes = args.dtypes.split(",")
     save = set(args.save_methods.split(",")) if args.save_embeddings else set()
     out = Path(args.output)

@@ -14,6 +14,7 @@ from . import __version__, registry
 from .cache import EmbeddingCache, default_path
 from .errors import InputError, MetaEOLError
 from .files import atomic_write
+from .reference import DTYPES as REFERENCE_DTYPES
 
 EXAMPLES = [
     "A man is playing a guitar.",
@@ -142,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "float16", "bfloat16"],
+        choices=REFERENCE_DTYPES,
         help="with --reference (default: float32)",
     )
     ev.add_argument("--batch-size", type=int, default=None, help="with --reference: prompts per forward pass (16)")
@@ -475,15 +476,18 @@ def cmd_models_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import STS_TASKS, TRANSFER_TASKS, data_dir, load_sts, load_transfer, run_sts, run_transfer
+    from .evaluation import (
+        STS_TASKS,
+        TRANSFER_TASKS,
+        data_dir,
+        load_sts,
+        load_transfer,
+        run_sts,
+        run_transfer,
+        task_names,
+    )
 
-    groups = {"sts": STS_TASKS, "transfer": TRANSFER_TASKS, "all": STS_TASKS + TRANSFER_TASKS}
-    tasks = [t.strip().lower() for t in args.tasks.split(",") if t.strip()]
-    tasks = list(dict.fromkeys(x for t in tasks for x in groups.get(t, [t])))
-    unknown = [t for t in tasks if t not in STS_TASKS + TRANSFER_TASKS]
-    if not tasks or unknown:
-        known = ", ".join((*STS_TASKS, *TRANSFER_TASKS, *groups))
-        raise InputError(f"unknown task(s) {', '.join(unknown) or '(none)'}; known: {known}")
+    tasks = task_names(args.tasks)
     if args.limit is not None and args.limit < 2:
         raise InputError("--limit must be at least 2")
     if not args.reference:

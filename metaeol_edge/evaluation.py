@@ -196,6 +196,18 @@ CV_TASKS = {"mr": ("MR", "rt-polarity"), "cr": ("CR", "custrev"), "mpqa": ("MPQA
 C_GRID = tuple(2.0**t for t in range(-2, 4))  # SentEval's logistic-regression grid
 
 
+def task_names(text: str) -> list[str]:
+    """Comma-separated task names and the groups sts, transfer, all -> task names, in order, once each."""
+    groups = {"sts": STS_TASKS, "transfer": TRANSFER_TASKS, "all": STS_TASKS + TRANSFER_TASKS}
+    tasks = [t.strip().lower() for t in text.split(",") if t.strip()]
+    tasks = list(dict.fromkeys(x for t in tasks for x in groups.get(t, [t])))
+    unknown = [t for t in tasks if t not in STS_TASKS + TRANSFER_TASKS]
+    if not tasks or unknown:
+        known = ", ".join((*STS_TASKS, *TRANSFER_TASKS, *groups))
+        raise InputError(f"unknown task(s) {', '.join(unknown) or '(none)'}; known: {known}")
+    return tasks
+
+
 @dataclass(frozen=True)
 class TransferData:
     """Sentences (or sentence pairs, for MRPC) and labels, per split ('all' for 10-fold tasks)."""

@@ -18,9 +18,11 @@ Writes ``OUT/accuracy.json``, ``OUT/accuracy.md``, ``OUT/accuracy.png`` and, per
 row, the vectors and pair order under ``OUT/embeddings/`` (gitignored) so every
 score can be recomputed (``metaeol_edge.evaluation.rescore_saved``). Each row is
 computed in its own process; the embedding cache makes reruns cheap, and a run cut
-short loses nothing it embedded. ``--method-levels metaeol=f32,shipped`` runs a
-method at some levels only; ``--prefill-jobs N`` first fills the cache with N
-parallel one-thread processes (more sentences/s on a small CPU), untimed.
+short loses nothing it embedded (the JSON and Markdown are rewritten, whole, after
+every level, so they keep the rows it finished). ``--method-levels
+metaeol=f32,shipped`` runs a method at some levels only; ``--prefill-jobs N`` first
+fills the cache with N parallel one-thread processes (more sentences/s on a small
+CPU), untimed.
 """
 
 from __future__ import annotations
@@ -243,6 +245,7 @@ def main() -> None:
         return
 
     from metaeol_edge import registry
+    from metaeol_edge.files import atomic_write
 
     out = Path(args.output)
     emb = out / "embeddings"
@@ -261,7 +264,21 @@ def main() -> None:
     if args.prefill_jobs:
         jobs = [(m, lv, me) for m in args.models.split(",") for me in args.methods.split(",") for lv in levels_of(me)]
         prefill(jobs, args)
-    rows = []
+    rows: list[dict] = []
+    report = {
+        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
+        "tasks": tasks,
+        "limit": args.limit,
+        "speed_n": args.speed_n,
+        "rows": rows,
+    }
+
+    def flush() -> None:
+        # After every level, whole files or none: a run cut short keeps the rows it finished.
+        for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
+            with atomic_write(out / f"{args.name}{suffix}") as f:
+                f.write(text.encode("utf-8"))
+
     for model_id in args.models.split(","):
         for method in args.methods.split(","):
             for level in levels_of(method):
@@ -293,6 +310,7 @@ def main() -> None:
                         }
                     )
                     print(f"   {label}: " + ", ".join(f"{t} {r['scores'][t]:.2f}" for t in tasks), file=sys.stderr)
+                flush()
     if args.baseline:
         result = run_worker(MINILM, "-", emb / MINILM, args)
         r = result["rows"][MINILM]
@@ -312,16 +330,7 @@ def main() -> None:
                 "rss_mb": result["rss_mb"],
             }
         )
-    report = {
-        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
-        "tasks": tasks,
-        "limit": args.limit,
-        "speed_n": args.speed_n,
-        "rows": rows,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{args.name}.md").write_text(markdown(report))
+    flush()
     plot(report, out / f"{args.name}.png")
     print(markdown(report))
 

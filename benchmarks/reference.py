@@ -5,11 +5,15 @@
 
 For each dtype x method (MetaEOL, PromptEOL, and with ``--ablations`` each
 meta-task's two MetaEOL templates alone, from the same per-template vectors),
-one row with every task's Spearman x100, the average, sentences/s on the
-device, and, for dtypes after the first, the mean and minimum cosine of the
-sentence vectors to the first dtype's. ``--compare`` takes per-template vectors
-that the llama.cpp engine wrote (``--write-compare`` makes that file, on a
-machine with llama.cpp) and prints how close the reference comes to them.
+one row with every task's score (STS: Spearman x100; transfer tasks, ``--tasks
+transfer``: test accuracy x100), the averages, sentences/s on the device, and,
+for dtypes after the first, the mean and minimum cosine of the sentence vectors
+to the first dtype's. The transfer tasks' classifiers train on the CPU
+(``--jobs`` processes) while the device encodes the next task. ``--compare``
+takes per-template vectors that the llama.cpp engine wrote (``--write-compare``
+makes that file, on a machine with llama.cpp) and prints how close the reference
+comes to them. ``--merge A.json B.json ...`` joins the reports of a run done in
+pieces (a short GPU lease) into one.
 
 Rows are written to ``OUT/NAME.json`` and ``OUT/NAME.md`` after every task, so
 a run cut short keeps what it finished; ``--budget-s`` stops starting new work
@@ -17,7 +21,8 @@ after that many seconds. With ``--save-embeddings`` the vectors of the first
 dtype's MetaEOL and PromptEOL rows (``--save-methods``) are saved rounded to
 float16 (so the files are half the size) with the pair order; the scores are
 computed from those same rounded vectors, so
-``metaeol_edge.evaluation.rescore_saved`` gives back the numbers in the table.
+``metaeol_edge.evaluation.rescore_saved`` gives back the numbers in the table
+(transfer tasks too, from ``TASK.npy`` and ``TASK.items.tsv``).
 """
 
 from __future__ import annotations
@@ -25,14 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from _markdown import cell, table  # benchmarks/ is on sys.path when a script here runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-EMPTY = {"average": None, "cos_mean": None, "cos_min": None, "sentences_per_s": None}
+EMPTY = {"average": None, "transfer_average": None, "cos_mean": None, "cos_min": None, "sentences_per_s": None}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -50,21 +57,34 @@ def write_compare(model: str, sentences: list[str], path: Path) -> None:
 
 
 def markdown(report: dict) -> str:
+    from metaeol_edge.evaluation import STS_TASKS
+
     tasks = report["tasks"]
-    head = ["dtype", "method", *tasks, "avg", "cos mean", "cos min", "sent/s"]
+    averages = [
+        (k, h)
+        for k, h, there in (
+            ("average", "avg", set(tasks) & set(STS_TASKS)),
+            ("transfer_average", "transfer avg", set(tasks) - set(STS_TASKS)),
+        )
+        if there
+    ]
+    head = ["dtype", "method", *tasks, *(h for _, h in averages), "cos mean", "cos min", "sent/s"]
     lines = [
         f"Full-precision reference (PyTorch {report['torch']}, transformers {report['transformers']}) on "
-        f"{report['device']}, model `{report['model']}`. Spearman x100, all test pairs. cos: of each sentence "
-        f"vector to the {report['dtypes'][0]} row's. sent/s: this task set on that device, batch "
-        f"{report['batch_size']}.",
+        f"{report['device']}, model `{report['model']}`. STS: Spearman x100, all test pairs; transfer tasks: "
+        f"test accuracy x100. cos: of each sentence vector to the {report['dtypes'][0]} row's. sent/s: this "
+        f"task set on that device, batch {report['batch_size']}.",
         "",
         f"Command: `{report['command']}`",
         "",
     ]
+    if report.get("parts"):
+        lines += ["Made of these runs:", "", *(f"- `{c}`" for c in report["parts"]), ""]
     rows = []
     for r in report["rows"]:
         cells = [r["dtype"], r["method"], *[cell(r["scores"].get(t)) for t in tasks]]
-        cells += [cell(r["average"]), cell(r["cos_mean"], ".5f"), cell(r["cos_min"], ".5f")]
+        cells += [cell(r.get(k)) for k, _ in averages]
+        cells += [cell(r["cos_mean"], ".5f"), cell(r["cos_min"], ".5f")]
         rows.append(cells + [cell(r["sentences_per_s"], ".1f")])
     lines += table(head, rows, text_columns=2)
     if report.get("compare"):
@@ -77,10 +97,41 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[Path], command: str) -> dict:
+    """One report from the JSON reports of a run done in pieces: rows joined by dtype and method.
+
+    Scores and averages are recomputed over the joined tasks; sentences/s and
+    cosines, which each piece measured over its own tasks only, are left out.
+    """
+    from metaeol_edge.evaluation import STS_TASKS, TRANSFER_TASKS
+
+    parts = [json.loads(p.read_text("utf-8")) for p in paths]
+    tasks = [t for t in (*STS_TASKS, *TRANSFER_TASKS) if any(t in part["tasks"] for part in parts)]
+    rows: dict[tuple[str, str], dict] = {}
+    for part in parts:
+        for r in part["rows"]:
+            row = rows.setdefault((r["dtype"], r["method"]), {"dtype": r["dtype"], "method": r["method"], "scores": {}})
+            row["scores"].update(r["scores"])
+    for row in rows.values():
+        row |= EMPTY
+        for key, names in (("average", set(tasks) & set(STS_TASKS)), ("transfer_average", set(tasks) - set(STS_TASKS))):
+            if names and names <= set(row["scores"]):
+                row[key] = float(np.mean([row["scores"][t] for t in names]))
+    keys = ("model", "torch", "transformers", "device", "batch_size")
+    return {
+        **{k: parts[0].get(k) for k in keys},
+        "command": command,
+        "parts": [part["command"] for part in parts],
+        "tasks": tasks,
+        "dtypes": list(dict.fromkeys(d for part in parts for d in part["dtypes"])),
+        "rows": list(rows.values()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a .gguf file, a Hugging Face id or a local checkpoint folder")
-    ap.add_argument("--tasks", default="stsb,sickr", help="STS tasks, or 'sts' for all seven")
+    ap.add_argument("--model", help="a .gguf file, a Hugging Face id or a local checkpoint folder")
+    ap.add_argument("--tasks", default="stsb,sickr", help="task names, or the groups sts, transfer, all")
     ap.add_argument("--methods", default="metaeol,prompteol")
     ap.add_argument("--dtypes", default="float32", help="comma-separated; the first is the one others are compared to")
     ap.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first present)")
@@ -93,12 +144,26 @@ def main() -> None:
     ap.add_argument("--compare", default=None, help="an .npz written by --write-compare")
     ap.add_argument("--write-compare", default=None, help="write the llama.cpp engine's vectors here and stop")
     ap.add_argument("--compare-n", type=int, default=64, help="STS-B test sentences for --write-compare")
+    ap.add_argument("--jobs", type=int, default=-1, help="processes for the transfer classifiers (-1: every core)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new work after this many seconds")
     ap.add_argument("--output", default=str(RESULTS))
     ap.add_argument("--name", default="reference")
+    ap.add_argument("--merge", nargs="+", metavar="REPORT.json", help="join reports of runs done in pieces into NAME")
     args = ap.parse_args()
+    command = "python benchmarks/reference.py " + " ".join(sys.argv[1:])
+    if args.merge:
+        from metaeol_edge.files import atomic_write
 
-    from metaeol_edge.evaluation import data_dir, load_sts, run_sts, task_names
+        report = merge([Path(p) for p in args.merge], command)
+        for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
+            with atomic_write(Path(args.output) / f"{args.name}{suffix}") as f:
+                f.write(text.encode("utf-8"))
+        print(markdown(report))
+        return
+    if not args.model:
+        ap.error("--model is required (except with --merge)")
+
+    from metaeol_edge.evaluation import STS_TASKS, data_dir, load_sts, load_transfer, run_sts, run_transfer, task_names
 
     root = data_dir(args.data)
     if args.write_compare:
@@ -115,13 +180,16 @@ def main() -> None:
     from metaeol_edge.reference import Reference
 
     t_start = time.perf_counter()
-    tasks = {name: load_sts(name, root, "test", args.limit) for name in task_names(args.tasks)}
+    tasks = {
+        name: load_sts(name, root, "test", args.limit) if name in STS_TASKS else load_transfer(name, root, args.limit)
+        for name in task_names(args.tasks)
+    }
     dtypes = args.dtypes.split(",")
     save = set(args.save_methods.split(",")) if args.save_embeddings else set()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {
-        "command": "python benchmarks/reference.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "model": Path(args.model).name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -170,43 +238,61 @@ def main() -> None:
             per_template = ref.encode(sentences, args.batch_size, per_template=True)
             seconds += time.perf_counter() - t0
             n_sent += len(sentences)
-            if not rows[method]["scores"]:  # a row appears once it has a score
-                report["rows"] += rows.values()
+            with lock:
+                if not any(r is rows[method] for r in report["rows"]):  # rows appear once a task is encoded
+                    report["rows"] += rows.values()
+                for r in rows.values():
+                    r["sentences_per_s"] = n_sent / seconds
             for label, idx in variants.items():
                 vecs = (per_template if idx is None else per_template[:, idx]).mean(axis=1)
                 saved = label in save and dtype == dtypes[0]
                 where = Path(args.save_embeddings) / method if saved else None
-                r = rows[label]
-                result = run_sts(data, lambda s, v=vecs: v, where, np.float16 if saved else np.float32)
-                r["scores"][name] = result["score"]
-                if saved:  # compare other dtypes with what the files hold
+                save_dtype = np.float16 if saved else np.float32
+                if saved:  # scored from, and compared with, what the files hold
                     vecs = vecs.astype(np.float16).astype(np.float32)
                 if dtype == dtypes[0]:
                     first[(label, name)] = vecs
                 else:
-                    cosines[label].append(_cos(vecs, first[(label, name)]))
+                    with lock:
+                        allc = np.concatenate([*cosines[label], _cos(vecs, first[(label, name)])])
+                        cosines[label] = [allc]
+                        rows[label]["cos_mean"], rows[label]["cos_min"] = float(allc.mean()), float(allc.min())
+                if name in STS_TASKS:
+                    record(rows[label], name, run_sts(data, lambda s, v=vecs: v, where, save_dtype)["score"])
+                else:  # the classifiers train on the CPU while the device goes on
+                    pending.append(
+                        scorer.submit(
+                            lambda r=rows[label], d=data, v=vecs, w=where, t=save_dtype: record(
+                                r, d.name, run_transfer(d, lambda _: v, w, t, n_jobs=args.jobs)["score"]
+                            )
+                        )
+                    )
+            print(f"== {dtype} {method} {name}: encoded", file=sys.stderr, flush=True)
+
+    def record(row: dict, task: str, score: float) -> None:
+        with lock:
+            row["scores"][task] = score
+            for key, names in (("average", sts_names), ("transfer_average", transfer_names)):
                 # An average over only some of the tasks would not compare with the other rows.
-                done = len(r["scores"]) == len(tasks)
-                r["average"] = float(np.mean(list(r["scores"].values()))) if done else None
-                r["sentences_per_s"] = n_sent / seconds
-                allc = np.concatenate(cosines[label]) if cosines[label] else None
-                r["cos_mean"] = None if allc is None else float(allc.mean())
-                r["cos_min"] = None if allc is None else float(allc.min())
-            print(
-                f"== {dtype} {method} {name}: "
-                + ", ".join(f"{label} {rows[label]['scores'][name]:.2f}" for label in variants),
-                file=sys.stderr,
-                flush=True,
-            )
+                done = names and all(t in row["scores"] for t in names)
+                row[key] = float(np.mean([row["scores"][t] for t in names])) if done else None
+            print(f"== {row['dtype']} {row['method']} {task}: {score:.2f}", file=sys.stderr, flush=True)
             flush()
 
-    for dtype in dtypes:
-        for method in args.methods.split(","):
-            if over_budget():
-                break
-            with Reference(args.model, method, dtype=dtype, device=args.device) as ref:
-                report["device"] = torch.cuda.get_device_name(ref.device) if ref.on_cuda else ref.device
-                run_method(ref, dtype, method)
+    sts_names = [t for t in tasks if t in STS_TASKS]
+    transfer_names = [t for t in tasks if t not in STS_TASKS]
+    lock = threading.RLock()
+    pending: list = []
+    with ThreadPoolExecutor(max_workers=1) as scorer:
+        for dtype in dtypes:
+            for method in args.methods.split(","):
+                if over_budget():
+                    break
+                with Reference(args.model, method, dtype=dtype, device=args.device) as ref:
+                    report["device"] = torch.cuda.get_device_name(ref.device) if ref.on_cuda else ref.device
+                    run_method(ref, dtype, method)
+        for job in pending:
+            job.result()  # raise what a classifier raised
     report["seconds"] = time.perf_counter() - t_start
     flush()
     print(markdown(report))

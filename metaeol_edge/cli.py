@@ -509,8 +509,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return model.encode(sentences, show_progress_bar=not args.quiet)
 
         for d in data:
-            run = run_sts if d.name in STS_TASKS else run_transfer
-            r = results[d.name] = run(d, encode, save)
+            if d.name in STS_TASKS:
+                r = results[d.name] = run_sts(d, encode, save)
+            else:  # the classifiers' fits are independent: one process per core, same scores
+                r = results[d.name] = run_transfer(d, encode, save, n_jobs=-1)
             if not args.json:
                 rate = r["sentences"] / r["seconds"] if r["seconds"] else float("inf")
                 size = f"{r['pairs']} pairs" if "pairs" in r else f"{r['sentences']} sentences"

@@ -180,9 +180,11 @@ def _save_vectors(save_dir: Path, task: str, vectors: np.ndarray) -> None:
         np.save(f, vectors)
 
 
-def rescore_saved(save_dir: Path, task: str) -> float:
-    """Spearman x100 recomputed from what :func:`run_sts` saved, with nothing else."""
+def rescore_saved(save_dir: Path, task: str, n_jobs: int | None = 1) -> float:
+    """The score recomputed from what :func:`run_sts` or :func:`run_transfer` saved, with nothing else."""
     vectors = np.load(save_dir / f"{task}.npy").astype(np.float64)
+    if task in TRANSFER_TASKS:
+        return score_transfer(_saved_items(save_dir / f"{task}.items.tsv", task), vectors, n_jobs=n_jobs)
     pairs = np.loadtxt(save_dir / f"{task}.pairs.tsv", delimiter="\t", ndmin=2)
     a, b = vectors[pairs[:, 0].astype(int)], vectors[pairs[:, 1].astype(int)]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -289,50 +291,118 @@ def _classifier(c: float):
     return pipeline(scaler(), logreg(C=c, max_iter=2000))
 
 
-def _best_c(x: np.ndarray, y: np.ndarray, seed: int) -> float:
-    """SentEval's inner 5-fold choice of the regularization strength."""
-    _, kfold, _, _ = _sklearn()
-    folds = list(kfold(n_splits=5, shuffle=True, random_state=seed).split(x, y))
-    scores = {c: np.mean([_classifier(c).fit(x[tr], y[tr]).score(x[te], y[te]) for tr, te in folds]) for c in C_GRID}
-    return max(scores, key=lambda c: scores[c])
+def _rows(data: TransferData) -> TransferData:
+    """The same task with each sentence replaced by its row in ``data.sentences()``."""
+    row = {s: i for i, s in enumerate(data.sentences())}
+    return TransferData(
+        data.name,
+        {
+            k: ([row[s] for s in a], None if b is None else [row[s] for s in b], y)
+            for k, (a, b, y) in data.splits.items()
+        },
+    )
 
 
-def _features(split: tuple[list[str], list[str] | None, np.ndarray], vec: dict[str, np.ndarray]) -> np.ndarray:
+def _saved_items(path: Path, task: str) -> TransferData:
+    """What :func:`run_transfer` wrote to ``TASK.items.tsv``: split, row of a, row of b (-1: none), label."""
+    splits: dict[str, tuple[list[int], list[int] | None, list[str]]] = {}
+    for line in path.read_text("utf-8").splitlines():
+        split, a, b, label = line.split("\t")
+        rows_a, rows_b, labels = splits.setdefault(split, ([], None if b == "-1" else [], []))
+        rows_a.append(int(a))
+        if rows_b is not None:
+            rows_b.append(int(b))
+        labels.append(label)
+    return TransferData(task, {k: (a, b, np.asarray(y)) for k, (a, b, y) in splits.items()})
+
+
+def _features(split: tuple[list[int], list[int] | None, np.ndarray], vectors: np.ndarray) -> np.ndarray:
     a, b, _ = split
-    u = np.stack([vec[s] for s in a]).astype(np.float64)
+    u = vectors[a].astype(np.float64)
     if b is None:
         return u
-    v = np.stack([vec[s] for s in b]).astype(np.float64)
+    v = vectors[b].astype(np.float64)
     return np.c_[np.abs(u - v), u * v]  # SentEval's MRPC features
 
 
-def score_transfer(data: TransferData, vectors: dict[str, np.ndarray], seed: int = 1111) -> float:
-    """Test accuracy x100: 10-fold CV (MR, CR, MPQA), dev-tuned (SST-2) or inner-CV-tuned (TREC, MRPC)."""
+def _fit_score(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, c: float) -> float:
+    return float(_classifier(c).fit(x[train], y[train]).score(x[test], y[test]))
+
+
+def score_transfer(data: TransferData, vectors: np.ndarray, seed: int = 1111, n_jobs: int | None = 1) -> float:
+    """Test accuracy x100: 10-fold CV (MR, CR, MPQA), dev-tuned (SST-2) or inner-CV-tuned (TREC, MRPC).
+
+    ``data``'s splits hold rows of ``vectors`` (see :func:`_rows`). The fits are
+    independent and deterministic, so ``n_jobs`` processes (joblib; -1: every
+    core) give the same number as one, sooner.
+    """
+    from joblib import Parallel, delayed  # scikit-learn's own dependency
+
     _, kfold, _, _ = _sklearn()
+    parallel = Parallel(n_jobs=n_jobs)
+
+    def best_c(x: np.ndarray, y: np.ndarray, folds: list[np.ndarray]) -> list[float]:
+        """SentEval's inner 5-fold choice of the regularization strength, for each training set in ``folds``."""
+        jobs = []  # (training set, C, inner train rows, inner test rows)
+        for k, tr in enumerate(folds):
+            for i, j in kfold(n_splits=5, shuffle=True, random_state=seed).split(tr, y[tr]):
+                jobs += [(k, c, tr[i], tr[j]) for c in C_GRID]
+        accs = parallel(delayed(_fit_score)(x, y, i, j, c) for _, c, i, j in jobs)
+        by_c: dict[tuple[int, float], list[float]] = {}
+        for (k, c, _, _), acc in zip(jobs, accs, strict=True):
+            by_c.setdefault((k, c), []).append(acc)
+        mean = {key: float(np.mean(v)) for key, v in by_c.items()}
+        return [max(C_GRID, key=lambda c, k=k: mean[(k, c)]) for k in range(len(folds))]
+
     if "all" in data.splits:
         x, y = _features(data.splits["all"], vectors), data.splits["all"][2]
-        accs = []
-        for tr, te in kfold(n_splits=10, shuffle=True, random_state=seed).split(x, y):
-            accs.append(_classifier(_best_c(x[tr], y[tr], seed)).fit(x[tr], y[tr]).score(x[te], y[te]))
+        outer = list(kfold(n_splits=10, shuffle=True, random_state=seed).split(x, y))
+        cs = best_c(x, y, [tr for tr, _ in outer])
+        accs = parallel(delayed(_fit_score)(x, y, tr, te, c) for (tr, te), c in zip(outer, cs, strict=True))
         return 100.0 * float(np.mean(accs))
-    x_tr, y_tr = _features(data.splits["train"], vectors), data.splits["train"][2]
-    x_te, y_te = _features(data.splits["test"], vectors), data.splits["test"][2]
+    names = [k for k in ("train", "dev", "test") if k in data.splits]
+    x = np.concatenate([_features(data.splits[k], vectors) for k in names])
+    y = np.concatenate([data.splits[k][2] for k in names])
+    at, start = {}, 0
+    for k in names:
+        at[k] = np.arange(start, start + len(data.splits[k][2]))
+        start += len(at[k])
     if "dev" in data.splits:
-        x_dev, y_dev = _features(data.splits["dev"], vectors), data.splits["dev"][2]
-        c = max(C_GRID, key=lambda c: _classifier(c).fit(x_tr, y_tr).score(x_dev, y_dev))
+        accs = parallel(delayed(_fit_score)(x, y, at["train"], at["dev"], c) for c in C_GRID)
+        c = C_GRID[int(np.argmax(accs))]  # the first best, as max() over the grid
     else:
-        c = _best_c(x_tr, y_tr, seed)
-    return 100.0 * float(_classifier(c).fit(x_tr, y_tr).score(x_te, y_te))
+        (c,) = best_c(x, y, [at["train"]])
+    return 100.0 * _fit_score(x, y, at["train"], at["test"], c)
 
 
 def run_transfer(
-    data: TransferData, encode: Callable[[list[str]], np.ndarray], save_dir: Path | None = None
+    data: TransferData,
+    encode: Callable[[list[str]], np.ndarray],
+    save_dir: Path | None = None,
+    save_dtype: type[np.floating] = np.float32,
+    n_jobs: int | None = 1,
 ) -> dict[str, float | int]:
+    """Score one transfer task; with ``save_dir``, write what recomputes it (:func:`rescore_saved`).
+
+    ``save_dir/TASK.npy`` holds one row per distinct sentence (rounded to
+    ``save_dtype`` before scoring, as in :func:`run_sts`) and ``TASK.items.tsv``
+    one line per item: split, row of a, row of b (-1 when single), label.
+    """
     sentences = data.sentences()
     t0 = time.perf_counter()
     vectors = np.asarray(encode(sentences), dtype=np.float32)
     seconds = time.perf_counter() - t0
+    if save_dir is not None and save_dtype != np.float32:
+        vectors = vectors.astype(save_dtype).astype(np.float32)
+    rows = _rows(data)
     if save_dir is not None:
-        _save_vectors(save_dir, data.name, vectors)
-    score = score_transfer(data, dict(zip(sentences, vectors, strict=True)))
+        _save_vectors(save_dir, data.name, vectors.astype(save_dtype))
+        lines = [
+            f"{split}\t{a}\t{-1 if b is None else b[i]}\t{label}\n"
+            for split, (rows_a, b, y) in rows.splits.items()
+            for i, (a, label) in enumerate(zip(rows_a, y.tolist(), strict=True))
+        ]
+        with atomic_write(save_dir / f"{data.name}.items.tsv") as f:
+            f.write("".join(lines).encode("utf-8"))
+    score = score_transfer(rows, vectors, n_jobs=n_jobs)
     return {"score": score, "sentences": len(sentences), "seconds": seconds}

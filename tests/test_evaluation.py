@@ -72,7 +72,7 @@ def test_eval_prints_json_scores(tmp_path, smollm2):
         "-t",
         "prompteol",
         "--tasks",
-        "stsb,sickr",
+        "stsb,sickr,mrpc",
         "--limit",
         "30",
         "--json",
@@ -82,7 +82,7 @@ def test_eval_prints_json_scores(tmp_path, smollm2):
     )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert set(report["scores"]) == {"stsb", "sickr"} and report["details"]["stsb"]["pairs"] == 30
+    assert set(report["scores"]) == {"stsb", "sickr", "mrpc"} and report["details"]["stsb"]["pairs"] == 30
     for task, score in report["scores"].items():
         assert rescore_saved(tmp_path, task) == pytest.approx(score, abs=1e-6)
     r = run("eval", "-m", smollm2, "--tasks", "stsb,sts99")
@@ -123,3 +123,16 @@ def test_transfer_scores_rise_above_chance_with_informative_vectors(task):
     assert result["score"] > 100 * chance - 5  # bag of words is weak, but no worse than the majority class
     noise = np.random.default_rng(0).normal(size=(len(data.sentences()), 64)).astype(np.float32)
     assert run_transfer(data, lambda s: noise)["score"] < result["score"] + 1  # random vectors learn nothing
+
+
+@pytest.mark.parametrize("task", ["mr", "sst2", "trec", "mrpc"])  # 10-fold CV, dev-tuned, inner-CV, pairs
+def test_a_transfer_score_is_the_same_in_parallel_and_from_the_saved_files(task, tmp_path):
+    pytest.importorskip("sklearn")
+    data = load_transfer(task, senteval_dir(), limit=150)
+    serial = run_transfer(data, _hashed_bag_of_words, tmp_path / "serial", np.float16, n_jobs=1)["score"]
+    parallel = run_transfer(data, _hashed_bag_of_words, tmp_path / "parallel", np.float16, n_jobs=2)["score"]
+    assert parallel == serial
+    assert rescore_saved(tmp_path / "parallel", task) == serial
+    assert np.load(tmp_path / "parallel" / f"{task}.npy").dtype == np.float16
+    n_items = sum(len(y) for _, _, y in data.splits.values())
+    assert len((tmp_path / "parallel" / f"{task}.items.tsv").read_text().splitlines()) == n_items

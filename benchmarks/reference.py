@@ -69,11 +69,19 @@ def markdown(report: dict) -> str:
         if there
     ]
     head = ["dtype", "method", *tasks, *(h for _, h in averages), "cos mean", "cos min", "sent/s"]
+    if report.get("parts"):
+        measured = "cos and sent/s: in each run's own report (each measured its own tasks only)."
+    else:
+        measured = (
+            f"cos: of each sentence vector to the {report['dtypes'][0]} row's. sent/s: this task set on that "
+            f"device, batch {report['batch_size']}"
+            + (", while the transfer classifiers trained on the CPU." if averages[-1][0] == "transfer_average" else ".")
+        )
+    scope = f"the first {report['limit']} pairs" if report.get("limit") else "all test pairs"
     lines = [
         f"Full-precision reference (PyTorch {report['torch']}, transformers {report['transformers']}) on "
-        f"{report['device']}, model `{report['model']}`. STS: Spearman x100, all test pairs; transfer tasks: "
-        f"test accuracy x100. cos: of each sentence vector to the {report['dtypes'][0]} row's. sent/s: this "
-        f"task set on that device, batch {report['batch_size']}.",
+        f"{report['device']}, model `{report['model']}`. STS: Spearman x100 over {scope}; transfer tasks: "
+        f"test accuracy x100{' (first items of each split)' if report.get('limit') else ''}. {measured}",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -106,18 +114,28 @@ def merge(paths: list[Path], command: str) -> dict:
     from metaeol_edge.evaluation import STS_TASKS, TRANSFER_TASKS
 
     parts = [json.loads(p.read_text("utf-8")) for p in paths]
+    keys = ("model", "torch", "transformers", "device", "batch_size", "limit")
+    for key in keys:  # pieces of one run, not a mixture of runs
+        seen = {json.dumps(part.get(key)) for part in parts}
+        if len(seen) > 1:
+            raise SystemExit(f"--merge: the reports differ in {key} ({', '.join(sorted(seen))}); not one run's pieces")
     tasks = [t for t in (*STS_TASKS, *TRANSFER_TASKS) if any(t in part["tasks"] for part in parts)]
     rows: dict[tuple[str, str], dict] = {}
-    for part in parts:
+    for path, part in zip(paths, parts, strict=True):
         for r in part["rows"]:
             row = rows.setdefault((r["dtype"], r["method"]), {"dtype": r["dtype"], "method": r["method"], "scores": {}})
-            row["scores"].update(r["scores"])
+            for task, score in r["scores"].items():
+                if task in row["scores"] and row["scores"][task] != score:
+                    raise SystemExit(
+                        f"--merge: {r['dtype']} {r['method']} {task} is {row['scores'][task]} in one report and "
+                        f"{score} in {path}"
+                    )
+                row["scores"][task] = score
     for row in rows.values():
         row |= EMPTY
         for key, names in (("average", set(tasks) & set(STS_TASKS)), ("transfer_average", set(tasks) - set(STS_TASKS))):
             if names and names <= set(row["scores"]):
                 row[key] = float(np.mean([row["scores"][t] for t in names]))
-    keys = ("model", "torch", "transformers", "device", "batch_size")
     return {
         **{k: parts[0].get(k) for k in keys},
         "command": command,
@@ -196,6 +214,8 @@ def main() -> None:
         "tasks": list(tasks),
         "dtypes": dtypes,
         "batch_size": args.batch_size,
+        "limit": args.limit,
+        "device": None,  # known once a model is loaded
         "rows": [],
     }
     first: dict[tuple[str, str], np.ndarray] = {}  # (method label, task) -> the first dtype's vectors
@@ -219,13 +239,14 @@ def main() -> None:
             ref_file = np.load(args.compare)
             mine = ref.encode([str(s) for s in ref_file["sentences"]], args.batch_size, per_template=True)
             c = _cos(mine, ref_file["vectors"]).ravel()
-            report["compare"] = {
-                "file": Path(args.compare).name,
-                "sentences": int(mine.shape[0]),
-                "templates": int(mine.shape[1]),
-                "cos_mean": float(c.mean()),
-                "cos_min": float(c.min()),
-            }
+            with lock:  # the scoring thread may be writing the report
+                report["compare"] = {
+                    "file": Path(args.compare).name,
+                    "sentences": int(mine.shape[0]),
+                    "templates": int(mine.shape[1]),
+                    "cos_mean": float(c.mean()),
+                    "cos_min": float(c.min()),
+                }
             print(f"   vs llama.cpp: cos mean {c.mean():.6f} min {c.min():.6f}", file=sys.stderr)
         n_sent, seconds = 0, 0.0
         for name, data in tasks.items():
@@ -260,14 +281,20 @@ def main() -> None:
                 if name in STS_TASKS:
                     record(rows[label], name, run_sts(data, lambda s, v=vecs: v, where, save_dtype)["score"])
                 else:  # the classifiers train on the CPU while the device goes on
-                    pending.append(
-                        scorer.submit(
-                            lambda r=rows[label], d=data, v=vecs, w=where, t=save_dtype: record(
-                                r, d.name, run_transfer(d, lambda _: v, w, t, n_jobs=args.jobs)["score"]
-                            )
-                        )
-                    )
+                    job = scorer.submit(score_later, rows[label], data, vecs, where, save_dtype)
+                    job.add_done_callback(report_failure)
+                    pending.append(job)
             print(f"== {dtype} {method} {name}: encoded", file=sys.stderr, flush=True)
+
+    def score_later(row: dict, data, vecs: np.ndarray, where: Path | None, save_dtype) -> None:
+        if over_budget():  # the budget holds for the queued classifiers too
+            print(f"== {row['dtype']} {row['method']} {data.name}: not scored (--budget-s)", file=sys.stderr)
+            return
+        record(row, data.name, run_transfer(data, lambda _: vecs, where, save_dtype, n_jobs=args.jobs)["score"])
+
+    def report_failure(job) -> None:  # at once, not after every other task has been encoded
+        if job.exception() is not None:
+            print(f"== a transfer task's scoring failed: {job.exception()!r}", file=sys.stderr, flush=True)
 
     def record(row: dict, task: str, score: float) -> None:
         with lock:
@@ -283,18 +310,22 @@ def main() -> None:
     transfer_names = [t for t in tasks if t not in STS_TASKS]
     lock = threading.RLock()
     pending: list = []
-    with ThreadPoolExecutor(max_workers=1) as scorer:
-        for dtype in dtypes:
-            for method in args.methods.split(","):
-                if over_budget():
-                    break
-                with Reference(args.model, method, dtype=dtype, device=args.device) as ref:
-                    report["device"] = torch.cuda.get_device_name(ref.device) if ref.on_cuda else ref.device
-                    run_method(ref, dtype, method)
-        for job in pending:
-            job.result()  # raise what a classifier raised
-    report["seconds"] = time.perf_counter() - t_start
-    flush()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as scorer:
+            for dtype in dtypes:
+                for method in args.methods.split(","):
+                    if over_budget():
+                        break
+                    with Reference(args.model, method, dtype=dtype, device=args.device) as ref:
+                        with lock:
+                            report["device"] = torch.cuda.get_device_name(ref.device) if ref.on_cuda else ref.device
+                        run_method(ref, dtype, method)
+            for job in pending:
+                job.result()  # raise what a classifier raised
+    finally:  # what was scored is written, however the run ends
+        with lock:
+            report["seconds"] = time.perf_counter() - t_start
+            flush()
     print(markdown(report))
 
 

@@ -134,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-embeddings", default=None, help="write each task's vectors and pair order here")
     ev.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
     ev.add_argument(
+        "--jobs",
+        type=int,
+        default=-1,
+        help="processes for the transfer tasks' classifier fits (default -1: one per core; same scores)",
+    )
+    ev.add_argument(
         "--reference",
         action="store_true",
         help="score the full-precision PyTorch reference instead of llama.cpp (extra [reference]); --model may "
@@ -512,7 +518,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if d.name in STS_TASKS:
                 r = results[d.name] = run_sts(d, encode, save)
             else:  # the classifiers' fits are independent: one process per core, same scores
-                r = results[d.name] = run_transfer(d, encode, save, n_jobs=-1)
+                r = results[d.name] = run_transfer(d, encode, save, n_jobs=args.jobs)
             if not args.json:
                 rate = r["sentences"] / r["seconds"] if r["seconds"] else float("inf")
                 size = f"{r['pairs']} pairs" if "pairs" in r else f"{r['sentences']} sentences"

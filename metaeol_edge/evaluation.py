@@ -212,10 +212,14 @@ def task_names(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class TransferData:
-    """Sentences (or sentence pairs, for MRPC) and labels, per split ('all' for 10-fold tasks)."""
+    """Sentences (or sentence pairs, for MRPC) and labels, per split ('all' for 10-fold tasks).
+
+    Scoring uses the same shape with each sentence replaced by its row in an
+    array of vectors (:func:`_rows`, :func:`_saved_items`).
+    """
 
     name: str
-    splits: dict[str, tuple[list[str], list[str] | None, np.ndarray]]
+    splits: dict[str, tuple[list[str] | list[int], list[str] | list[int] | None, np.ndarray]]
 
     def sentences(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -313,7 +317,11 @@ def _saved_items(path: Path, task: str) -> TransferData:
         if rows_b is not None:
             rows_b.append(int(b))
         labels.append(label)
-    return TransferData(task, {k: (a, b, np.asarray(y)) for k, (a, b, y) in splits.items()})
+    # Labels come back as the loader made them: integers where they were (all but TREC's).
+    numeric = all(y.lstrip("-").isdigit() for _, _, ys in splits.values() for y in ys)
+    return TransferData(
+        task, {k: (a, b, np.asarray([int(v) for v in y] if numeric else y)) for k, (a, b, y) in splits.items()}
+    )
 
 
 def _features(split: tuple[list[int], list[int] | None, np.ndarray], vectors: np.ndarray) -> np.ndarray:
@@ -326,7 +334,12 @@ def _features(split: tuple[list[int], list[int] | None, np.ndarray], vectors: np
 
 
 def _fit_score(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, c: float) -> float:
-    return float(_classifier(c).fit(x[train], y[train]).score(x[test], y[test]))
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
+
+    # One BLAS thread in every fit, in a worker process or not: a multi-threaded
+    # BLAS may sum in another order, so the score would depend on n_jobs and cores.
+    with threadpool_limits(limits=1):
+        return float(_classifier(c).fit(x[train], y[train]).score(x[test], y[test]))
 
 
 def score_transfer(data: TransferData, vectors: np.ndarray, seed: int = 1111, n_jobs: int | None = 1) -> float:

@@ -13,6 +13,15 @@ from typing import BinaryIO
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it, so once, at import, before any thread writes
+    os.umask(umask)
+    return umask
+
+
+UMASK = _read_umask()
+
+
 def package_data(subpackage: str, checkout_folder: str):
     """An installed data folder (a Traversable), or the source checkout's folder, or None.
 
@@ -41,9 +50,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it; mkstemp makes it private
+        os.chmod(tmp, 0o666 & ~UMASK)  # as open() would have made it; mkstemp makes it private
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from metaeol_edge.errors import InputError
 from metaeol_edge.evaluation import (
     STS_TASKS,
     TRANSFER_TASKS,
+    _saved_items,
     data_dir,
     load_sts,
     load_transfer,
@@ -133,6 +134,9 @@ def test_a_transfer_score_is_the_same_in_parallel_and_from_the_saved_files(task,
     parallel = run_transfer(data, _hashed_bag_of_words, tmp_path / "parallel", np.float16, n_jobs=2)["score"]
     assert parallel == serial
     assert rescore_saved(tmp_path / "parallel", task) == serial
+    saved = _saved_items(tmp_path / "parallel" / f"{task}.items.tsv", task)
+    for split, (_, _, y) in saved.splits.items():  # labels come back as the loader made them
+        assert y.tolist() == data.splits[split][2].tolist()
     assert np.load(tmp_path / "parallel" / f"{task}.npy").dtype == np.float16
     n_items = sum(len(y) for _, _, y in data.splits.values())
     assert len((tmp_path / "parallel" / f"{task}.items.tsv").read_text().splitlines()) == n_items

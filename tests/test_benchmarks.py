@@ -1,0 +1,66 @@
+"""The benchmark scripts' own logic: rescoring saved embeddings and joining reports of a run done in pieces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, senteval_dir
+from test_evaluation import _hashed_bag_of_words
+
+from metaeol_edge.evaluation import load_sts, load_transfer, run_sts, run_transfer
+
+
+def script(name: str, *args, cwd=None):
+    cmd = [sys.executable, str(REPO / "benchmarks" / name), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def test_rescore_prints_every_saved_score_from_the_files_alone(tmp_path):
+    pytest.importorskip("sklearn")
+    sts = run_sts(load_sts("stsb", senteval_dir(), "test", limit=120), _hashed_bag_of_words, tmp_path / "a")
+    trec = run_transfer(load_transfer("trec", senteval_dir(), limit=120), _hashed_bag_of_words, tmp_path / "a" / "b")
+    (tmp_path / "a" / "stray.npy").write_bytes(b"")  # no pair order beside it: not a saved task
+    out = script("rescore.py", tmp_path, "--jobs", "1")
+    assert out.returncode == 0, out.stderr
+    lines = [ln.split("\t") for ln in out.stdout.splitlines()]
+    assert sorted(lines) == [
+        [str(tmp_path / "a"), "stsb", f"{sts['score']:.2f}"],
+        [str(tmp_path / "a" / "b"), "trec", f"{trec['score']:.2f}"],
+    ]
+    empty = script("rescore.py", tmp_path / "a" / "b" / "nothing")
+    assert empty.returncode == 1 and "no saved embeddings" in empty.stderr
+
+
+def _part(command: str, tasks: list[str], scores: dict[str, float], **meta) -> dict:
+    base = {"model": "m.gguf", "torch": "2", "transformers": "5", "device": "cpu", "batch_size": 8, "limit": None}
+    row = {"dtype": "float32", "method": "metaeol", "scores": scores}
+    return base | meta | {"command": command, "tasks": tasks, "dtypes": ["float32"], "rows": [row]}
+
+
+def test_merge_joins_pieces_and_refuses_runs_that_do_not_belong_together(tmp_path):
+    pieces = {
+        "a.json": _part("run a", ["mr", "cr"], {"mr": 80.0, "cr": 86.0}),
+        "b.json": _part("run b", ["trec"], {"trec": 89.0}),
+        "c.json": _part("run c", ["cr"], {"cr": 86.0}),  # the same score again is fine
+    }
+    for name, part in pieces.items():
+        (tmp_path / name).write_text(json.dumps(part))
+    out = script("reference.py", "--merge", *pieces, "--output", tmp_path, "--name", "all", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert merged["parts"] == ["run a", "run b", "run c"] and merged["tasks"] == ["mr", "cr", "trec"]
+    (row,) = merged["rows"]
+    assert row["scores"] == {"mr": 80.0, "cr": 86.0, "trec": 89.0}
+    assert row["transfer_average"] == pytest.approx(np.mean([80.0, 86.0, 89.0]))
+    assert "| float32 | metaeol | 80.00 | 86.00 | 89.00 | 85.00 |" in (tmp_path / "all.md").read_text()
+
+    (tmp_path / "d.json").write_text(json.dumps(_part("run d", ["cr"], {"cr": 85.0})))
+    clash = script("reference.py", "--merge", "a.json", "d.json", "--output", tmp_path, cwd=tmp_path)
+    assert clash.returncode != 0 and "cr is 86.0 in one report and 85.0" in clash.stderr
+    (tmp_path / "e.json").write_text(json.dumps(_part("run e", ["trec"], {"trec": 89.0}, device="cuda")))
+    other = script("reference.py", "--merge", "a.json", "e.json", "--output", tmp_path, cwd=tmp_path)
+    assert other.returncode != 0 and "differ in device" in other.stderr

@@ -221,7 +221,7 @@ def main() -> None:
         metavar="METHOD=LEVELS",
         help="run METHOD at these levels only (repeatable), e.g. metaeol=f32,shipped while PromptEOL runs them all",
     )
-    ap.add_argument("--tasks", default="stsb,sickr")
+    ap.add_argument("--tasks", default="stsb,sickr", help="STS task names, or sts for all seven")
     ap.add_argument("--limit", type=int, default=None, help="first N pairs of each task")
     ap.add_argument("--speed-n", type=int, default=32)
     ap.add_argument("--ablations", action="store_true", help="add each meta-task's templates alone")
@@ -245,11 +245,15 @@ def main() -> None:
         return
 
     from metaeol_edge import registry
+    from metaeol_edge.evaluation import STS_TASKS, task_names
     from metaeol_edge.files import atomic_write
 
     out = Path(args.output)
     emb = out / "embeddings"
-    tasks = args.tasks.split(",")
+    tasks = task_names(args.tasks)
+    if set(tasks) - set(STS_TASKS):
+        ap.error("this benchmark scores STS tasks; score transfer tasks with metaeol eval or benchmarks/reference.py")
+    args.tasks = ",".join(tasks)  # as the workers and prefill take them
     bad = [item for item in args.method_levels if "=" not in item]
     if bad:
         ap.error(f"--method-levels takes METHOD=LEVEL,LEVEL..., not {bad[0]!r}")

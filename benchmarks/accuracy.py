@@ -245,12 +245,16 @@ def main() -> None:
         return
 
     from metaeol_edge import registry
+    from metaeol_edge.errors import InputError
     from metaeol_edge.evaluation import STS_TASKS, task_names
     from metaeol_edge.files import atomic_write
 
     out = Path(args.output)
     emb = out / "embeddings"
-    tasks = task_names(args.tasks)
+    try:
+        tasks = task_names(args.tasks)
+    except InputError as exc:
+        ap.error(str(exc))
     if set(tasks) - set(STS_TASKS):
         ap.error("this benchmark scores STS tasks; score transfer tasks with metaeol eval or benchmarks/reference.py")
     args.tasks = ",".join(tasks)  # as the workers and prefill take them

@@ -133,8 +133,10 @@ def merge(paths: list[Path], command: str) -> dict:
                 row["scores"][task] = score
     for row in rows.values():
         row |= EMPTY
-        for key, names in (("average", set(tasks) & set(STS_TASKS)), ("transfer_average", set(tasks) - set(STS_TASKS))):
-            if names and names <= set(row["scores"]):
+        sts_names = [t for t in tasks if t in STS_TASKS]  # lists, not sets: the same sum every run
+        transfer_names = [t for t in tasks if t not in STS_TASKS]
+        for key, names in (("average", sts_names), ("transfer_average", transfer_names)):
+            if names and set(names) <= set(row["scores"]):
                 row[key] = float(np.mean([row["scores"][t] for t in names]))
     return {
         **{k: parts[0].get(k) for k in keys},
@@ -228,6 +230,9 @@ def main() -> None:
     def over_budget() -> bool:
         return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
 
+    def stop() -> bool:  # no new work: out of budget, or a classifier failed (device time is precious)
+        return failed.is_set() or over_budget()
+
     def run_method(ref: Reference, dtype: str, method: str) -> None:
         variants: dict[str, list[int] | None] = {method: None}
         if method == "metaeol" and args.ablations:
@@ -250,7 +255,7 @@ def main() -> None:
             print(f"   vs llama.cpp: cos mean {c.mean():.6f} min {c.min():.6f}", file=sys.stderr)
         n_sent, seconds = 0, 0.0
         for name, data in tasks.items():
-            if over_budget():
+            if stop():
                 return
             sentences = data.sentences()
             if ref.on_cuda:
@@ -287,13 +292,14 @@ def main() -> None:
             print(f"== {dtype} {method} {name}: encoded", file=sys.stderr, flush=True)
 
     def score_later(row: dict, data, vecs: np.ndarray, where: Path | None, save_dtype) -> None:
-        if over_budget():  # the budget holds for the queued classifiers too
-            print(f"== {row['dtype']} {row['method']} {data.name}: not scored (--budget-s)", file=sys.stderr)
+        if stop():  # the budget holds for the queued classifiers too
+            print(f"== {row['dtype']} {row['method']} {data.name}: not scored (stopped)", file=sys.stderr)
             return
         record(row, data.name, run_transfer(data, lambda _: vecs, where, save_dtype, n_jobs=args.jobs)["score"])
 
-    def report_failure(job) -> None:  # at once, not after every other task has been encoded
-        if job.exception() is not None:
+    def report_failure(job) -> None:  # at once, and stop: not after every other task has been encoded
+        if not job.cancelled() and job.exception() is not None:
+            failed.set()
             print(f"== a transfer task's scoring failed: {job.exception()!r}", file=sys.stderr, flush=True)
 
     def record(row: dict, task: str, score: float) -> None:
@@ -309,23 +315,28 @@ def main() -> None:
     sts_names = [t for t in tasks if t in STS_TASKS]
     transfer_names = [t for t in tasks if t not in STS_TASKS]
     lock = threading.RLock()
+    failed = threading.Event()
     pending: list = []
+    scorer = ThreadPoolExecutor(max_workers=1)
     try:
-        with ThreadPoolExecutor(max_workers=1) as scorer:
-            for dtype in dtypes:
-                for method in args.methods.split(","):
-                    if over_budget():
-                        break
-                    with Reference(args.model, method, dtype=dtype, device=args.device) as ref:
-                        with lock:
-                            report["device"] = torch.cuda.get_device_name(ref.device) if ref.on_cuda else ref.device
-                        run_method(ref, dtype, method)
-            for job in pending:
-                job.result()  # raise what a classifier raised
-    finally:  # what was scored is written, however the run ends
+        for dtype in dtypes:
+            for method in args.methods.split(","):
+                if stop():
+                    break
+                with Reference(args.model, method, dtype=dtype, device=args.device) as ref:
+                    with lock:
+                        report["device"] = torch.cuda.get_device_name(ref.device) if ref.on_cuda else ref.device
+                    run_method(ref, dtype, method)
+        for job in pending:
+            job.result()  # raise what a classifier raised
+    finally:
+        # After an error or Ctrl-C, queued classifiers are dropped rather than awaited;
+        # every score is already written by record(), and the totals are added here.
+        scorer.shutdown(cancel_futures=True)
         with lock:
             report["seconds"] = time.perf_counter() - t_start
-            flush()
+            if any(r["scores"] for r in report["rows"]):  # never replace a report with an empty one
+                flush()
     print(markdown(report))
 
 

@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dirs", nargs="+", type=Path)
     ap.add_argument("--jobs", type=int, default=-1, help="processes for the transfer tasks' classifier fits")
     args = ap.parse_args(argv)
-    found = [x for root in args.dirs for x in saved_tasks(root)]
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        ap.error(f"not a folder: {', '.join(missing)}")
+    found = list(dict.fromkeys(x for root in args.dirs for x in saved_tasks(root.resolve())))
     if not found:
         where = ", ".join(map(str, args.dirs))
         print(f"no saved embeddings (TASK.npy beside TASK.pairs.tsv or TASK.items.tsv) under {where}", file=sys.stderr)

@@ -494,6 +494,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
 
     tasks = task_names(args.tasks)
+    if args.jobs == 0 or args.jobs < -1:
+        raise InputError("--jobs takes a number of processes, or -1 for one per core")
     if args.limit is not None and args.limit < 2:
         raise InputError("--limit must be at least 2")
     if not args.reference:

@@ -24,15 +24,18 @@ def test_rescore_prints_every_saved_score_from_the_files_alone(tmp_path):
     sts = run_sts(load_sts("stsb", senteval_dir(), "test", limit=120), _hashed_bag_of_words, tmp_path / "a")
     trec = run_transfer(load_transfer("trec", senteval_dir(), limit=120), _hashed_bag_of_words, tmp_path / "a" / "b")
     (tmp_path / "a" / "stray.npy").write_bytes(b"")  # no pair order beside it: not a saved task
-    out = script("rescore.py", tmp_path, "--jobs", "1")
+    out = script("rescore.py", tmp_path, tmp_path / "a", "--jobs", "1")  # overlapping folders: each task once
     assert out.returncode == 0, out.stderr
     lines = [ln.split("\t") for ln in out.stdout.splitlines()]
     assert sorted(lines) == [
         [str(tmp_path / "a"), "stsb", f"{sts['score']:.2f}"],
         [str(tmp_path / "a" / "b"), "trec", f"{trec['score']:.2f}"],
     ]
-    empty = script("rescore.py", tmp_path / "a" / "b" / "nothing")
+    (tmp_path / "empty").mkdir()
+    empty = script("rescore.py", tmp_path / "empty")
     assert empty.returncode == 1 and "no saved embeddings" in empty.stderr
+    typo = script("rescore.py", tmp_path, tmp_path / "nothing")
+    assert typo.returncode != 0 and "not a folder" in typo.stderr and not typo.stdout
 
 
 def _part(command: str, tasks: list[str], scores: dict[str, float], **meta) -> dict:
@@ -64,3 +67,6 @@ def test_merge_joins_pieces_and_refuses_runs_that_do_not_belong_together(tmp_pat
     (tmp_path / "e.json").write_text(json.dumps(_part("run e", ["trec"], {"trec": 89.0}, device="cuda")))
     other = script("reference.py", "--merge", "a.json", "e.json", "--output", tmp_path, cwd=tmp_path)
     assert other.returncode != 0 and "differ in device" in other.stderr
+    (tmp_path / "f.json").write_text(json.dumps(_part("run f", ["trec"], {"trec": 89.0}, limit=100)))
+    quick = script("reference.py", "--merge", "a.json", "f.json", "--output", tmp_path, cwd=tmp_path)
+    assert quick.returncode != 0 and "differ in limit" in quick.stderr

@@ -88,6 +88,8 @@ def test_eval_prints_json_scores(tmp_path, smollm2):
         assert rescore_saved(tmp_path, task) == pytest.approx(score, abs=1e-6)
     r = run("eval", "-m", smollm2, "--tasks", "stsb,sts99")
     assert r.returncode == 2 and "unknown task(s) sts99" in r.stderr
+    r = run("eval", "-m", smollm2, "--tasks", "mrpc", "--jobs", "0")
+    assert r.returncode == 2 and "--jobs takes a number of processes" in r.stderr
 
 
 # Sizes as the data's README lists them.

@@ -17,16 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from metaeol_edge import MetaEOL
+from metaeol_edge import EncodeStats, MetaEOL
 from metaeol_edge.cache import EmbeddingCache
 from metaeol_edge.evaluation import data_dir, load_sts
 
 
-def timed_run(model_id: str, cache_path: Path, sentences: list[str], dtype: str) -> tuple[np.ndarray, float, MetaEOL]:
+def timed_run(
+    model_id: str, cache_path: Path, sentences: list[str], dtype: str
+) -> tuple[np.ndarray, float, MetaEOL, EncodeStats]:
     t0 = time.perf_counter()
     model = MetaEOL(model_id, cache=cache_path, cache_dtype=dtype)
-    vectors = model.encode(sentences, per_template=True, show_progress_bar=True)
-    return vectors, time.perf_counter() - t0, model
+    stats = EncodeStats()
+    vectors = model.encode(sentences, per_template=True, show_progress_bar=True, stats=stats)
+    return vectors, time.perf_counter() - t0, model, stats
 
 
 def bytes_per_vector(path: Path) -> tuple[int, float]:
@@ -45,11 +48,11 @@ def main() -> None:
     sentences = load_sts("stsb", data_dir(), "test").sentences()[: args.n]
     with tempfile.TemporaryDirectory() as tmp:
         path32, path16 = Path(tmp) / "f32.sqlite3", Path(tmp) / "f16.sqlite3"
-        cold, t_cold, m = timed_run(args.model, path32, sentences, "float32")
-        cold_misses, dim, n_t = m.last_misses, m.dim, len(m.templates)
+        cold, t_cold, m, stats = timed_run(args.model, path32, sentences, "float32")
+        cold_misses, dim, n_t = stats.misses, m.dim, len(m.templates)
         m.close()
-        warm, t_warm, m = timed_run(args.model, path32, sentences, "float32")
-        warm_hits, warm_misses = m.last_hits, m.last_misses
+        warm, t_warm, m, stats = timed_run(args.model, path32, sentences, "float32")
+        warm_hits, warm_misses = stats.hits, stats.misses
         m.close()
 
         # float16 entries: the same vectors stored at half width under float16 keys

@@ -72,10 +72,10 @@ def worker(kind: str, model_path: str, templates: str, n: int, out: str) -> dict
     else:
         from metaeol_edge.naive import NaiveRecipe
 
-        naive = NaiveRecipe(model_path, kv_f32=False)  # llama-cpp-python's defaults but for the context size
-        naive.encode(sentences[:1], ts)
+        naive = NaiveRecipe(model_path, ts, kv_f32=False)  # llama-cpp-python's defaults but for the context size
+        naive.encode(sentences[:1], show_progress_bar=False)
         t0 = time.perf_counter()
-        vectors = naive.encode(sentences, ts)
+        vectors = naive.encode(sentences, show_progress_bar=False)
         seconds = time.perf_counter() - t0
         naive.close()
     result["sent_per_s"] = n / seconds

@@ -1,25 +1,42 @@
-"""A persistent SQLite cache of per-template embeddings.
+"""A persistent SQLite cache of per-prompt embeddings.
 
-One row per (model, template, layer, pre-processing, dtype, max length, sentence):
-any run computes only the pairs it has never seen. SQLite runs in WAL mode with
-a busy timeout, so several processes can write at once, and every batch is
-committed as it finishes, so a killed process loses at most the batch in flight.
+One row per :class:`~metaeol_edge.identity.CacheKey` (model, method, prompt,
+layer, pre-processing, dtype, max length, sentence): any run computes only the
+pairs it has never seen. SQLite runs in WAL mode with a busy timeout, so several
+processes can write at once, and every batch is committed as it finishes, so a
+killed process loses at most the batch in flight. Each thread gets its own
+connection (a connection must not be shared between threads), so one cache
+object serves a thread pool.
+
+The cache never fails a run and never hands out a wrong vector:
+
+* each vector is stored with a CRC-32 of its key and bytes; a stored vector
+  that fails it is a miss, recomputed, replaced and reported;
+* an SQLite file damaged anywhere (``DatabaseError`` at open or at any later
+  statement) is moved aside with a warning and a new cache started, and the
+  statement retried there, so the run's results are kept;
+* a file that cannot be written (read-only, immutable) still serves its vectors,
+  with one warning that nothing new is stored.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sqlite3
+import threading
 import time
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import platformdirs
+
+from .identity import CacheKey, key_digest
+
+__all__ = ["CacheKey", "EmbeddingCache", "CacheError", "CacheTooNewError", "default_path", "key_digest"]
 
 APPLICATION_ID = 0x4D454F4C  # "MEOL": tells our database from a foreign SQLite file
 BUSY_TIMEOUT_MS = 60_000
@@ -77,8 +94,14 @@ def _migration_1(db: sqlite3.Connection) -> None:
     )
 
 
+def _migration_2(db: sqlite3.Connection) -> None:
+    # A CRC-32 of each entry's key digest and vector bytes; NULL for entries written
+    # before (they are served unchecked, as before).
+    db.execute("ALTER TABLE embeddings ADD COLUMN checksum INTEGER")
+
+
 # Explicit, ordered schema migrations: entry i takes the schema from version i to i + 1.
-MIGRATIONS = [_migration_1]
+MIGRATIONS = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -97,54 +120,69 @@ def default_path() -> Path:
     return Path(platformdirs.user_cache_dir("metaeol-edge")) / "embeddings.sqlite3"
 
 
-def key_digest(parts: Iterable[str]) -> bytes:
-    """SHA-256 over length-prefixed UTF-8 parts: no two different part lists join to the same bytes."""
-    h = hashlib.sha256()
-    for part in parts:
-        data = part.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.digest()
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    model: str  # model fingerprint (SHA-256 of the file)
-    template: str  # the template's exact text
-    layer: int
-    preprocess: bool
-    dtype: str
-    max_length: int
-    sentence: str
-
-    def digest(self) -> bytes:
-        parts = (
-            self.model,
-            self.template,
-            str(self.layer),
-            str(int(self.preprocess)),
-            self.dtype,
-            str(self.max_length),
-            self.sentence,
-        )
-        return key_digest(parts)[:16]  # 128 bits: collisions are out of reach, the index stays small
-
-
 def _hour() -> int:
     return int(time.time() // 3600)
 
 
+def checksum(digest: bytes, blob: bytes) -> int:
+    """CRC-32 of an entry's key digest and vector bytes: a vector moved to another key fails it too."""
+    return zlib.crc32(blob, zlib.crc32(digest))
+
+
+def _is_read_only(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY or "readonly" in str(exc)
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """A damaged file (malformed image, not a database), not a busy lock, a full disk or a read-only file."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == getattr(sqlite3, "SQLITE_CORRUPT", 11)
+    return True
+
+
 class EmbeddingCache:
     def __init__(self, path: str | Path, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"the cache's size cap must be positive, not {max_bytes}")
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.verify = True  # check each vector's checksum on read (benchmarks/checks.py times it)
+        self.read_only = False
+        self.disabled = False  # damaged and could not be moved aside: serve nothing, store nothing
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.RLock()  # connections, recovery
+        self._generation = 0  # bumped by a recovery: every thread reconnects to the new file
+        self._closed = False
+        self._checked = False
         try:
             self._open_with_retry()
+            self._checked = True
         except BaseException:
-            self.db.close()
+            self.close()
             raise
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on its first use (the first thread's checks the schema)."""
+        held = getattr(self._local, "conn", None)
+        if held is not None and held[0] == self._generation:
+            return held[1]
+        with self._lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the embedding cache is closed")
+            # check_same_thread=False only so that close() may close every thread's
+            # connection; each is used by the thread that opened it alone.
+            conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+            self._connections.append(conn)
+            self._local.conn = (self._generation, conn)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if self._checked:  # the first connection sets it after checking the file is ours
+            conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
 
     def _open_with_retry(self) -> None:
         # Switching a new file to WAL needs a lock that SQLite does not wait for:
@@ -213,20 +251,21 @@ class EmbeddingCache:
         """Open the cache, never failing the caller's run over it.
 
         A corrupt or foreign file is moved aside with a warning and a fresh cache
-        made; a path that cannot be written gives a warning and no cache.
+        made; a path that cannot be used gives a warning and no cache.
         """
         path = Path(path) if path else default_path()
         if max_bytes is None and os.environ.get("METAEOL_CACHE_MAX_MB"):
-            max_bytes = int(float(os.environ["METAEOL_CACHE_MAX_MB"]) * 1e6)
+            try:
+                max_bytes = int(float(os.environ["METAEOL_CACHE_MAX_MB"]) * 1e6)
+            except ValueError:
+                raise ValueError(
+                    f"METAEOL_CACHE_MAX_MB must be a size in MB, not {os.environ['METAEOL_CACHE_MAX_MB']!r}"
+                ) from None
         try:
             return cls(path, max_bytes)
         except CacheError as exc:
-            aside = path.with_name(f"{path.name}.unusable-{int(time.time())}")
-            try:
-                os.replace(path, aside)
-                for suffix in ("-wal", "-shm"):
-                    Path(f"{path}{suffix}").unlink(missing_ok=True)
-            except OSError:
+            aside = _move_aside(path)
+            if aside is None:
                 warnings.warn(f"embedding cache disabled: {exc}", stacklevel=2)
                 return None
             warnings.warn(f"{exc}; moved it to {aside} and started a new cache", stacklevel=2)
@@ -236,23 +275,125 @@ class EmbeddingCache:
             return None
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            self._closed = True
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    # -- every statement goes through here ---------------------------------------------
+
+    def _run(self, fn, default, write: bool):
+        """Run ``fn(db)``; a damaged file is moved aside and ``fn`` retried on a new one.
+
+        A write to a file that cannot be written turns the cache read-only, with
+        one warning. Returns ``default`` where nothing can be done.
+        """
+        if self.disabled or (write and self.read_only):
+            return default
+        for attempt in (1, 2):
+            try:
+                return fn(self.db)
+            except sqlite3.OperationalError as exc:
+                if _is_read_only(exc):
+                    if write:
+                        self._go_read_only(exc)
+                    return default
+                if not _is_damage(exc) or attempt == 2:
+                    raise
+                self._recover(exc)
+            except sqlite3.DatabaseError as exc:
+                if attempt == 2:
+                    self._disable(exc)
+                    return default
+                self._recover(exc)
+            if self.disabled:
+                return default
+        return default
+
+    def _write(self, fn) -> None:
+        def transaction(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                fn(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        self._run(transaction, None, write=True)
+
+    def _go_read_only(self, exc: Exception) -> None:
+        with self._lock:
+            if not self.read_only:
+                self.read_only = True
+                warnings.warn(
+                    f"embedding cache {self.path} cannot be written ({exc}): serving the vectors it holds, "
+                    "storing no new ones",
+                    stacklevel=4,
+                )
+
+    def _disable(self, exc: Exception) -> None:
+        with self._lock:
+            if not self.disabled:
+                self.disabled = True
+                warnings.warn(f"embedding cache {self.path} disabled: {exc}", stacklevel=4)
+
+    def _recover(self, exc: Exception) -> None:
+        """Move a damaged file aside and start a new cache in its place (every thread reconnects)."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+            self._generation += 1
+            aside = _move_aside(self.path)
+            if aside is None:
+                self._disable(exc)
+                return
+            warnings.warn(
+                f"embedding cache {self.path} is damaged ({exc}); moved it to {aside} and started a new cache",
+                stacklevel=4,
+            )
+            self._checked = False
+            try:
+                self._open_with_retry()
+                self._checked = True
+            except (sqlite3.Error, CacheError, OSError) as again:
+                self._disable(again)
 
     # -- reading and writing -----------------------------------------------------
 
-    def get_many(self, keys: Sequence[CacheKey]) -> dict[CacheKey, np.ndarray]:
-        found: dict[CacheKey, np.ndarray] = {}
+    def get_many(self, keys: Sequence[CacheKey], damaged: list[CacheKey] | None = None) -> dict[CacheKey, np.ndarray]:
+        """The stored vectors of these keys. A vector that fails its checksum is left out
+        (a miss) and, with ``damaged``, listed there."""
         by_digest = {k.digest(): k for k in keys}
         digests = list(by_digest)
-        for start in range(0, len(digests), 500):
-            chunk = digests[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self.db.execute(
-                f"SELECT key, dtype, vector FROM embeddings WHERE key IN ({marks})", chunk
-            ).fetchall()
-            for digest, dtype, blob in rows:
-                found[by_digest[digest]] = np.frombuffer(blob, dtype=DTYPES[dtype]).astype(np.float32)
-        return found
+
+        def read(db: sqlite3.Connection) -> dict[CacheKey, np.ndarray]:
+            found: dict[CacheKey, np.ndarray] = {}
+            for start in range(0, len(digests), 500):
+                chunk = digests[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    f"SELECT key, dtype, vector, checksum FROM embeddings WHERE key IN ({marks})", chunk
+                ).fetchall()
+                for digest, dtype, blob, crc in rows:
+                    key = by_digest[digest]
+                    if crc is not None and self.verify and checksum(digest, blob) != crc or dtype not in DTYPES:
+                        if damaged is not None:
+                            damaged.append(key)
+                        continue
+                    found[key] = np.frombuffer(blob, dtype=DTYPES[dtype]).astype(np.float32)
+            return found
+
+        return self._run(read, {}, write=False)
+
+    def discard(self, keys: Iterable[CacheKey]) -> None:
+        """Delete entries (damaged ones, before their recomputed vectors are stored)."""
+        rows = [(k.digest(),) for k in keys]
+        if rows:
+            self._write(lambda db: db.executemany("DELETE FROM embeddings WHERE key = ?", rows))
 
     def touch(self, keys: Iterable[CacheKey]) -> None:
         """Mark entries as used this hour, for least-recently-used eviction.
@@ -260,12 +401,11 @@ class EmbeddingCache:
         Hours, not seconds: a rerun within the hour then rewrites nothing.
         """
         now = _hour()
-        self._write(
-            lambda db: db.executemany(
-                "UPDATE embeddings SET last_used = ? WHERE key = ? AND last_used < ?",
-                [(now, k.digest(), now) for k in keys],
+        rows = [(now, k.digest(), now) for k in keys]
+        if rows:
+            self._write(
+                lambda db: db.executemany("UPDATE embeddings SET last_used = ? WHERE key = ? AND last_used < ?", rows)
             )
-        )
 
     def put_many(self, items: Sequence[tuple[CacheKey, str, str, np.ndarray]]) -> None:
         """Store (key, model label, template task, vector) items in one transaction."""
@@ -289,13 +429,24 @@ class EmbeddingCache:
                         "SELECT id FROM templates WHERE text = ?", (key.template,)
                     ).fetchone()[0]
                 blob = np.ascontiguousarray(vector, dtype=DTYPES[key.dtype]).tobytes()
-                rows.append((key.digest(), model_ids[key.model], template_ids[key.template], key.dtype, now, blob))
+                digest = key.digest()
+                rows.append(
+                    (
+                        digest,
+                        model_ids[key.model],
+                        template_ids[key.template],
+                        key.dtype,
+                        now,
+                        blob,
+                        checksum(digest, blob),
+                    )
+                )
             # Rows go in rowid order, so pages fill completely (random keys as the
             # primary key left pages a third empty). A pair another process stored
             # meanwhile holds the same vector: vectors are deterministic.
             db.executemany(
-                "INSERT OR IGNORE INTO embeddings(key, model_id, template_id, dtype, last_used, vector)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO embeddings(key, model_id, template_id, dtype, last_used, vector, checksum)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             if self.max_bytes is not None:
@@ -315,16 +466,6 @@ class EmbeddingCache:
             (excess,),
         )
 
-    def _write(self, fn) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            fn(db)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
     def record_run(self, model_label: str, hits: int, misses: int) -> None:
         self._write(
             lambda db: db.execute(
@@ -339,7 +480,11 @@ class EmbeddingCache:
         """SHA-256 of a model file, computed once per (path, size, mtime)."""
         st = path.stat()
         key = str(path.resolve())
-        row = self.db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (key,)).fetchone()
+        row = self._run(
+            lambda db: db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (key,)).fetchone(),
+            None,
+            write=False,
+        )
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2]
         digest = compute(path)
@@ -353,14 +498,8 @@ class EmbeddingCache:
     # -- maintenance ---------------------------------------------------------------
 
     def stats(self, last_runs: int = 10) -> dict:
-        db = self.db
-        groups = db.execute(
-            """SELECT m.label, m.fingerprint, t.task, substr(t.text, 1, 60), count(*), sum(length(e.vector))
-               FROM embeddings e JOIN models m ON m.id = e.model_id JOIN templates t ON t.id = e.template_id
-               GROUP BY e.model_id, e.template_id ORDER BY m.label, t.task"""
-        ).fetchall()
-        runs = db.execute("SELECT at, model, hits, misses FROM runs ORDER BY id DESC LIMIT ?", (last_runs,)).fetchall()
-        entries = db.execute("SELECT count(*) FROM embeddings").fetchone()[0]
+        empty: tuple[list, list, int] = ([], [], 0)
+        groups, runs, entries = self._run(lambda db: self._read_stats(db, last_runs), empty, write=False)
         on_disk = sum(p.stat().st_size for p in self._files() if p.exists())
         hits = sum(r[2] for r in runs)
         lookups = sum(r[2] + r[3] for r in runs)
@@ -384,6 +523,17 @@ class EmbeddingCache:
             "hit_rate": hits / lookups if lookups else None,
         }
 
+    @staticmethod
+    def _read_stats(db: sqlite3.Connection, last_runs: int) -> tuple[list, list, int]:
+        groups = db.execute(
+            """SELECT m.label, m.fingerprint, t.task, substr(t.text, 1, 60), count(*), sum(length(e.vector))
+               FROM embeddings e JOIN models m ON m.id = e.model_id JOIN templates t ON t.id = e.template_id
+               GROUP BY e.model_id, e.template_id ORDER BY m.label, t.task"""
+        ).fetchall()
+        runs = db.execute("SELECT at, model, hits, misses FROM runs ORDER BY id DESC LIMIT ?", (last_runs,)).fetchall()
+        entries = db.execute("SELECT count(*) FROM embeddings").fetchone()[0]
+        return groups, runs, entries
+
     def clear(self, model: str | None = None, template: str | None = None) -> int:
         """Delete entries of a model (label or fingerprint prefix) and/or a template (task or text)."""
         where, args = [], []
@@ -403,10 +553,31 @@ class EmbeddingCache:
                 db.execute("DELETE FROM runs")
 
         self._write(run)
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if not where:
-            self.db.execute("VACUUM")
+
+        def compact(db: sqlite3.Connection) -> None:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if not where:
+                db.execute("VACUUM")
+
+        self._run(compact, None, write=True)
         return deleted
 
     def _files(self) -> list[Path]:
         return [self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")]
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Rename a cache file (and its WAL files) out of the way; None if it cannot be moved."""
+    aside = path.with_name(f"{path.name}.unusable-{time.time_ns()}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return aside  # nothing there: nothing to keep
+    except OSError:
+        return None
+    for suffix in ("-wal", "-shm"):
+        try:
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+        except OSError:
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return aside

@@ -1,4 +1,4 @@
-"""The ``metaeol`` command."""
+"""The ``metaeol`` command: it parses arguments, calls the library, and prints."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import argparse
 import json
 import sys
 import warnings
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, registry
 from .cache import EmbeddingCache, default_path
+from .corpus import VectorWriter, check_output, count_sentences, iter_sentences, read_sentences
 from .errors import InputError, MetaEOLError
-from .files import atomic_write
 from .reference import DTYPES as REFERENCE_DTYPES
 
 EXAMPLES = [
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
             "dequantization and kept in the store",
         )
         sp.add_argument("--templates", "-t", default="metaeol", help="metaeol, prompteol, or a template file")
+        sp.add_argument(
+            "--method",
+            default=None,
+            help="a registered method (default: eol, the paper's: last token of each template, averaged)",
+        )
         sp.add_argument("--max-length", type=int, default=512, help="tokens per prompt (default: 512)")
         sp.add_argument("--no-truncate", action="store_true", help="refuse sentences too long for max-length")
         sp.add_argument("--no-preprocess", action="store_true", help="skip the official sentence pre-processing")
@@ -94,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="embed sentences from a file")
     model_options(e)
     e.add_argument("--input", "-i", required=True, help="one sentence per line, or JSONL with a 'text' field")
+    e.add_argument(
+        "--format",
+        choices=["text", "jsonl"],
+        default=None,
+        help="input format (default: .jsonl and .ndjson are JSONL, other files text)",
+    )
     e.add_argument("--output", "-o", required=True, help="OUT.npy (float32 rows in input order) or OUT.jsonl")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--normalize", action="store_true", help="L2-normalize each vector")
@@ -116,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     model_options(f)
     f.add_argument("--input", "-i", required=True, help="unlabeled sentences, one per line (not your test set)")
+    f.add_argument("--format", choices=["text", "jsonl"], default=None, help="input format (default: by extension)")
     f.add_argument("--whiten", action="store_true", help="decorrelate dimensions too (needs more sentences than dims)")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -182,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     mq.add_argument("id", help="registry id or .gguf path")
     mq.add_argument("--to", required=True, help="comma-separated levels, e.g. f32,f16,q8_0,q4_k_m")
     mq.set_defaults(func=cmd_models_quantize)
+    mv = msub.add_parser("verify", help="check pulled models against the registry's SHA-256")
+    mv.add_argument("id", nargs="?", default=None, help="one model (default: every pulled one)")
+    mv.set_defaults(func=cmd_models_verify)
     mr = msub.add_parser("rm", help="remove a pulled model")
     mr.add_argument("id")
     mr.set_defaults(func=cmd_models_rm)
@@ -206,10 +222,13 @@ def _model(args: argparse.Namespace, **overrides):
     from .embedder import MetaEOL
 
     model = args.model
+    if args.cache_max_mb is not None and not args.cache_max_mb > 0:
+        raise InputError(f"--cache-max-mb must be a positive size in MB, not {args.cache_max_mb:g}")
     if args.level and args.level.lower() != "shipped":
         model = registry.quantized(model or registry.default_model_id(), args.level.lower())
     options = dict(
         templates=args.templates,
+        method=args.method,
         n_gpu_layers=args.n_gpu_layers,
         n_threads=args.threads,
         max_length=args.max_length,
@@ -246,6 +265,7 @@ def _reference(args: argparse.Namespace):
     return Reference(
         model,
         args.templates,
+        method=args.method,
         dtype=args.dtype or "float32",
         device=args.device,
         preprocess=not args.no_preprocess,
@@ -254,68 +274,37 @@ def _reference(args: argparse.Namespace):
     )
 
 
-def read_sentences(path: str | Path) -> list[str]:
-    """Sentences from a text file (one per line) or JSONL (a 'text' field per line)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from exc
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        bad = data[exc.start]
-        raise InputError(f"{path}, line {line}: invalid UTF-8 (byte {bad:#04x} at offset {exc.start})") from exc
-    text = text.removeprefix("\ufeff")
-    lines = text.splitlines()
-    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or next(
-        (ln.lstrip().startswith("{") for ln in lines if ln.strip()), False
-    )
-    sentences = []
-    for n, line in enumerate(lines, 1):
-        if is_jsonl:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise InputError(f"{path}, line {n}: needs a string 'text' field")
-            line = obj["text"]
-        if not line.strip():
-            raise InputError(f"{path}, line {n}: empty or whitespace-only sentence")
-        sentences.append(line)
-    if not sentences:
-        raise InputError(f"{path} holds no sentences")
-    return sentences
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    if out.suffix.lower() not in (".npy", ".jsonl"):
-        raise InputError(f"output must end in .npy or .jsonl, not {out.name!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)  # fail before the work, not after
-    sentences = read_sentences(args.input)
+    from .embedder import EncodeStats
+
+    out = check_output(args.output, (args.input,))
+    n = count_sentences(args.input, args.format)  # every line checked before any work
+    stats = EncodeStats()
     with _model(args) as model:
-        vectors = model.encode(
-            sentences,
-            batch_size=args.batch_size,
-            normalize_embeddings=args.normalize,
-            show_progress_bar=not args.quiet,
-            per_template=args.per_template,
-        )
-        hits, misses = model.last_hits, model.last_misses
-    if out.suffix.lower() == ".npy":
-        with atomic_write(out) as f:
-            np.save(f, vectors)
-    else:
-        with atomic_write(out) as f:
-            for s, v in zip(sentences, vectors, strict=True):
-                f.write((json.dumps({"text": s, "embedding": v.tolist()}) + "\n").encode("utf-8"))
-    cached = f", {hits} cached and {misses} computed prompt vectors" if hits or misses else ""
-    print(f"wrote {len(sentences)} embeddings {tuple(vectors.shape)} to {out}{cached}", file=sys.stderr)
+        n_units = len(model.units)
+        shape = (n_units, model.dim) if args.per_template else (model.dim,)
+        pending: deque[str] = deque()  # the texts of the batch being embedded, for .jsonl
+
+        def texts():
+            for text in iter_sentences(args.input, args.format):
+                pending.append(text)
+                yield text
+
+        with VectorWriter(out, n, shape, layers=len(model.layers)) as writer:
+            for batch in model.encode_batches(
+                texts(),
+                batch_size=args.batch_size,
+                normalize_embeddings=args.normalize,
+                show_progress_bar=not args.quiet,
+                per_template=args.per_template,
+                stats=stats,
+                total=n,
+            ):
+                count = len(batch[0] if isinstance(batch, list) else batch)
+                writer.write([pending.popleft() for _ in range(count)], batch)
+        full = (len(model.layers), n, *shape) if len(model.layers) > 1 else (n, *shape)
+    cached = f", {stats.hits} cached and {stats.misses} computed prompt vectors" if stats.hits or stats.misses else ""
+    print(f"wrote {n} embeddings {full} to {out}{cached}", file=sys.stderr)
     return 0
 
 
@@ -384,9 +373,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from .embedder import _pull_progress
+    from .embedder import pull_progress
 
-    path = registry.pull_model(args.id, progress=_pull_progress(), force=args.force)
+    path = registry.pull_model(args.id, progress=pull_progress(), force=args.force)
     print(path)
     return 0
 
@@ -396,8 +385,35 @@ def cmd_models_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    specs, _ = registry.load_registry()
+    ids = [args.id] if args.id else [i for i in specs if registry.is_pulled(i)]
+    if args.id:
+        registry.get_spec(args.id, paths_allowed=False)
+    if not ids:
+        print("no model is pulled", file=sys.stderr)
+        return 0
+    bad = []
+    for model_id in ids:
+        ok = registry.verify_model(model_id, force=True)
+        print(f"{model_id}\t{'ok' if ok else 'DAMAGED'}\t{registry.model_path(model_id)}")
+        if not ok:
+            bad.append(model_id)
+    for model_id in bad:
+        print(
+            f"error: {model_id} does not match its SHA-256; run: metaeol models pull {model_id} --force",
+            file=sys.stderr,
+        )
+    return 1 if bad else 0
+
+
 def cmd_models_rm(args: argparse.Namespace) -> int:
-    registry.get_spec(args.id)
+    if registry.looks_like_path(args.id):
+        raise InputError(
+            f"metaeol models rm takes a registry id, not a path ({args.id}): it removes pulled models only; "
+            "a file you gave by path is yours to delete"
+        )
+    registry.get_spec(args.id, paths_allowed=False)
     if registry.remove_model(args.id):
         print(f"removed {args.id}")
         return 0
@@ -442,12 +458,8 @@ def cmd_cache_path(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def cmd_fit_postprocess(args: argparse.Namespace) -> int:
-    sentences = read_sentences(args.input)
+    sentences = read_sentences(args.input, args.format)
     args.postprocess = False
     with _model(args) as model:
         paths = model.fit_postprocess(
@@ -482,16 +494,7 @@ def cmd_models_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import (
-        STS_TASKS,
-        TRANSFER_TASKS,
-        data_dir,
-        load_sts,
-        load_transfer,
-        run_sts,
-        run_transfer,
-        task_names,
-    )
+    from .evaluation import data_dir, evaluate, task_names
 
     tasks = task_names(args.tasks)
     if args.jobs == 0 or args.jobs < -1:
@@ -503,12 +506,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if given:
             raise InputError(f"{', '.join(given)} only apply with --reference")
     root = data_dir(args.data)
-    # Every file is read before any work, so a missing one fails fast.
-    data = [
-        load_sts(t, root, "test", args.limit) if t in STS_TASKS else load_transfer(t, root, args.limit) for t in tasks
-    ]
-    save = Path(args.save_embeddings) if args.save_embeddings else None
-    results = {}
+
+    def show(name: str, r: dict) -> None:
+        if not args.json:
+            rate = r["sentences"] / r["seconds"] if r["seconds"] else float("inf")
+            size = f"{r['pairs']} pairs" if "pairs" in r else f"{r['sentences']} sentences"
+            print(f"{name:<8}{r['score']:7.2f}   ({size}, {rate:.2f} sent/s)", flush=True)
+
     with _reference(args) if args.reference else _model(args) as model:
 
         def encode(sentences: list[str]) -> np.ndarray:
@@ -516,30 +520,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 return model.encode(sentences, batch_size=args.batch_size or 16, show_progress_bar=not args.quiet)
             return model.encode(sentences, show_progress_bar=not args.quiet)
 
-        for d in data:
-            if d.name in STS_TASKS:
-                r = results[d.name] = run_sts(d, encode, save)
-            else:  # the classifiers' fits are independent: one process per core, same scores
-                r = results[d.name] = run_transfer(d, encode, save, n_jobs=args.jobs)
-            if not args.json:
-                rate = r["sentences"] / r["seconds"] if r["seconds"] else float("inf")
-                size = f"{r['pairs']} pairs" if "pairs" in r else f"{r['sentences']} sentences"
-                print(f"{d.name:<8}{r['score']:7.2f}   ({size}, {rate:.2f} sent/s)", flush=True)
-        sts = [results[t]["score"] for t in results if t in STS_TASKS]
-        transfer = [results[t]["score"] for t in results if t in TRANSFER_TASKS]
-        report = {
+        about = {
             "model": args.model or registry.default_model_id(),
             "level": (args.level or "shipped").lower(),
             "model_file": model.model_path.name,
             "backend": f"pytorch {model.device} {args.dtype or 'float32'}" if args.reference else "llama.cpp",
             "templates": model.templates.name,
+            "method": model.method.name,
             "layer": model.layer,
-            "limit": args.limit,
-            "scores": {k: v["score"] for k, v in results.items()},
-            "sts_average": float(np.mean(sts)) if sts else None,
-            "transfer_average": float(np.mean(transfer)) if transfer else None,
-            "details": results,
         }
+        report = evaluate(
+            encode,
+            tasks,
+            root,
+            limit=args.limit,
+            save_dir=Path(args.save_embeddings) if args.save_embeddings else None,
+            n_jobs=args.jobs,
+            about=about,
+            on_task=show,
+        )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -550,30 +549,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import time
-
     from . import measurements
-    from .evaluation import data_dir, load_sts, run_sts
+    from .evaluation import data_dir, load_sts
 
     levels = _levels(args.levels, shipped=True)
     model_id = args.model or registry.default_model_id()
     args.model = model_id
     data = load_sts("stsb", data_dir(args.data), "test", args.pairs)
-    timed = data.sentences()[: args.n]
-    rows = []
-    print(f"{'level':<9}{'MB':>7}{'sent/s':>9}{'STS-B':>8}   ({args.pairs} STS-B test pairs, {args.n} sentences timed)")
-    for level in levels:
+
+    def open_model(level: str, cache: bool):
         args.level = level
-        with _model(args, cache=False) as model:
-            model.encode(timed[:1], show_progress_bar=False)  # load outside the timing
-            t0 = time.perf_counter()
-            model.encode(timed, show_progress_bar=False)
-            speed = len(timed) / (time.perf_counter() - t0)
-            size = model.model_path.stat().st_size
-        with _model(args) as model:
-            score = run_sts(data, lambda s: model.encode(s, show_progress_bar=True))["score"]
-        rows.append(measurements.Measurement(model_id, level, args.templates, speed, score, len(data), size))
-        print(f"{level:<9}{size / 1e6:>7.0f}{speed:>9.2f}{score:>8.2f}", flush=True)
+        return _model(args, cache=cache)
+
+    def show(m: measurements.Measurement) -> None:
+        print(f"{m.level:<9}{m.size_bytes / 1e6:>7.0f}{m.sentences_per_s:>9.2f}{m.stsb:>8.2f}", flush=True)
+
+    print(f"{'level':<9}{'MB':>7}{'sent/s':>9}{'STS-B':>8}   ({args.pairs} STS-B test pairs, {args.n} sentences timed)")
+    rows = measurements.bench(open_model, model_id, args.templates, levels, data, args.n, on_row=show)
     measurements.record(registry.store_dir(), rows)
     stored = measurements.load(registry.store_dir())
     fastest = max(rows, key=lambda m: m.sentences_per_s)
@@ -581,3 +573,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     line = measurements.advice(stored, model_id)
     print(f"advice: {line}" if line else "advice: the shipped level is the best trade measured here")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,27 +1,419 @@
-"""``MetaEOL.encode``: prompts + cache + engine, in the style of sentence-transformers."""
+"""The recipe, written once, and ``MetaEOL``, what users call.
+
+:class:`Embedder` streams sentences through a method, a backend, the cache and
+post-processing: clean each sentence, pre-process it, cut it to fit
+``max_length``, let the method make its prompts, take each prompt's state from
+the cache or the backend, combine, post-process, normalize. Memory is bounded by
+``batch_size`` sentences, not by the input. One object may be used from several
+threads at once: the backend is serialised by a lock, the cache keeps a
+connection per thread, and per-call statistics go to the caller
+(:class:`EncodeStats`), never onto the object.
+
+:class:`MetaEOL` is the recipe over a GGUF model (a registry id or a path), the
+llama.cpp engine by default, the embedding cache and stored post-processing fits.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import identity, registry
 from . import postprocess as pp
-from . import registry
-from .cache import CacheKey, EmbeddingCache
-from .engine import FINAL, Engine, Prompt, resolve_layers
+from .backends import Backend, open_backend, spec_for
+from .cache import EmbeddingCache
 from .errors import InputError, ModelError
+from .identity import CacheKey
+from .layers import FINAL, LayerSpec, early_exit_blocks, resolve_layers
+from .methods import Method, make_method
 from .modelfile import inspect_gguf, truncate_gguf
 from .prompts import TemplateSet, load_templates, preprocess
 
-LayerSpec = int | float | str
+
+@dataclass(frozen=True)
+class Truncation:
+    """A sentence cut to fit ``max_length``: its index in the call, its tokens before and after."""
+
+    index: int
+    tokens: int
+    kept: int
 
 
-class MetaEOL:
+@dataclass
+class EncodeStats:
+    """What one call did; pass one to ``encode``/``encode_iter`` to have it filled."""
+
+    sentences: int = 0
+    hits: int = 0  # prompt vectors read from the cache
+    misses: int = 0  # prompt vectors computed
+    damaged: int = 0  # cached vectors that failed their checksum (recomputed, counted in misses)
+    truncated: list[Truncation] = field(default_factory=list)
+
+
+class Embedder:
+    """The recipe over a backend. Subclasses say how the backend is made and what names a vector."""
+
+    def __init__(
+        self,
+        method: Method,
+        layers: tuple[int, ...],
+        multi: bool,
+        dim: int,
+        *,
+        label: str,
+        preprocess: bool = True,
+        max_length: int = 512,
+        truncate: bool = True,
+        cache: EmbeddingCache | None = None,
+        cache_dtype: str = "float32",
+    ) -> None:
+        if cache_dtype not in ("float32", "float16"):
+            raise ValueError("cache_dtype must be 'float32' or 'float16'")
+        if not isinstance(max_length, int) or max_length < 16:
+            raise ValueError("max_length must be at least 16 tokens")
+        self.method = method
+        self.layers = layers
+        self.layer = layers[0]
+        self._multi = multi
+        self._dim = dim
+        self.model_label = label
+        self.preprocess = preprocess
+        self.max_length = max_length
+        self.truncate = truncate
+        self.cache = cache
+        self.cache_dtype = cache_dtype
+        self.units = method.units()
+        self._backend: Backend | None = None
+        # One lock for the backend (llama.cpp contexts are not thread-safe) and lazy state.
+        self._lock = threading.RLock()
+
+    # -- what subclasses provide ----------------------------------------------------
+
+    def _open_backend(self) -> Backend:
+        raise NotImplementedError
+
+    def _vector_source(self) -> str:
+        """The model part of this object's cache keys (only asked when there is a cache)."""
+        raise NotImplementedError
+
+    def _postprocess_fits(self) -> list[pp.Postprocess] | None:
+        return None
+
+    # -- properties --------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.dim
+
+    @property
+    def backend(self) -> Backend:
+        """The backend, loaded on first need (a fully cached run never loads it)."""
+        with self._lock:
+            if self._backend is None:
+                self._backend = self._open_backend()
+            return self._backend
+
+    def cache_keys(self, sentence: str, layer: int | None = None) -> list[CacheKey]:
+        """The cache keys of a (stripped) sentence's prompt vectors at a layer, one per prompt of the method."""
+        layer = self.layer if layer is None else layer
+        source = self._vector_source()
+        return [
+            CacheKey(
+                source,
+                u.key,
+                layer,
+                self.preprocess,
+                self.cache_dtype,
+                self.max_length,
+                sentence,
+                self.method.cache_name,
+            )
+            for u in self.units
+        ]
+
+    # -- encoding ----------------------------------------------------------------
+
+    def encode(
+        self,
+        sentences: str | Iterable[str],
+        batch_size: int = 32,
+        normalize_embeddings: bool = False,
+        show_progress_bar: bool | None = None,
+        per_template: bool = False,
+        stats: EncodeStats | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Embed sentences; float32 array (N, dim), or (N, T, dim) with ``per_template=True``.
+
+        A single string gives a single vector, as in sentence-transformers. With
+        a list of layers, a list of such arrays, one per layer. Built on
+        :meth:`encode_batches`: the only array of the input's size is the result.
+        """
+        if isinstance(sentences, bytes | bytearray):
+            raise InputError("sentences must be str, not bytes: decode them first (e.g. data.decode('utf-8'))")
+        single = isinstance(sentences, str)
+        items: Sequence[str] = [sentences] if single else list(sentences)  # type: ignore[list-item]
+        shape = (len(items), len(self.units), self.dim) if per_template else (len(items), self.dim)
+        results = [np.empty(shape, dtype=np.float32) for _ in self.layers]
+        done = 0
+        for batch in self.encode_batches(
+            items,
+            batch_size=batch_size,
+            normalize_embeddings=normalize_embeddings,
+            show_progress_bar=show_progress_bar,
+            per_template=per_template,
+            stats=stats,
+        ):
+            per_layer = batch if self._multi else [batch]
+            n = len(per_layer[0])
+            for result, part in zip(results, per_layer, strict=True):
+                result[done : done + n] = part
+            done += n
+        out = [r[0] if single else r for r in results]
+        return out if self._multi else out[0]
+
+    def encode_iter(
+        self,
+        sentences: Iterable[str],
+        batch_size: int = 32,
+        normalize_embeddings: bool = False,
+        show_progress_bar: bool | None = None,
+        per_template: bool = False,
+        stats: EncodeStats | None = None,
+        total: int | None = None,
+    ) -> Iterator[np.ndarray | list[np.ndarray]]:
+        """Yield each sentence's vector (a list of them, one per layer, for several layers), in order.
+
+        ``sentences`` may be any iterable, a generator reading a file say: it is
+        consumed ``batch_size`` at a time, and memory stays bounded by that.
+        """
+        for batch in self.encode_batches(
+            sentences, batch_size, normalize_embeddings, show_progress_bar, per_template, stats, total
+        ):
+            if self._multi:
+                yield from (list(rows) for rows in zip(*batch, strict=True))
+            else:
+                yield from batch
+
+    def encode_batches(
+        self,
+        sentences: Iterable[str],
+        batch_size: int = 32,
+        normalize_embeddings: bool = False,
+        show_progress_bar: bool | None = None,
+        per_template: bool = False,
+        stats: EncodeStats | None = None,
+        total: int | None = None,
+        *,
+        raw: bool = False,
+    ) -> Iterator[np.ndarray | list[np.ndarray]]:
+        """Yield the vectors of each batch of ``batch_size`` sentences, in order.
+
+        Each item is a float32 array (n, dim) (or (n, T, dim) with
+        ``per_template``), or a list of them, one per layer. ``raw`` skips
+        post-processing (what fitting it needs).
+        """
+        if isinstance(sentences, str | bytes | bytearray):
+            raise InputError("give an iterable of sentences, not a single string or bytes object")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        fits = None if raw else self._postprocess_fits()
+        if fits is not None and per_template:
+            raise ValueError("post-processing applies to the averaged vector; per_template vectors are raw")
+        if total is None and hasattr(sentences, "__len__"):
+            total = len(sentences)  # type: ignore[arg-type]
+        if show_progress_bar is None:
+            show_progress_bar = sys.stderr.isatty() and (total is None or total > batch_size)
+        bar = _progress_bar(total, show_progress_bar)
+        call = EncodeStats()
+        try:
+            offset = 0
+            for chunk in _chunks(sentences, batch_size):
+                texts = self._clean(chunk, offset)
+                states = self._states(texts, offset, call, bar)  # (n, L, T, dim)
+                results = []
+                for li in range(len(self.layers)):
+                    result = states[:, li] if per_template else self.method.combine(states[:, li])
+                    if fits is not None:
+                        result = fits[li].apply(result)
+                    if normalize_embeddings:
+                        norms = np.linalg.norm(result, axis=-1, keepdims=True)
+                        result = result / np.maximum(norms, 1e-12)
+                    results.append(result.astype(np.float32, copy=False))
+                offset += len(texts)
+                call.sentences = offset
+                if bar is not None:
+                    bar.n = offset
+                    bar.refresh()
+                yield results if self._multi else results[0]
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.cache is not None and (call.hits or call.misses):
+                self.cache.record_run(self.model_label, call.hits, call.misses)
+            if stats is not None:
+                stats.sentences += call.sentences
+                stats.hits += call.hits
+                stats.misses += call.misses
+                stats.damaged += call.damaged
+                stats.truncated.extend(call.truncated)
+
+    def similarity(self, a: str, b: str) -> float:
+        if self._multi:
+            raise ValueError("similarity needs a model with a single layer")
+        va, vb = self.encode([a, b], show_progress_bar=False)
+        return float(np.dot(va, vb) / (np.linalg.norm(va) * np.linalg.norm(vb)))
+
+    # -- the steps ----------------------------------------------------------------
+
+    def _clean(self, items: list[object], offset: int) -> list[str]:
+        texts = []
+        for i, s in enumerate(items, offset + 1):
+            if isinstance(s, bytes | bytearray):
+                raise InputError(f"sentence #{i} is bytes, not a string: decode it first")
+            if not isinstance(s, str):
+                raise InputError(f"sentence #{i} is a {type(s).__name__}, not a string")
+            s = s.strip()
+            if not s:
+                raise InputError(f"sentence #{i} is empty or whitespace only")
+            if "\x00" in s:
+                raise InputError(f"sentence #{i} contains a NUL character")
+            texts.append(s)
+        return texts
+
+    def _states(self, sentences: list[str], offset: int, stats: EncodeStats, bar) -> np.ndarray:
+        """Prompt states (len, L, T, dim) of sentences[offset:...] of the caller's input, cache first."""
+        n_t, n_l = len(self.units), len(self.layers)
+        out = np.empty((len(sentences), n_l, n_t, self.dim), dtype=np.float32)
+        # Truncation is decided (refused, or cut and reported) for every sentence, cached or not.
+        fitted = [self._fit(s, offset + i, stats) for i, s in enumerate(sentences)]
+        keys: dict[tuple[int, int, int], CacheKey] = {}
+        if self.cache is None:
+            todo = [(i, j) for i in range(len(sentences)) for j in range(n_t)]
+        else:
+            keys = {
+                (i, li, j): k
+                for i, s in enumerate(sentences)
+                for li, layer in enumerate(self.layers)
+                for j, k in enumerate(self.cache_keys(s, layer))
+            }
+            damaged: list[CacheKey] = []
+            found = self.cache.get_many(list(keys.values()), damaged)
+            if damaged:  # never a hit: recomputed below, and the bad entries replaced
+                warnings.warn(
+                    f"{len(damaged)} cached vector(s) failed their checksum in {self.cache.path}; recomputing them",
+                    stacklevel=2,
+                )
+                stats.damaged += len(damaged)
+                self.cache.discard(damaged)
+            missing: set[tuple[int, int]] = set()  # (sentence, prompt): every layer is read in one pass
+            for (i, li, j), k in keys.items():
+                if k in found:
+                    out[i, li, j] = found[k]
+                else:
+                    missing.add((i, j))
+            todo = sorted(missing)
+            self.cache.touch(k for k in keys.values() if k in found)
+            stats.hits += len(found)
+        stats.misses += len(todo)
+        if not todo:
+            return out
+        fresh = self._compute(fitted, sentences, todo, bar)  # (L, len(todo), dim)
+        if self.cache_dtype == "float16" and self.cache is not None:
+            # Return what the cache will return next time, so warm and cold runs agree.
+            fresh = fresh.astype(np.float16).astype(np.float32)
+        for li in range(n_l):
+            for (i, j), vec in zip(todo, fresh[li], strict=True):
+                out[i, li, j] = vec
+        if self.cache is not None:
+            self.cache.put_many(
+                [
+                    (keys[(i, li, j)], self.model_label, self.units[j].label, fresh[li, k])
+                    for li in range(n_l)
+                    for k, (i, j) in enumerate(todo)
+                ]
+            )
+        return out
+
+    def _compute(self, fitted: list[str], sentences: list[str], todo: list[tuple[int, int]], bar) -> np.ndarray:
+        """States (L, len(todo), dim) of the (sentence, prompt) pairs in ``todo``, from the backend."""
+        with self._lock:
+            backend = self.backend
+            prompts = {i: self.method.prompts(fitted[i]) for i in {i for i, _ in todo}}
+            per_prompt = 1 / len(self.units)
+            progress = (lambda n: bar.update(n * per_prompt)) if bar is not None else None
+            vectors = backend.states([prompts[i][j] for i, j in todo], self.layers, progress=progress)
+        bad = sorted({todo[k][0] for k in np.flatnonzero(~np.isfinite(vectors).all(axis=(0, 2)))})
+        if bad:  # never hand out (or cache) a NaN or infinite vector
+            raise RuntimeError(
+                f"the model produced non-finite values for {len(bad)} sentence(s), first: {sentences[bad[0]]!r}"
+            )
+        return vectors
+
+    def _fit(self, sentence: str, index: int, stats: EncodeStats) -> str:
+        """Pre-process a sentence and cut it (never the template) so every prompt fits max_length."""
+        text = preprocess(sentence) if self.preprocess else sentence
+        longest = max(len(p.text.encode("utf-8")) for p in self.method.prompts(text))
+        # A token covers at least one byte, plus BOS/EOS: most sentences need no tokenizing here.
+        if longest + 4 <= self.max_length:
+            return text
+        with self._lock:
+            return self._fit_tokens(self.backend, text, index, stats)
+
+    def _fit_tokens(self, backend: Backend, text: str, index: int, stats: EncodeStats) -> str:
+        need = max(len(backend.tokenize(p.text)) for p in self.method.prompts(text))
+        if need <= self.max_length:
+            return text
+        if not self.truncate:
+            raise InputError(
+                f"sentence #{index + 1} needs {need} tokens with its template, over max_length "
+                f"{self.max_length} (truncation is off)"
+            )
+        tokens = backend.tokenize(text, add_special=False)
+        overhead = need - len(tokens)
+        keep = max(1, self.max_length - overhead - 4)
+        while keep > 0:
+            cut = backend.detokenize(tokens[:keep]).strip()
+            cut = preprocess(cut) if self.preprocess else cut
+            if all(len(backend.tokenize(p.text)) <= self.max_length for p in self.method.prompts(cut)):
+                warnings.warn(
+                    f"sentence #{index + 1} was truncated from {len(tokens)} to {keep} tokens to fit "
+                    f"max_length {self.max_length}",
+                    stacklevel=2,
+                )
+                stats.truncated.append(Truncation(index, len(tokens), keep))
+                return cut
+            keep -= 8
+        raise InputError(f"the templates alone exceed max_length {self.max_length}")
+
+    # -- lifetime ----------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+            if self.cache is not None:
+                self.cache.close()
+                self.cache = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MetaEOL(Embedder):
     """Sentence embeddings from a GGUF language model with meta-task prompts.
 
     >>> model = MetaEOL("smollm2-135m")               # a registry id or a .gguf path
@@ -36,6 +428,10 @@ class MetaEOL:
     ``early_exit`` (default) a model asked only for lower layers runs a copy
     truncated above the highest one, written once into the model store.
     ``postprocess=True`` applies the fit stored by :meth:`fit_postprocess`.
+    ``method`` names a registered method (:mod:`metaeol_edge.methods`; default
+    ``eol``, the paper's) or is a ``Method``; ``backend`` is ``llama.cpp``
+    (default), ``naive`` or ``pytorch`` (:mod:`metaeol_edge.backends`), with
+    ``backend_options`` for it.
     """
 
     def __init__(
@@ -43,6 +439,9 @@ class MetaEOL:
         model: str | os.PathLike[str] | None = None,
         templates: str | os.PathLike[str] | TemplateSet = "metaeol",
         *,
+        method: str | Method | None = None,
+        backend: str = "llama.cpp",
+        backend_options: dict[str, object] | None = None,
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
         max_length: int = 512,
@@ -57,141 +456,108 @@ class MetaEOL:
         verbose: bool = False,
     ) -> None:
         model = model or registry.default_model_id()
-        self.model_label = str(model)
-        self.model_path = registry.resolve_model(model, progress=_pull_progress() if sys.stderr.isatty() else None)
+        label = str(model)
+        self.model_path = registry.resolve_model(model, progress=pull_progress() if sys.stderr.isatty() else None)
         self.info = inspect_gguf(self.model_path)
         self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
-        if cache_dtype not in ("float32", "float16"):
-            raise ValueError("cache_dtype must be 'float32' or 'float16'")
-        if max_length < 16:
-            raise ValueError("max_length must be at least 16 tokens")
-        self.max_length = max_length
-        self.preprocess = preprocess
-        self.truncate = truncate
-        self.cache_dtype = cache_dtype
-        self.layers, self._multi = resolve_layers(layer, self.info.n_layer)
-        self.layer = self.layers[0]
-        top = max(self.layers)
-        # Early exit: nothing above the highest block asked for needs computing.
-        self._exit_blocks = top if early_exit and FINAL not in self.layers and top < self.info.n_layer else None
+        if self.info.n_ctx_train and isinstance(max_length, int) and max_length > self.info.n_ctx_train:
+            # Positions past the training context are untrained: slow, and no vector worth having.
+            raise ValueError(
+                f"max_length {max_length} is over {label}'s training context of "
+                f"{self.info.n_ctx_train} tokens; use at most {self.info.n_ctx_train}"
+            )
+        self._backend_spec = spec_for(backend)
+        options = dict(backend_options or {})
+        if self._backend_spec.name == "llama.cpp":
+            options = dict(n_gpu_layers=n_gpu_layers, n_threads=n_threads, max_length=max_length, verbose=verbose)
+            options |= backend_options or {}
+        elif self._backend_spec.name == "naive":
+            options = dict(n_threads=n_threads) | options
+        self._backend_options = options
+        layers, multi = resolve_layers(layer, self.info.n_layer)
+        # Early exit: nothing above the highest block asked for needs computing (llama.cpp only).
+        uses_engine = self._backend_spec.name == "llama.cpp"
+        self._exit_blocks = early_exit_blocks(layers, self.info.n_layer, early_exit and uses_engine)
         self.postprocess = postprocess
         self._fits: dict[int, pp.Postprocess] = {}
-        self._engine_args = dict(n_gpu_layers=n_gpu_layers, n_threads=n_threads, max_length=max_length, verbose=verbose)
-        self._engine: Engine | None = None
-        self.cache: EmbeddingCache | None
-        if isinstance(cache, EmbeddingCache):
-            self.cache = cache
-        elif cache is False or cache is None:
-            self.cache = None
-        else:
-            self.cache = EmbeddingCache.open(None if cache is True else Path(cache), max_bytes=cache_max_bytes)
         self._fingerprint: str | None = None
-        self.last_hits = 0
-        self.last_misses = 0
+        opened: EmbeddingCache | None
+        if isinstance(cache, EmbeddingCache):
+            opened = cache
+        elif cache is False or cache is None:
+            opened = None
+        else:
+            opened = EmbeddingCache.open(None if cache is True else Path(cache), max_bytes=cache_max_bytes)
+        super().__init__(
+            make_method(method, self.templates),
+            layers,
+            multi,
+            self.info.n_embd,
+            label=label,
+            preprocess=preprocess,
+            max_length=max_length,
+            truncate=truncate,
+            cache=opened,
+            cache_dtype=cache_dtype,
+        )
 
-    # -- properties --------------------------------------------------------------
+    # -- the model -----------------------------------------------------------------
 
     @property
-    def dim(self) -> int:
-        return self.info.n_embd
-
-    def get_sentence_embedding_dimension(self) -> int:
-        return self.dim
+    def fingerprint(self) -> str:
+        """SHA-256 of the model file: the registry's (checked at pull) or computed once and remembered."""
+        with self._lock:
+            if self._fingerprint is None:
+                memo = None
+                if self.cache is not None:
+                    cache = self.cache
+                    memo = lambda path: cache.file_sha256(path, identity.sha256_file)  # noqa: E731
+                known = registry.known_sha256(self.model_label, self.model_path)
+                self._fingerprint = identity.fingerprint(self.model_path, known, memo)
+            return self._fingerprint
 
     @property
-    def engine(self) -> Engine:
-        """The llama.cpp engine, loaded on first need (a fully cached run never loads it)."""
-        if self._engine is None:
-            self._engine = Engine(self._engine_model_path(), **self._engine_args)
-        return self._engine
+    def engine(self):
+        """The llama.cpp engine behind the default backend (for inspection and benchmarks)."""
+        backend = self.backend
+        engine = getattr(backend, "engine", None)
+        if engine is None:
+            raise AttributeError(f"the {backend.name} backend has no llama.cpp engine")
+        return engine
 
-    def _engine_model_path(self) -> Path:
+    def _open_backend(self) -> Backend:
+        return open_backend(self._backend_spec.name, self._backend_model_path(), **self._backend_options)
+
+    def _backend_model_path(self) -> Path:
         if self._exit_blocks is None:
             return self.model_path
-        path = registry.derived_path(self.model_path, self.fingerprint, f"blocks{self._exit_blocks}")
+        tag = identity.early_exit_tag(self._exit_blocks)
+        path = registry.derived_path(self.model_path, self.fingerprint, tag)
         if not path.is_file():
             if sys.stderr.isatty():
                 print(f"writing a copy of the model without its upper blocks: {path}", file=sys.stderr)
             truncate_gguf(self.model_path, path, self._exit_blocks)
         return path
 
-    @property
-    def fingerprint(self) -> str:
-        """SHA-256 of the model file: the registry's (checked at pull) or computed once and remembered."""
-        if self._fingerprint is None:
-            spec = _registry_spec(self.model_label)
-            if spec is not None and self.model_path == registry.model_path(spec.id):
-                self._fingerprint = spec.sha256
-            elif self.cache is not None:
-                self._fingerprint = self.cache.file_sha256(self.model_path, registry.sha256_file)
-            else:
-                self._fingerprint = registry.sha256_file(self.model_path)
-        return self._fingerprint
-
-    # -- encoding ----------------------------------------------------------------
-
-    def encode(
-        self,
-        sentences: str | Sequence[str],
-        batch_size: int = 32,
-        normalize_embeddings: bool = False,
-        show_progress_bar: bool | None = None,
-        per_template: bool = False,
-    ) -> np.ndarray | list[np.ndarray]:
-        """Embed sentences; float32 array (N, dim), or (N, T, dim) with ``per_template=True``.
-
-        A single string gives a single vector, as in sentence-transformers. With
-        a list of layers, a list of such arrays, one per layer.
-        """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-        if per_template and self.postprocess:
-            raise ValueError("post-processing applies to the averaged vector; per_template vectors are raw")
-        single = isinstance(sentences, str)
-        items = [sentences] if single else list(sentences)
-        texts = self._clean(items)
-        fits = [self._fit_for(layer) for layer in self.layers] if self.postprocess else None
-        n_t = len(self.templates)
-        out = np.empty((len(texts), len(self.layers), n_t, self.dim), dtype=np.float32)
-        if show_progress_bar is None:
-            show_progress_bar = sys.stderr.isatty() and len(texts) > batch_size
-        bar = _progress_bar(len(texts), show_progress_bar)
-        self.last_hits = self.last_misses = 0
-        try:
-            for start in range(0, len(texts), batch_size):
-                chunk = texts[start : start + batch_size]
-                out[start : start + len(chunk)] = self._encode_chunk(chunk, start)
-                if bar is not None:
-                    bar.update(len(chunk))
-        finally:
-            if bar is not None:
-                bar.close()
-            if self.cache is not None and (self.last_hits or self.last_misses):
-                self.cache.record_run(self.model_label, self.last_hits, self.last_misses)
-        results = []
-        for li in range(len(self.layers)):
-            result = out[:, li] if per_template else out[:, li].mean(axis=1, dtype=np.float32)
-            if fits is not None:
-                result = fits[li].apply(result)
-            if normalize_embeddings:
-                norms = np.linalg.norm(result, axis=-1, keepdims=True)
-                result = result / np.maximum(norms, 1e-12)
-            result = result.astype(np.float32, copy=False)
-            results.append(result[0] if single else result)
-        return results if self._multi else results[0]
+    def _vector_source(self) -> str:
+        # An early-exit model is another file: its vectors may differ in the last bits.
+        tag = self._backend_spec.cache_tag(self._backend_options)
+        return identity.vector_source(self.fingerprint, self._exit_blocks, tag)
 
     # -- post-processing ---------------------------------------------------------
 
     def postprocess_path(self, layer: int) -> Path:
-        """Where the post-processing fit for this model, template set and (resolved) layer is stored."""
-        key = pp.fit_key(
-            self.fingerprint, [t.text for t in self.templates.templates], layer, self.preprocess, self.max_length
+        """Where the post-processing fit for this model, method and (resolved) layer is stored."""
+        tag = self._backend_spec.cache_tag(self._backend_options)
+        method = ":".join(x for x in (self.method.cache_name, tag) if x)
+        key = identity.fit_key(
+            self.fingerprint, [u.key for u in self.units], layer, self.preprocess, self.max_length, method
         )
         return registry.store_dir() / "postprocess" / f"{key}.npz"
 
     def fit_postprocess(
         self,
-        sentences: Sequence[str],
+        sentences: Iterable[str],
         kind: str = "standardize",
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
@@ -203,180 +569,53 @@ class MetaEOL:
         """
         if kind not in pp.KINDS:
             raise ValueError(f"post-processing kind must be one of {', '.join(pp.KINDS)}, not {kind!r}")
-        enabled, self.postprocess = self.postprocess, False
-        try:
-            raw = self.encode(list(sentences), batch_size=batch_size, show_progress_bar=show_progress_bar)
-        finally:
-            self.postprocess = enabled
-        per_layer = raw if self._multi else [raw]
+        batches = list(self.encode_batches(sentences, batch_size, show_progress_bar=show_progress_bar, raw=True))
+        if not batches:
+            raise InputError("fitting post-processing needs sentences")
+        per_layer = [np.concatenate([b[li] if self._multi else b for b in batches]) for li in range(len(self.layers))]
         paths = []
         for layer, vectors in zip(self.layers, per_layer, strict=True):
             fitted = pp.fit(vectors, kind)
             path = self.postprocess_path(layer)
             meta = {"model": self.model_label, "templates": self.templates.name, "layer": layer}
             pp.save(fitted, path, meta)
-            self._fits[layer] = fitted
+            with self._lock:
+                self._fits[layer] = fitted
             paths.append(path)
         self.postprocess = True
         return paths
 
+    def _postprocess_fits(self) -> list[pp.Postprocess] | None:
+        if not self.postprocess:
+            return None
+        return [self._fit_for(layer) for layer in self.layers]
+
     def _fit_for(self, layer: int) -> pp.Postprocess:
-        if layer not in self._fits:
-            path = self.postprocess_path(layer)
-            if not path.is_file():
-                raise ModelError(
-                    f"no post-processing fitted for {self.model_label}, templates {self.templates.name}, layer "
-                    f"{layer}; run: metaeol fit-postprocess --model {self.model_label} --templates "
-                    f"{self.templates.name} --layer {layer} --input CORPUS.txt"
-                )
-            self._fits[layer] = pp.load(path)
-        return self._fits[layer]
-
-    def similarity(self, a: str, b: str) -> float:
-        if self._multi:
-            raise ValueError("similarity needs a model with a single layer")
-        va, vb = self.encode([a, b], show_progress_bar=False)
-        return float(np.dot(va, vb) / (np.linalg.norm(va) * np.linalg.norm(vb)))
-
-    def _clean(self, items: list[object]) -> list[str]:
-        texts = []
-        for i, s in enumerate(items):
-            if not isinstance(s, str):
-                raise InputError(f"sentence #{i + 1} is a {type(s).__name__}, not a string")
-            s = s.strip()
-            if not s:
-                raise InputError(f"sentence #{i + 1} is empty or whitespace only")
-            if "\x00" in s:
-                raise InputError(f"sentence #{i + 1} contains a NUL character")
-            texts.append(s)
-        return texts
-
-    def cache_keys(self, sentence: str, layer: int | None = None) -> list[CacheKey]:
-        """The cache keys of a (stripped) sentence's prompt vectors at a layer, one per template."""
-        layer = self.layer if layer is None else layer
-        # An early-exit model is another file: its vectors may differ in the last bits.
-        model = self.fingerprint if self._exit_blocks is None else f"{self.fingerprint}:blocks{self._exit_blocks}"
-        return [
-            CacheKey(model, t.text, layer, self.preprocess, self.cache_dtype, self.max_length, sentence)
-            for t in self.templates.templates
-        ]
-
-    def _encode_chunk(self, sentences: list[str], offset: int) -> np.ndarray:
-        """Vectors (len, L, T, dim) of sentences[offset:...] of the caller's list."""
-        n_t, n_l = len(self.templates), len(self.layers)
-        out = np.empty((len(sentences), n_l, n_t, self.dim), dtype=np.float32)
-        todo: list[tuple[int, int]] = []  # (sentence index, template index): every layer is read in one pass
-        if self.cache is None:
-            todo = [(i, j) for i in range(len(sentences)) for j in range(n_t)]
-        else:
-            keys = {
-                (i, li, j): k
-                for i, s in enumerate(sentences)
-                for li, layer in enumerate(self.layers)
-                for j, k in enumerate(self.cache_keys(s, layer))
-            }
-            found = self.cache.get_many(list(keys.values()))
-            missing: set[tuple[int, int]] = set()
-            for (i, li, j), k in keys.items():
-                if k in found:
-                    out[i, li, j] = found[k]
-                else:
-                    missing.add((i, j))
-            todo = sorted(missing)
-            self.cache.touch(k for k in keys.values() if k in found)
-            self.last_hits += len(found)
-        self.last_misses += len(todo)
-        if not todo:
-            return out
-        fresh = self._compute(sentences, todo, offset)  # (L, len(todo), dim)
-        if self.cache_dtype == "float16" and self.cache is not None:
-            # Return what the cache will return next time, so warm and cold runs agree.
-            fresh = fresh.astype(np.float16).astype(np.float32)
-        for li in range(n_l):
-            for (i, j), vec in zip(todo, fresh[li], strict=True):
-                out[i, li, j] = vec
-        if self.cache is not None:
-            self.cache.put_many(
-                [
-                    (keys[(i, li, j)], self.model_label, self.templates.templates[j].task, fresh[li, k])
-                    for li in range(n_l)
-                    for k, (i, j) in enumerate(todo)
-                ]
-            )
-        return out
-
-    def _compute(self, sentences: list[str], todo: list[tuple[int, int]], offset: int) -> np.ndarray:
-        engine = self.engine
-        placed = {i: self._fit(sentences[i], offset + i) for i in {i for i, _ in todo}}
-        prefix_tokens = {j: engine.tokenize(self.templates.templates[j].prefix) for j in {j for _, j in todo}}
-        prompts = [
-            Prompt(engine.tokenize(self.templates.templates[j].render(placed[i])), prefix_tokens[j]) for i, j in todo
-        ]
-        vectors = engine.embed(prompts, layers=self.layers)
-        bad = sorted({todo[k][0] for k in np.flatnonzero(~np.isfinite(vectors).all(axis=(0, 2)))})
-        if bad:  # never hand out (or cache) a NaN or infinite vector
-            raise RuntimeError(
-                f"the model produced non-finite values for {len(bad)} sentence(s), first: {sentences[bad[0]]!r}"
-            )
-        return vectors
-
-    def _fit(self, sentence: str, index: int) -> str:
-        """Pre-process a sentence and cut it (never the template) so every prompt fits max_length."""
-        text = preprocess(sentence) if self.preprocess else sentence
-        longest = max(self.templates.templates, key=lambda t: len(t.text.encode("utf-8")))
-        # A token covers at least one byte, plus BOS/EOS: most sentences need no tokenizing here.
-        if len(longest.render(text).encode("utf-8")) + 4 <= self.max_length:
-            return text
-        engine = self.engine
-        need = max(len(engine.tokenize(t.render(text))) for t in self.templates.templates)
-        if need <= self.max_length:
-            return text
-        if not self.truncate:
-            raise InputError(
-                f"sentence #{index + 1} needs {need} tokens with its template, over max_length "
-                f"{self.max_length} (truncation is off)"
-            )
-        tokens = engine.tokenize(text, add_special=False)
-        overhead = need - len(tokens)
-        keep = max(1, self.max_length - overhead - 4)
-        while keep > 0:
-            cut = engine.detokenize(tokens[:keep]).strip()
-            cut = preprocess(cut) if self.preprocess else cut
-            if all(len(engine.tokenize(t.render(cut))) <= self.max_length for t in self.templates.templates):
-                warnings.warn(
-                    f"sentence #{index + 1} was truncated from {len(tokens)} to {keep} tokens to fit "
-                    f"max_length {self.max_length}",
-                    stacklevel=4,
-                )
-                return cut
-            keep -= 8
-        raise InputError(f"the templates alone exceed max_length {self.max_length}")
-
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-        if self.cache is not None:
-            self.cache.close()
-            self.cache = None
-
-    def __enter__(self) -> MetaEOL:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        with self._lock:
+            if layer not in self._fits:
+                path = self.postprocess_path(layer)
+                if not path.is_file():
+                    raise ModelError(
+                        f"no post-processing fitted for {self.model_label}, templates {self.templates.name}, layer "
+                        f"{layer}; run: metaeol fit-postprocess --model {self.model_label} --templates "
+                        f"{self.templates.name} --layer {layer} --input CORPUS.txt"
+                    )
+                self._fits[layer] = pp.load(path)
+            return self._fits[layer]
 
 
-def _registry_spec(label: str) -> registry.ModelSpec | None:
-    if registry.looks_like_path(label):
-        return None
-    try:
-        return registry.get_spec(label)
-    except registry.ModelError:
-        return None
+def _chunks(items: Iterable[object], size: int) -> Iterator[list[object]]:
+    chunk: list[object] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
-def _progress_bar(total: int, show: bool):
+def _progress_bar(total: int | None, show: bool):
     if not show:
         return None
     from tqdm import tqdm
@@ -384,7 +623,7 @@ def _progress_bar(total: int, show: bool):
     return tqdm(total=total, unit="sent", desc="embedding", file=sys.stderr, dynamic_ncols=True)
 
 
-def _pull_progress():
+def pull_progress():
     """A byte progress bar for model pulls, one bar per label."""
     from tqdm import tqdm
 

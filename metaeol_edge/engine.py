@@ -45,11 +45,10 @@ import numpy as np
 
 from .errors import ModelError
 from .files import atomic_path
+from .layers import FINAL, check_resolved
 from .modelfile import GGUFInfo, inspect_gguf
 
 RESULT_NORM = b"result_norm"
-FINAL = -1
-"""The layer index of the final-norm state (what LAST pooling and the paper use)."""
 PREFIX_SEQ = 0
 WORK_SEQ = 1
 # ggml's log levels (ggml.h): llama-cpp-python's own _logger.py lists an older order.
@@ -176,54 +175,6 @@ def safe_model_params():
         high.llama_cpp.llama_model_default_params = original
 
 
-def resolve_layer(spec: int | float | str, n_layer: int) -> int:
-    """Turn a user's layer choice into ``FINAL`` (-1) or a block number ``1..n_layer``.
-
-    ``-1``: the final layer after the final norm. ``k`` in ``1..n_layer``: the
-    output of transformer block k before any final norm (Hugging Face
-    ``hidden_states[k]``, llama.cpp tensor ``l_out-(k-1)``). ``-j`` for j >= 2
-    counts from the end as ``hidden_states[-j]`` does (-2 is block n_layer-1). A
-    fraction in (0, 1) is that share of the depth, rounded, at least block 1.
-    """
-    if isinstance(spec, str):
-        text = spec.strip()
-        try:
-            spec = int(text)
-        except ValueError:
-            try:
-                spec = float(text)
-            except ValueError:
-                raise ValueError(f"layer must be an integer or a fraction of the depth, not {text!r}") from None
-    if isinstance(spec, bool) or not isinstance(spec, int | float):
-        raise ValueError(f"layer must be an integer or a fraction of the depth, not {spec!r}")
-    if isinstance(spec, float):
-        if spec.is_integer() and spec not in (0.0, 1.0):
-            spec = int(spec)
-        elif 0.0 < spec <= 1.0:
-            return max(1, min(n_layer, round(spec * n_layer)))
-        else:
-            raise ValueError(f"a fractional layer must lie in (0, 1], not {spec}")
-    if spec == FINAL:
-        return FINAL
-    if 1 <= spec <= n_layer:
-        return spec
-    if -n_layer <= spec <= -2:
-        return n_layer + 1 + spec
-    raise ValueError(
-        f"layer {spec} is out of range for a model of {n_layer} blocks: use -1 (final), 1..{n_layer}, "
-        f"-{n_layer}..-2, or a fraction such as 0.8"
-    )
-
-
-def resolve_layers(spec, n_layer: int) -> tuple[tuple[int, ...], bool]:
-    """One layer choice or a list of them -> (resolved layers, whether a list was given)."""
-    many = isinstance(spec, list | tuple)
-    specs = list(spec) if many else [spec]
-    if not specs:
-        raise ValueError("layer list is empty")
-    return tuple(resolve_layer(s, n_layer) for s in specs), many
-
-
 def _tensor_name(layer: int) -> bytes:
     return RESULT_NORM if layer == FINAL else f"l_out-{layer - 1}".encode()
 
@@ -270,10 +221,15 @@ class _Ggml:
 
 @dataclass
 class Prompt:
-    """One prompt for the engine: its tokens and, optionally, a template prefix it may share."""
+    """One prompt for the engine: its tokens, a template prefix it may share, and what to read.
+
+    ``rows``: token positions ``[start, stop)`` whose states are averaged; None
+    reads the last token alone.
+    """
 
     tokens: Sequence[int]
     prefix: Sequence[int] | None = None
+    rows: tuple[int, int] | None = None
 
 
 class Engine:
@@ -310,6 +266,9 @@ class Engine:
 
         self._wanted: dict[bytes, int] = {RESULT_NORM: 0}  # tensor name -> slot in _rows
         self._rows: list[np.ndarray | None] = [None]
+        # What the callback reads in this decode: ((first, count) among tokens,
+        # (first, count) among outputs, tokens in the ubatch), or None.
+        self._read: tuple[tuple[int, int], tuple[int, int], int] | None = None
         self._n_read = 0
         self._may_stop = False
         self._callback_error: BaseException | None = None
@@ -366,28 +325,33 @@ class Engine:
     # -- eval callback --------------------------------------------------------
 
     def _eval_callback(self, tensor: int, ask: bool, user_data: int) -> bool:
-        """Copy out the last row of each wanted tensor (the output token: one prompt per decode).
+        """Copy out the rows to read of each wanted tensor.
 
-        ``result_norm`` and the last block's ``l_out`` hold only the output rows;
-        the other blocks' ``l_out`` hold every token of the ubatch, in batch order.
-        Either way the prompt's last token is the last row.
+        ``result_norm`` and the last block's ``l_out`` hold only the output
+        rows (the tokens marked as outputs, in batch order); the other blocks'
+        ``l_out`` hold every token of the ubatch, in batch order. The shape
+        tells which, and the rows to read are then outputs or tokens.
         """
         try:
             name = self._ggml.lib.ggml_get_name(tensor)
             slot = self._wanted.get(name)
             if ask:
                 return slot is not None
-            if slot is None:
+            if slot is None or self._read is None:
                 return True
             type_, ne0, ne1 = self._ggml.shape(tensor)
             nbytes = self._ggml.lib.ggml_nbytes(tensor)
             if type_ != GGML_TYPE_F32 or ne0 != self.n_embd or ne1 < 1 or nbytes != ne0 * ne1 * 4:
                 raise RuntimeError(f"unexpected {name.decode()} tensor: type {type_}, shape ({ne0}, {ne1})")
-            row = np.empty(ne0, dtype=np.float32)
-            self._ggml.lib.ggml_backend_tensor_get(tensor, row.ctypes.data, (ne1 - 1) * ne0 * 4, ne0 * 4)
+            tokens, outputs, n_tokens = self._read
+            first, count = tokens if ne1 == n_tokens else outputs
+            if first + count > ne1:
+                raise RuntimeError(f"{name.decode()} has {ne1} rows, {first + count} needed")
+            rows = np.empty((count, ne0), dtype=np.float32)
+            self._ggml.lib.ggml_backend_tensor_get(tensor, rows.ctypes.data, first * ne0 * 4, count * ne0 * 4)
             if self._rows[slot] is None:
                 self._n_read += 1
-            self._rows[slot] = row
+            self._rows[slot] = rows
         except BaseException as exc:  # never let an exception cross the C boundary
             self._callback_error = exc
             return False
@@ -397,29 +361,38 @@ class Engine:
 
     # -- decoding ------------------------------------------------------------
 
-    def _decode(self, seq: int, pos0: int, tokens: Sequence[int], want: bool) -> list[np.ndarray] | None:
-        """Decode one run of a sequence; with ``want``, return the wanted tensors' last-token rows."""
+    def _decode(
+        self, seq: int, pos0: int, tokens: Sequence[int], read: tuple[int, int] | None, last: bool
+    ) -> list[np.ndarray] | None:
+        """Decode one run of a sequence; with ``read`` = (first, count) token positions of this run,
+        return each wanted tensor's rows for them. ``last``: the prompt's last run (it may stop early)."""
         b = self.batch
         n = len(tokens)
+        lo, hi = (read[0], read[0] + read[1]) if read is not None else (n, n)
         for j, tok in enumerate(tokens):
             b.token[j] = tok
             b.pos[j] = pos0 + j
             b.n_seq_id[j] = 1
             b.seq_id[j][0] = seq
-            b.logits[j] = 0
-        # llama.cpp needs one output per batch; a prefix's row is simply dropped.
+            b.logits[j] = 1 if lo <= j < hi else 0
+        # llama.cpp needs one output per batch; a row nobody reads is simply dropped.
         b.logits[n - 1] = 1
         b.n_tokens = n
+        n_outputs = (hi - lo) + (0 if lo <= n - 1 < hi else 1)
+        # Rows of the read tokens among all tokens, and among the outputs (in batch order).
+        self._read = None if read is None else ((lo, hi - lo), (0, hi - lo), n)
+        if read is not None and n_outputs == n:
+            self._read = ((lo, hi - lo), (lo, hi - lo), n)
         self._rows = [None] * len(self._wanted)
         self._callback_error = None
         self._n_read = 0
         # Stopping early makes llama.cpp drop this ubatch from the KV cache, which is
         # what a prompt's last run wants (it is removed after) and a prefix must not.
-        self._may_stop = want
+        self._may_stop = last and read is not None
         rc = self._lc.llama_decode(self.ctx, b)
         if self._callback_error is not None:
             raise RuntimeError("reading a hidden state failed") from self._callback_error
-        if rc == DECODE_ABORTED and want and self._n_read == len(self._wanted):
+        if rc == DECODE_ABORTED and self._may_stop and self._n_read == len(self._wanted):
             rc = 0
         if rc != 0:
             raise RuntimeError(
@@ -427,7 +400,7 @@ class Engine:
                 + ("no room in the KV cache" if rc == 1 else "see llama.cpp's log")
             )
         self.tokens_decoded += n
-        if not want:
+        if read is None:
             return None
         missing = [name.decode() for name, slot in self._wanted.items() if self._rows[slot] is None]
         if missing:
@@ -437,15 +410,17 @@ class Engine:
     def embed(
         self,
         prompts: Sequence[Prompt],
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[float], None] | None = None,
         layers: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Hidden state of each prompt's last token.
+        """Hidden state of each prompt's last token (or the mean over its ``rows``).
+
+        ``progress`` is called with the share of a prompt done, after each decode.
 
         Without ``layers``: the final-norm state, shape (len(prompts), n_embd).
         With ``layers`` (``FINAL`` or block numbers 1..n_layer, see
-        :func:`resolve_layer`): shape (len(layers), len(prompts), n_embd), all
-        read in the same pass.
+        :func:`metaeol_edge.layers.resolve_layer`): shape (len(layers),
+        len(prompts), n_embd), all read in the same pass.
 
         Each prompt's result depends on its own tokens only, bit for bit, whatever
         else is in the call: prompts run one per decode, grouped by template, on a
@@ -454,15 +429,15 @@ class Engine:
         That is what lets the embedding cache mix stored and fresh vectors.
         """
         wanted = [FINAL] if layers is None else list(layers)
-        for layer in wanted:
-            if layer != FINAL and not 1 <= layer <= self.n_layer:
-                raise ValueError(f"layer {layer} is not FINAL or a block number 1..{self.n_layer}")
+        check_resolved(wanted, self.n_layer)
         out = np.empty((len(wanted), len(prompts), self.n_embd), dtype=np.float32)
         for p in prompts:
             if not p.tokens:
                 raise ValueError("empty prompt")
             if len(p.tokens) > self.max_length:
                 raise ValueError(f"prompt of {len(p.tokens)} tokens exceeds max_length {self.max_length}")
+            if p.rows is not None and not 0 <= p.rows[0] < p.rows[1] <= len(p.tokens):
+                raise ValueError(f"rows {p.rows} to read lie outside a prompt of {len(p.tokens)} tokens")
         names = list(dict.fromkeys(_tensor_name(layer) for layer in wanted))
         self._wanted = {name: slot for slot, name in enumerate(names)}
         slots = [self._wanted[_tensor_name(layer)] for layer in wanted]
@@ -473,11 +448,11 @@ class Engine:
         for prefix, members in sorted(groups.items(), key=lambda g: g[0] != self._prefix):
             self._load_prefix(prefix)
             for i in members:
-                rows = self._embed_one(prompts[i].tokens, prefix)
+                rows = self._embed_one(prompts[i].tokens, prefix, prompts[i].rows, progress)
                 for li, slot in enumerate(slots):
-                    out[li, i] = rows[slot]
-                if progress:
-                    progress(1)
+                    read = rows[slot]
+                    # One row is copied as it is: a mean of one would still be exact, but why compute it.
+                    out[li, i] = read[0] if len(read) == 1 else read.mean(axis=0, dtype=np.float32)
         return out[0] if layers is None else out
 
     def _load_prefix(self, prefix: tuple[int, ...]) -> None:
@@ -488,24 +463,43 @@ class Engine:
         self._prefix = ()
         # The last token is an output only so the batch has one; its row is dropped.
         for start in range(0, len(prefix), self.n_batch):
-            self._decode(PREFIX_SEQ, start, prefix[start : start + self.n_batch], want=False)
+            self._decode(PREFIX_SEQ, start, prefix[start : start + self.n_batch], read=None, last=False)
         self._prefix = prefix
 
-    def _embed_one(self, tokens: Sequence[int], prefix: tuple[int, ...]) -> list[np.ndarray]:
+    def _embed_one(
+        self,
+        tokens: Sequence[int],
+        prefix: tuple[int, ...],
+        rows: tuple[int, int] | None,
+        progress: Callable[[float], None] | None = None,
+    ) -> list[np.ndarray]:
+        """Each wanted tensor's rows (the last token's, or ``rows``) of one prompt.
+
+        ``progress`` gets this prompt's share done after each decode (1.0 in all),
+        so a long prompt moves a progress bar while it runs."""
+        start_row, stop_row = rows if rows is not None else (len(tokens) - 1, len(tokens))
         # Share only the longest common token prefix: a BPE merge across the
-        # template/sentence boundary then changes nothing. The last token must be
-        # decoded to be an output.
-        shared = min(_common_prefix(tokens, prefix), len(tokens) - 1)
+        # template/sentence boundary then changes nothing. Every row read must be
+        # decoded here, and so must the last token, to be an output.
+        shared = min(_common_prefix(tokens, prefix), len(tokens) - 1, start_row)
         self._lc.llama_memory_seq_rm(self.mem, WORK_SEQ, -1, -1)
         try:
             if shared:
                 self._lc.llama_memory_seq_cp(self.mem, PREFIX_SEQ, WORK_SEQ, 0, shared)
-            rows = None
+            parts: list[list[np.ndarray]] = []
             for start in range(shared, len(tokens), self.n_batch):
                 chunk = tokens[start : start + self.n_batch]
-                rows = self._decode(WORK_SEQ, start, chunk, want=start + len(chunk) == len(tokens))
-            assert rows is not None
-            return rows
+                lo, hi = max(start_row, start), min(stop_row, start + len(chunk))
+                read = (lo - start, hi - lo) if lo < hi else None
+                got = self._decode(WORK_SEQ, start, chunk, read, last=start + len(chunk) == len(tokens))
+                if got is not None:
+                    parts.append(got)
+                if progress:
+                    progress(len(chunk) / (len(tokens) - shared))
+            assert parts
+            if len(parts) == 1:
+                return parts[0]
+            return [np.concatenate([p[slot] for p in parts]) for slot in range(len(self._wanted))]
         finally:
             self._lc.llama_memory_seq_rm(self.mem, WORK_SEQ, -1, -1)
 

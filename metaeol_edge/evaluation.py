@@ -419,3 +419,49 @@ def run_transfer(
             f.write("".join(lines).encode("utf-8"))
     score = score_transfer(rows, vectors, n_jobs=n_jobs)
     return {"score": score, "sentences": len(sentences), "seconds": seconds}
+
+
+# -- a whole evaluation, as `metaeol eval` runs it ---------------------------------------
+
+
+def evaluate(
+    encode: Callable[[list[str]], np.ndarray],
+    tasks: Sequence[str],
+    root: Path,
+    *,
+    limit: int | None = None,
+    save_dir: Path | None = None,
+    n_jobs: int | None = -1,
+    about: dict[str, object] | None = None,
+    on_task: Callable[[str, dict[str, float | int]], None] | None = None,
+) -> dict[str, object]:
+    """Score ``encode`` on SentEval tasks and return the report (a dict, what ``--json`` prints).
+
+    Every task's files are read before any work, so a missing one fails fast.
+    ``about`` (model, level, backend, ...) heads the report; ``on_task(name,
+    result)`` is called as each task is scored. The transfer tasks' classifier
+    fits are independent: ``n_jobs`` processes (-1: one per core) give the same scores.
+    """
+    if limit is not None and limit < 2:
+        raise InputError("limit must be at least 2")
+    if n_jobs is not None and (n_jobs == 0 or n_jobs < -1):
+        raise InputError("jobs takes a number of processes, or -1 for one per core")
+    data = [load_sts(t, root, "test", limit) if t in STS_TASKS else load_transfer(t, root, limit) for t in tasks]
+    results: dict[str, dict[str, float | int]] = {}
+    for d in data:
+        if isinstance(d, STSData):
+            results[d.name] = run_sts(d, encode, save_dir)
+        else:
+            results[d.name] = run_transfer(d, encode, save_dir, n_jobs=n_jobs)
+        if on_task is not None:
+            on_task(d.name, results[d.name])
+    sts = [r["score"] for t, r in results.items() if t in STS_TASKS]
+    transfer = [r["score"] for t, r in results.items() if t in TRANSFER_TASKS]
+    return {
+        **(about or {}),
+        "limit": limit,
+        "scores": {k: v["score"] for k, v in results.items()},
+        "sts_average": float(np.mean(sts)) if sts else None,
+        "transfer_average": float(np.mean(transfer)) if transfer else None,
+        "details": results,
+    }

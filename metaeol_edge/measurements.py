@@ -11,10 +11,16 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .files import atomic_write
+
+if TYPE_CHECKING:
+    from .evaluation import STSData
 
 
 @dataclass(frozen=True)
@@ -80,3 +86,39 @@ def advice(rows: list[Measurement], model: str, level: str = "shipped", toleranc
                 f"pairs, {chosen.templates}; within {tolerance}); use it with --level {best.level}"
             )
     return None
+
+
+def bench(
+    open_model: Callable[[str, bool], AbstractContextManager],
+    model_id: str,
+    templates: str,
+    levels: Sequence[str],
+    data: STSData,
+    n_timed: int,
+    on_row: Callable[[Measurement], None] | None = None,
+) -> list[Measurement]:
+    """Time and score each quantization level here, as ``metaeol bench`` does.
+
+    ``open_model(level, cache)`` gives a model (a context manager with
+    ``encode`` and ``model_path``). Speed: the first ``n_timed`` distinct
+    sentences of ``data`` with the cache off, after one untimed warm-up
+    sentence (the load). Accuracy: STS-B Spearman x100 on ``data``'s pairs.
+    """
+    from .evaluation import run_sts
+
+    timed = data.sentences()[:n_timed]
+    rows = []
+    for level in levels:
+        with open_model(level, False) as model:
+            model.encode(timed[:1], show_progress_bar=False)  # load outside the timing
+            t0 = time.perf_counter()
+            model.encode(timed, show_progress_bar=False)
+            speed = len(timed) / (time.perf_counter() - t0)
+            size = model.model_path.stat().st_size
+        with open_model(level, True) as model:
+            score = run_sts(data, lambda s, m=model: m.encode(s, show_progress_bar=True))["score"]
+        row = Measurement(model_id, level, templates, speed, float(score), len(data), size)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows

@@ -6,16 +6,27 @@ checked and timed against, not a code path users need.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .backends import Backend, Progress
+from .embedder import Embedder
 from .engine import init_backend, safe_model_params
-from .prompts import TemplateSet, preprocess
+from .layers import FINAL
+from .methods import Prompt, TemplateMethod
+from .modelfile import inspect_gguf
+from .prompts import TemplateSet, load_templates
 
 
-class NaiveRecipe:
+class NaiveBackend(Backend):
+    """``Llama.embed`` with LAST pooling: the final-norm state of the last token, nothing else."""
+
+    name = "naive"
+    cache_tag = "naive"
+
     def __init__(
         self, model_path: str | Path, n_ctx: int = 1024, n_threads: int | None = None, kv_f32: bool = True
     ) -> None:
@@ -37,14 +48,50 @@ class NaiveRecipe:
                 type_v=llama_cpp.GGML_TYPE_F32 if kv_f32 else None,
                 verbose=False,
             )
+        self.n_layer = inspect_gguf(model_path).n_layer
+        self.dim = self.llm.n_embd()
 
-    def encode(self, sentences: Sequence[str], templates: TemplateSet, per_template: bool = False) -> np.ndarray:
-        out = np.empty((len(sentences), len(templates), self.llm.n_embd()), dtype=np.float32)
-        for i, s in enumerate(sentences):
-            text = preprocess(s.strip())
-            for j, t in enumerate(templates.templates):
-                out[i, j] = self.llm.embed(t.render(text))
-        return out if per_template else out.mean(axis=1, dtype=np.float32)
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=False)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llm.detokenize(list(tokens)).decode("utf-8", "ignore")
+
+    def states(self, prompts: Sequence[Prompt], layers: Sequence[int], progress: Progress | None = None) -> np.ndarray:
+        if list(layers) != [FINAL]:
+            raise ValueError("the naive recipe reads the final layer only")
+        out = np.empty((1, len(prompts), self.dim), dtype=np.float32)
+        for k, p in enumerate(prompts):
+            if p.pool is not None:
+                raise ValueError("the naive recipe reads the last token only")
+            out[0, k] = self.llm.embed(p.text)
+            if progress:
+                progress(1)
+        return out
 
     def close(self) -> None:
         self.llm.close()
+
+
+class NaiveRecipe(Embedder):
+    """MetaEOL/PromptEOL through :class:`NaiveBackend`, no cache: ``NaiveRecipe(path, "prompteol").encode(...)``."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        templates: str | os.PathLike[str] | TemplateSet = "metaeol",
+        *,
+        n_ctx: int = 1024,
+        n_threads: int | None = None,
+        kv_f32: bool = True,
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
+        self._options = dict(n_ctx=n_ctx, n_threads=n_threads, kv_f32=kv_f32)
+        info = inspect_gguf(self.model_path)
+        super().__init__(
+            TemplateMethod(self.templates), (FINAL,), False, info.n_embd, label=str(model_path), max_length=n_ctx
+        )
+
+    def _open_backend(self) -> Backend:
+        return NaiveBackend(self.model_path, **self._options)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ Intermediate layers of a language model carry a few dimensions with huge means
 Centring and scaling each dimension (``standardize``), or decorrelating them
 too (``whiten``), fixes that. Fit on unlabeled text of the domain, never on the
 sentences you evaluate. A fit is stored next to the model store, keyed like the
-embedding cache (model file, templates, layer, pre-processing, max_length).
+embedding cache (:func:`metaeol_edge.identity.fit_key`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import key_digest
 from .errors import ModelError
 from .files import atomic_write
 
@@ -58,10 +57,6 @@ def fit(vectors: np.ndarray, kind: str = "standardize") -> Postprocess:
         u, s, _ = np.linalg.svd(cov)
         transform = u / np.sqrt(s + 1e-6 * s[0])
     return Postprocess(kind, mean.astype(np.float32), transform.astype(np.float32), len(x))
-
-
-def fit_key(fingerprint: str, template_texts: list[str], layer: int, preprocess: bool, max_length: int) -> str:
-    return key_digest([fingerprint, *template_texts, str(layer), str(preprocess), str(max_length)])[:16].hex()
 
 
 def save(pp: Postprocess, path: Path, meta: dict[str, object]) -> None:

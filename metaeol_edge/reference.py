@@ -1,4 +1,4 @@
-"""The full-precision reference: the same prompts and last-token rule, in PyTorch.
+"""The full-precision reference: the same recipe and reads, in PyTorch.
 
 Optional (``pip install 'metaeol-edge[reference]'``: torch, transformers,
 accelerate). Loads a Hugging Face checkpoint (an id, for users with a network,
@@ -7,25 +7,26 @@ dtype. Runs on CUDA or Apple MPS when present, else the CPU. Batches with left
 padding as the official MetaEOL code does; position ids follow the attention
 mask, so a padded prompt sees the positions it would see alone.
 
-Layers follow :func:`metaeol_edge.engine.resolve_layer`: ``-1`` is
-``hidden_states[-1]`` (after the final norm), ``k < n_layer`` is
-``hidden_states[k]``, and ``k = n_layer`` is the last block's output before the
-final norm (Hugging Face's ``hidden_states[n_layer]`` has the norm applied, so
-it is read with a hook).
+Layers follow :mod:`metaeol_edge.layers`: ``-1`` is ``hidden_states[-1]``
+(after the final norm), ``k < n_layer`` is ``hidden_states[k]``, and
+``k = n_layer`` is the last block's output before the final norm (Hugging
+Face's ``hidden_states[n_layer]`` has the norm applied, so it is read with a hook).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .engine import FINAL, resolve_layers
+from .backends import Backend, Progress, pool_rows
+from .embedder import Embedder
 from .errors import MetaEOLError
-from .prompts import TemplateSet, load_templates, preprocess
+from .layers import FINAL, LayerSpec, check_resolved, resolve_layers
+from .methods import Method, Prompt, make_method
+from .prompts import TemplateSet, load_templates
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -51,30 +52,30 @@ def default_device() -> str:
     return "cpu"
 
 
-class Reference:
-    """MetaEOL / PromptEOL vectors from a PyTorch model, for checking the llama.cpp engine."""
+class TorchBackend(Backend):
+    """A causal LM in PyTorch; prompts of similar length are batched together (less padding)."""
+
+    name = "pytorch"
 
     def __init__(
         self,
         model: str | os.PathLike[str],
-        templates: str | os.PathLike[str] | TemplateSet = "metaeol",
         *,
         dtype: str = "float32",
         device: str | None = None,
-        preprocess: bool = True,
-        layer: int | float | str | Sequence[int | float | str] = FINAL,
+        batch_size: int = 16,
         label: str | None = None,
     ) -> None:
         torch, transformers = _imports()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.torch = torch
+        self.dtype = dtype
         self.device = device or default_device()
-        self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
-        self.preprocess = preprocess
-        self.model_label = label or os.fspath(model)  # what reports call it (a registry id, say)
+        self.cache_tag = f"pytorch-{dtype}-{self.device}"
+        self.batch_size = batch_size
+        label = label or os.fspath(model)
         path = Path(os.fspath(model)).expanduser()
-        self.model_path = path  # a file or folder, or the Hugging Face id as a path
         kwargs: dict[str, object] = {}
         if path.suffix == ".gguf":
             if not path.is_file():
@@ -86,7 +87,7 @@ class Reference:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
             lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
         except (OSError, ValueError) as exc:  # no such folder or hub id, no network, an unknown architecture
-            raise MetaEOLError(f"transformers cannot load {self.model_label!r}: {exc}") from exc
+            raise MetaEOLError(f"transformers cannot load {label!r}: {exc}") from exc
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -94,33 +95,27 @@ class Reference:
         text_config = lm.config.get_text_config()
         self.n_layer = int(text_config.num_hidden_layers)
         self.dim = int(text_config.hidden_size)
-        self.layers, self._multi = resolve_layers(layer, self.n_layer)
-        self.layer = self.layers[0]  # as MetaEOL.layer: the (first) layer read
 
-    def encode(
-        self,
-        sentences: Sequence[str],
-        batch_size: int = 16,
-        per_template: bool = False,
-        show_progress_bar: bool = False,
-    ) -> np.ndarray | list[np.ndarray]:
-        """Vectors (N, dim) (mean over templates) or (N, T, dim); a list of them for several layers."""
-        texts = [preprocess(s.strip()) if self.preprocess else s.strip() for s in sentences]
-        if not texts:
-            empty = np.empty((0, len(self.templates), self.dim) if per_template else (0, self.dim), np.float32)
-            return [empty] * len(self.layers) if self._multi else empty
-        prompts = [t.render(s) for s in texts for t in self.templates.templates]
+    @property
+    def on_cuda(self) -> bool:
+        return self.torch.device(self.device).type == "cuda"  # also "cuda:1"
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def states(self, prompts: Sequence[Prompt], layers: Sequence[int], progress: Progress | None = None) -> np.ndarray:
+        check_resolved(layers, self.n_layer)
+        if not prompts:
+            return np.empty((len(layers), 0, self.dim), dtype=np.float32)
         # Batch prompts of similar length together: less padding, same vectors.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        sorted_rows = self._last_token_states([prompts[i] for i in order], batch_size, show_progress_bar)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].text))
+        sorted_rows = self._read_states([prompts[i] for i in order], list(layers), progress)
         rows = np.empty_like(sorted_rows)
         rows[:, order] = sorted_rows
-        n_t = len(self.templates)
-        out = []
-        for layer_rows in rows:
-            per = layer_rows.reshape(len(texts), n_t, -1)
-            out.append(per if per_template else per.mean(axis=1, dtype=np.float32))
-        return out if self._multi else out[0]
+        return rows
 
     def close(self) -> None:
         """Free the model (and the GPU memory it holds)."""
@@ -128,34 +123,20 @@ class Reference:
         if self.on_cuda:
             self.torch.cuda.empty_cache()
 
-    @property
-    def on_cuda(self) -> bool:
-        return self.torch.device(self.device).type == "cuda"  # also "cuda:1"
-
-    def __enter__(self) -> Reference:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _last_token_states(self, prompts: list[str], batch_size: int, progress: bool = False) -> np.ndarray:
-        """(L, len(prompts), dim): each layer's state of each prompt's last token."""
+    def _read_states(self, prompts: list[Prompt], layers: list[int], progress: Progress | None) -> np.ndarray:
+        """(L, len(prompts), dim): each layer's read state of each prompt."""
         torch = self.torch
         captured: list = []
         hook = None
-        if self.n_layer in self.layers:  # the last block's output before the final norm
+        if self.n_layer in layers:  # the last block's output before the final norm
             block = self.model.layers[-1]
             hook = block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
         result = []
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(prompts), unit="prompt", desc="reference", file=sys.stderr, dynamic_ncols=True)
         try:
             with torch.inference_mode():
-                for start in range(0, len(prompts), batch_size):
-                    enc = self.tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+                for start in range(0, len(prompts), self.batch_size):
+                    batch = prompts[start : start + self.batch_size]
+                    enc = self.tokenizer([p.text for p in batch], return_tensors="pt", padding=True)
                     ids = enc["input_ids"].to(self.device)
                     mask = enc["attention_mask"].to(self.device)
                     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -163,21 +144,105 @@ class Reference:
                     hidden = self.model(
                         input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
                     ).hidden_states
+                    width = ids.shape[1]
+                    lengths = mask.sum(-1).tolist()
                     per_layer = []
-                    for layer in self.layers:
+                    for layer in layers:
                         if layer == FINAL:
                             h = hidden[-1]
                         elif layer == self.n_layer:
                             h = captured[-1]
                         else:
                             h = hidden[layer]
-                        per_layer.append(h[:, -1, :].float().cpu().numpy())  # left padding: last is real
+                        per_layer.append(self._read(h, batch, width, lengths))
                     result.append(np.stack(per_layer))
-                    if bar is not None:
-                        bar.update(len(per_layer[0]))
+                    if progress:
+                        progress(len(batch))
         finally:
             if hook is not None:
                 hook.remove()
-            if bar is not None:
-                bar.close()
         return np.concatenate(result, axis=1)
+
+    def _read(self, h, batch: list[Prompt], width: int, lengths: list[int]) -> np.ndarray:
+        """Each prompt's read from one layer's (B, width, dim) states; left padding: the last is real."""
+        if all(p.pool is None for p in batch):
+            return h[:, -1, :].float().cpu().numpy()
+        rows = np.empty((len(batch), self.dim), dtype=np.float32)
+        for b, p in enumerate(batch):
+            if p.pool is None:
+                rows[b] = h[b, -1, :].float().cpu().numpy()
+                continue
+            start, stop = pool_rows(self.tokenize, p.text, p.pool)
+            pad = width - int(lengths[b])
+            rows[b] = h[b, pad + start : pad + stop, :].float().mean(0).cpu().numpy()
+        return rows
+
+
+class Reference(Embedder):
+    """MetaEOL / PromptEOL vectors from a PyTorch model, for checking the llama.cpp engine.
+
+    The same recipe as :class:`metaeol_edge.MetaEOL`, over :class:`TorchBackend`,
+    with no cache. ``encode``'s ``batch_size`` is prompts per forward pass, and
+    every sentence of a call is in one batch of the recipe, so prompts of similar
+    length from the whole input are padded together.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        templates: str | os.PathLike[str] | TemplateSet = "metaeol",
+        *,
+        method: str | Method | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        preprocess: bool = True,
+        layer: LayerSpec | Sequence[LayerSpec] = FINAL,
+        label: str | None = None,
+        max_length: int = 512,
+    ) -> None:
+        self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
+        label = label or os.fspath(model)  # what reports call it (a registry id, say)
+        self.model_path = Path(os.fspath(model)).expanduser()  # a file or folder, or the Hugging Face id as a path
+        # Loaded at once: the reference has no cache to answer without the model.
+        self._torch_backend = TorchBackend(model, dtype=dtype, device=device, label=label)
+        backend = self._torch_backend
+        layers, multi = resolve_layers(layer, backend.n_layer)
+        super().__init__(
+            make_method(method, self.templates),
+            layers,
+            multi,
+            backend.dim,
+            label=label,
+            preprocess=preprocess,
+            max_length=max_length,
+        )
+        self.n_layer = backend.n_layer
+        self.device = backend.device
+        self.torch = backend.torch
+
+    def _open_backend(self) -> Backend:
+        return self._torch_backend
+
+    @property
+    def on_cuda(self) -> bool:
+        return self._torch_backend.on_cuda
+
+    def encode(  # type: ignore[override]
+        self,
+        sentences: Sequence[str],
+        batch_size: int = 16,
+        per_template: bool = False,
+        show_progress_bar: bool = False,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Vectors (N, dim) (mean over templates) or (N, T, dim); a list of them for several layers."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        items = list(sentences)
+        self._torch_backend.batch_size = batch_size
+        return super().encode(
+            items, batch_size=max(1, len(items)), per_template=per_template, show_progress_bar=show_progress_bar
+        )
+
+    def close(self) -> None:
+        super().close()
+        self._torch_backend.close()

@@ -15,7 +15,8 @@ import os
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import platformdirs
 
+from . import identity
 from .errors import DownloadError, ModelError
 from .files import atomic_write, package_data
 
@@ -66,12 +68,11 @@ def default_model_id() -> str:
     return load_registry()[1]
 
 
-def get_spec(model_id: str) -> ModelSpec:
+def get_spec(model_id: str, paths_allowed: bool = True) -> ModelSpec:
     specs, _ = load_registry()
     if model_id not in specs:
-        raise ModelError(
-            f"unknown model id {model_id!r}; known ids: {', '.join(sorted(specs))} (or give the path to a .gguf file)"
-        )
+        also = " (or give the path to a .gguf file)" if paths_allowed else ""
+        raise ModelError(f"unknown model id {model_id!r}; known ids: {', '.join(sorted(specs))}{also}")
     return specs[model_id]
 
 
@@ -91,11 +92,17 @@ def model_path(model_id: str) -> Path:
 
 
 def derived_path(source: Path, fingerprint: str, tag: str) -> Path:
-    """Where the store keeps a file made from a model (another quantization level, a truncated copy).
+    """Where the store keeps a file made from a model (another quantization level, a truncated copy)."""
+    return store_dir() / "derived" / identity.derived_name(source, fingerprint, tag)
 
-    Named by the source's content hash, so a changed source never reuses a stale copy.
-    """
-    return store_dir() / "derived" / f"{source.stem}.{fingerprint[:12]}.{tag}.gguf"
+
+def known_sha256(model: str | os.PathLike[str], path: Path) -> str | None:
+    """The registry's SHA-256 of ``path`` when it is the pulled file of registry id ``model`` (checked at pull)."""
+    if looks_like_path(model):
+        return None
+    specs, _ = load_registry()
+    spec = specs.get(str(model))
+    return spec.sha256 if spec is not None and path == model_path(spec.id) else None
 
 
 def quantized(model: str | os.PathLike[str], level: str, progress: Progress | None = None) -> Path:
@@ -109,8 +116,7 @@ def quantized(model: str | os.PathLike[str], level: str, progress: Progress | No
     if level not in QUANT_LEVELS:
         raise ValueError(f"unknown quantization level {level!r}; known: {', '.join(QUANT_LEVELS)}")
     source = resolve_model(model, progress=progress)
-    spec = None if looks_like_path(model) else get_spec(str(model))
-    fingerprint = spec.sha256 if spec is not None else sha256_file(source)
+    fingerprint = identity.fingerprint(source, known_sha256(model, source))
     f32 = derived_path(source, fingerprint, "f32")
     if not f32.is_file():
         quantize_file(source, f32, "f32")
@@ -126,12 +132,7 @@ def is_pulled(model_id: str) -> bool:
     return model_path(model_id).is_file()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = identity.sha256_file
 
 
 def looks_like_path(model: str | os.PathLike[str]) -> bool:
@@ -148,10 +149,80 @@ def resolve_model(model: str | os.PathLike[str], pull: bool = True, progress: Pr
         return path
     path = model_path(str(model))
     if path.is_file():
+        check_pulled(str(model))
         return path
     if not pull:
         raise ModelError(f"model {model!r} is not pulled yet; run: metaeol models pull {model}")
     return pull_model(str(model), progress=progress)
+
+
+# -- a pulled file stays the file that was checked --------------------------------------
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.verified.json")
+
+
+def _stamp(path: Path, sha256: str) -> None:
+    """Record the size and modification time of a file whose SHA-256 was just checked."""
+    st = path.stat()
+    data = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+    with atomic_write(_stamp_path(path)) as f:
+        f.write(json.dumps(data).encode("utf-8"))
+
+
+def _stamp_matches(path: Path, sha256: str) -> bool:
+    try:
+        data = json.loads(_stamp_path(path).read_text(encoding="utf-8"))
+        st = path.stat()
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+
+
+def verify_model(model_id: str, force: bool = False) -> bool:
+    """Whether a pulled registry model's file still has the registry's SHA-256.
+
+    Hashed again only when its size or modification time differ from what was
+    recorded when it was last checked (or always, with ``force``).
+    """
+    spec = get_spec(model_id)
+    path = model_path(model_id)
+    if not path.is_file():
+        raise ModelError(f"model {model_id!r} is not pulled yet; run: metaeol models pull {model_id}")
+    if not force and _stamp_matches(path, spec.sha256):
+        return True
+    if identity.sha256_file(path) != spec.sha256:
+        return False
+    _stamp(path, spec.sha256)
+    return True
+
+
+def check_pulled(model_id: str) -> None:
+    """Refuse a pulled registry model whose file changed since its SHA-256 was checked and no longer matches."""
+    if not verify_model(model_id):
+        raise ModelError(
+            f"{model_path(model_id)} does not match the registry's SHA-256 for {model_id}: it was damaged or "
+            f"replaced after it was pulled; run: metaeol models pull {model_id} --force"
+        )
+
+
+@contextmanager
+def _pull_lock(model_id: str) -> Iterator[None]:
+    """One pull at a time per model, across processes (where the OS has flock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; concurrent pulls still each write their own temporary file
+        yield
+        return
+    folder = store_dir() / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{model_id}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def pull_model(model_id: str, progress: Progress | None = None, force: bool = False) -> Path:
@@ -159,15 +230,23 @@ def pull_model(model_id: str, progress: Progress | None = None, force: bool = Fa
     spec = get_spec(model_id)
     target = model_path(model_id)
     if target.is_file() and not force:
+        check_pulled(model_id)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for source in spec.sources:
-        try:
-            _fetch_verified(spec, source, target, progress)
-            return target
-        except (DownloadError, OSError, http.client.HTTPException, zipfile.BadZipFile, ValueError) as exc:
-            errors.append(f"{source['type']}: {exc}")
+    with _pull_lock(model_id):
+        if target.is_file() and not force and verify_model(model_id):
+            return target  # another process pulled it while this one waited
+        # What an interrupted pull left (under the lock, no other pull is writing).
+        for leftover in target.parent.glob(f".{target.name}.*.part"):
+            leftover.unlink(missing_ok=True)
+        errors = []
+        for source in spec.sources:
+            try:
+                _fetch_verified(spec, source, target, progress)
+                _stamp(target, spec.sha256)
+                return target
+            except (DownloadError, OSError, http.client.HTTPException, zipfile.BadZipFile, ValueError) as exc:
+                errors.append(f"{source['type']}: {exc}")
     raise DownloadError(f"could not pull {model_id}: " + "; ".join(errors))
 
 
@@ -176,8 +255,9 @@ def remove_model(model_id: str) -> bool:
     if not path.is_file():
         return False
     path.unlink()
+    _stamp_path(path).unlink(missing_ok=True)
     for leftover in path.parent.glob("*.part"):
-        leftover.unlink()
+        leftover.unlink(missing_ok=True)
     try:
         path.parent.rmdir()
     except OSError:

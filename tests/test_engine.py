@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from metaeol_edge.engine import FINAL, Engine, LogFilter, Prompt, resolve_layer, use_extra_bufts
+from metaeol_edge.engine import Engine, LogFilter, Prompt, use_extra_bufts
+from metaeol_edge.layers import FINAL, resolve_layer
 from metaeol_edge.prompts import load_templates, preprocess
 
 AMX_BUILD = "CPU : SSE3 = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |"

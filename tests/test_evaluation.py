@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
+from conftest import needs_senteval, senteval_dir
 from conftest import run_cli as run
-from conftest import senteval_dir
 
 from metaeol_edge.errors import InputError
 from metaeol_edge.evaluation import (
@@ -35,6 +35,7 @@ def test_spearman_on_known_cases():
     assert spearman([1, 2, 3, 4], [1, 5, 3, 7]) == pytest.approx(0.8)
 
 
+@needs_senteval
 @pytest.mark.parametrize("task", STS_TASKS)
 def test_every_sts_task_loads_with_its_documented_size(task):
     data = load_sts(task, senteval_dir())
@@ -58,16 +59,44 @@ def _hashed_bag_of_words(sentences):
     return out + 1e-3
 
 
-def test_a_score_can_be_recomputed_from_the_saved_embeddings(tmp_path):
-    data = load_sts("stsb", senteval_dir(), "test", limit=200)
+def test_every_task_loads_from_files_in_its_own_format(tmp_path):
+    """The loaders on a tiny tree the test writes (tests/tiny_senteval.py): every set, every split."""
+    from tiny_senteval import NOUNS, STS_SUBSETS, write
+
+    n = 60
+    root = write(tmp_path, n=n)
+    for task in STS_TASKS:
+        if task in ("stsb", "sickr"):
+            splits, expected = ("train", "dev", "test"), n
+        else:  # each subset holds n // len(subsets) pairs, the last one without gold
+            subsets = STS_SUBSETS[f"{task.upper()}-en-test"]
+            splits, expected = ("test",), (n // len(subsets) - 1) * len(subsets)
+        for split in splits:
+            data = load_sts(task, root, split)
+            assert len(data) == expected and np.isfinite(data.gold).all() and all(data.a) and all(data.b)
+            assert data.a[0].endswith(" .") and 0.0 <= data.gold.min() <= data.gold.max() <= 5.0
+    sizes = {"mr": {"all": n}, "cr": {"all": n}, "mpqa": {"all": n}, "sst2": {"train": n, "dev": n, "test": n}}
+    sizes |= {"trec": {"train": n, "test": n}, "mrpc": {"train": n, "test": n}}
+    for task in TRANSFER_TASKS:
+        data = load_transfer(task, root)
+        assert {k: len(v[2]) for k, v in data.splits.items()} == sizes[task]
+        a, b, y = next(iter(data.splits.values()))
+        assert all(a) and (b is None) == (task != "mrpc") and len(set(y.tolist())) == (6 if task == "trec" else 2)
+    assert load_transfer("mrpc", root).splits["train"][0][0].split()[0] in NOUNS  # the BOM and header are gone
+
+
+def test_a_score_can_be_recomputed_from_the_saved_embeddings(tmp_path, senteval_root):
+    data = load_sts("stsb", senteval_root, "test", limit=200)
     result = run_sts(data, _hashed_bag_of_words, tmp_path)
     assert result["pairs"] == 200 and 20 < result["score"] < 90  # word overlap does correlate
     assert rescore_saved(tmp_path, "stsb") == pytest.approx(result["score"], abs=1e-9)
 
 
-def test_eval_prints_json_scores(tmp_path, smollm2):
+def test_eval_prints_json_scores(tmp_path, smollm2, senteval_root):
     r = run(
         "eval",
+        "--data",
+        senteval_root,
         "-m",
         smollm2,
         "-t",
@@ -103,6 +132,7 @@ TRANSFER_SIZES = {
 }
 
 
+@needs_senteval
 @pytest.mark.parametrize("task", TRANSFER_TASKS)
 def test_every_transfer_task_loads_with_its_documented_size(task):
     data = load_transfer(task, senteval_dir())
@@ -112,15 +142,15 @@ def test_every_transfer_task_loads_with_its_documented_size(task):
         assert len(set(y.tolist())) == (6 if task == "trec" else 2)
 
 
-def test_a_transfer_limit_keeps_every_class():
-    data = load_transfer("mr", senteval_dir(), limit=10)
+def test_a_transfer_limit_keeps_every_class(senteval_root):
+    data = load_transfer("mr", senteval_root, limit=10)
     assert sorted(data.splits["all"][2].tolist()) == [0] * 5 + [1] * 5
 
 
 @pytest.mark.parametrize("task", ["cr", "trec", "mrpc"])
-def test_transfer_scores_rise_above_chance_with_informative_vectors(task):
+def test_transfer_scores_rise_above_chance_with_informative_vectors(task, senteval_root):
     pytest.importorskip("sklearn")
-    data = load_transfer(task, senteval_dir(), limit=300)
+    data = load_transfer(task, senteval_root, limit=300)
     result = run_transfer(data, _hashed_bag_of_words)
     chance = max(np.bincount(np.unique(s[2], return_inverse=True)[1]).max() / len(s[2]) for s in data.splits.values())
     assert result["score"] > 100 * chance - 5  # bag of words is weak, but no worse than the majority class
@@ -129,9 +159,9 @@ def test_transfer_scores_rise_above_chance_with_informative_vectors(task):
 
 
 @pytest.mark.parametrize("task", ["mr", "sst2", "trec", "mrpc"])  # 10-fold CV, dev-tuned, inner-CV, pairs
-def test_a_transfer_score_is_the_same_in_parallel_and_from_the_saved_files(task, tmp_path):
+def test_a_transfer_score_is_the_same_in_parallel_and_from_the_saved_files(task, tmp_path, senteval_root):
     pytest.importorskip("sklearn")
-    data = load_transfer(task, senteval_dir(), limit=150)
+    data = load_transfer(task, senteval_root, limit=150)
     serial = run_transfer(data, _hashed_bag_of_words, tmp_path / "serial", np.float16, n_jobs=1)["score"]
     parallel = run_transfer(data, _hashed_bag_of_words, tmp_path / "parallel", np.float16, n_jobs=2)["score"]
     assert parallel == serial

@@ -32,9 +32,10 @@ def test_a_new_run_replaces_the_old_record_and_a_damaged_file_is_ignored(tmp_pat
     assert ms.load(tmp_path) == []
 
 
-def test_bench_measures_levels_and_models_list_gives_the_advice(tmp_path, smollm2, monkeypatch):
+def test_bench_measures_levels_and_models_list_gives_the_advice(tmp_path, smollm2, monkeypatch, senteval_root):
     home = tmp_path / "home"
     monkeypatch.setenv("METAEOL_HOME", str(home))
+    monkeypatch.setenv("METAEOL_DATA", str(senteval_root))
     (home / "models" / "smollm2-135m").mkdir(parents=True)
     (home / "models" / "smollm2-135m" / smollm2.name).symlink_to(smollm2)  # the pulled model, not a new pull
     r = run("bench", "-t", "prompteol", "--levels", "shipped,q8_0", "--pairs", "12", "--n", "4")

@@ -47,12 +47,3 @@ def test_a_fit_survives_saving_and_a_damaged_file_is_a_clear_error(skewed, tmp_p
     path.write_bytes(b"garbage")
     with pytest.raises(ModelError, match="fit it again"):
         pp.load(path)
-
-
-def test_the_key_changes_with_everything_that_changes_the_vectors():
-    base = ("sha", ["t1", "t2"], 12, True, 512)
-    key = pp.fit_key(*base)
-    for i, other in enumerate(["sha2", ["t1"], 13, False, 256]):
-        changed = list(base)
-        changed[i] = other
-        assert pp.fit_key(*changed) != key

@@ -49,7 +49,8 @@ def test_left_padding_changes_no_prompt(smollm2):
     assert cosine(batched, alone).min() >= 0.9999
 
 
-def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path, monkeypatch):
+def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path, monkeypatch, senteval_root):
+    monkeypatch.setenv("METAEOL_DATA", str(senteval_root))
     args = ["-m", "smollm2-135m", "--level", "f32", "-t", "prompteol", "--tasks", "stsb", "--limit", "40", "--json"]
     ref = run("eval", *args, "-q", "--reference", "--device", "cpu", "--save-embeddings", tmp_path)
     eng = run("eval", *args, "-q", "--no-cache")

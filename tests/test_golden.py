@@ -1,0 +1,48 @@
+"""The restructure moved no vector: golden vectors written by the 0.1 code (tests/golden/make_golden.py,
+run on the commit before it) are reproduced bit for bit."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metaeol_edge import MetaEOL, registry
+
+GOLDEN = Path(__file__).parent / "golden"
+SENTENCES = json.loads((GOLDEN / "sentences.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with np.load(GOLDEN / "vectors.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def _cases():
+    for model in ("smollm2-135m", "gemma3-270m"):
+        n = registry.get_spec(model).n_layer
+        for method in ("metaeol", "prompteol"):
+            for layer in (1, n // 2, -1):
+                yield model, method, layer
+
+
+@pytest.mark.parametrize("model,method,layer", list(_cases()))
+def test_golden_vectors_reproduced_bit_for_bit(golden, model, method, layer):
+    expected = golden[f"{model}|{method}|{layer}"]
+    path = registry.resolve_model(model)
+    with MetaEOL(path, templates=method, layer=layer, cache=False) as m:
+        got = m.encode(SENTENCES, show_progress_bar=False)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert got.tobytes() == expected.tobytes()
+
+
+def test_golden_vectors_through_the_cache_and_streaming(golden, tmp_path):
+    """Cold through the cache, warm from it, and streamed one by one: the same bytes."""
+    expected = golden["smollm2-135m|prompteol|-1"]
+    with MetaEOL("smollm2-135m", templates="prompteol", cache=tmp_path / "c.sqlite3") as m:
+        cold = m.encode(SENTENCES, batch_size=3)
+        warm = m.encode(SENTENCES, batch_size=7)
+        streamed = np.stack(list(m.encode_iter(iter(SENTENCES), batch_size=4)))
+    for got in (cold, warm, streamed):
+        assert got.tobytes() == expected.tobytes()

@@ -44,6 +44,7 @@ class Case:
     rc: int
     message: str  # in stderr: the error, or for rc 0 the warning
     output: str = "none"  # none: no output file; correct: the vectors of ``expect``
+    also: str = ""  # more that stderr must say (how many vectors came from the cache, say)
 
 
 def _file(tmp: Path, content: bytes | str, name: str = "in.txt") -> Path:
@@ -309,8 +310,22 @@ CASES = [
     Case("cache damaged in the middle", _cache_fault("damaged in the middle"), 0, "embedding cache", "correct"),
     Case("cache damaged, stats", _cache_fault("damaged in the middle", "stats"), 0, "damaged"),
     Case("cache damaged, clear", _cache_fault("damaged in the middle", "clear"), 0, "damaged"),
-    Case("damaged vector in the cache", _cache_fault("damaged vector"), 0, "failed their checksum", "correct"),
-    Case("read-only cache file", _cache_fault("read-only"), 0, "cannot be written", "correct"),
+    Case(
+        "damaged vector in the cache",
+        _cache_fault("damaged vector"),
+        0,
+        "1 cached vector(s) failed their checksum",
+        "correct",
+        also="2 cached and 1 computed",  # the damaged one is never a hit
+    ),
+    Case(
+        "read-only cache file",
+        _cache_fault("read-only"),
+        0,
+        "cannot be written",
+        "correct",
+        also="3 cached and 0 computed",  # its vectors are still served
+    ),
     Case("--no-truncate on a cached long sentence", _no_truncate_warm, 2, "over max_length 64"),
     Case("truncation warned on a warm run", _truncated_warm, 0, "was truncated from", "correct"),
 ]
@@ -333,7 +348,7 @@ def test_bad_input_or_fault(case: Case, tmp_path, monkeypatch, capsys, smollm2, 
         rc = exc.code
     err = capsys.readouterr().err
     assert rc == case.rc, err
-    assert case.message in err, err
+    assert case.message in err and case.also in err, err
     assert "Traceback" not in err
     if rc != 0:
         assert err.startswith(("error: ", "usage:")) or "\nerror: " in err or case.rc == 1, err

@@ -51,13 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"metaeol-edge {__version__}")
     sub = p.add_subparsers(title="commands")
 
-    def model_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--model",
-            "-m",
-            default=None,
-            help="registry id or path to a .gguf file (default: the registry's default, smollm2-135m)",
-        )
+    def model_options(sp: argparse.ArgumentParser, one_model: bool = True) -> None:
+        if one_model:
+            sp.add_argument(
+                "--model",
+                "-m",
+                default=None,
+                help="registry id or path to a .gguf file (default: the registry's default, smollm2-135m)",
+            )
         sp.add_argument(
             "--level",
             default=None,
@@ -178,6 +179,29 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--n", type=int, default=48, help="sentences timed per level (embedding cache off)")
     b.add_argument("--data", default=None, help="SentEval data folder (default: $METAEOL_DATA)")
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="serve embeddings over HTTP (OpenAI and Ollama APIs); extra [server]")
+    model_options(sv, one_model=False)
+    sv.set_defaults(model=None)
+    sv.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        dest="models",
+        default=None,
+        help="a model to serve, as ID_OR_PATH or NAME=ID_OR_PATH; repeat for several (default: smollm2-135m)",
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: $METAEOL_API_KEY)")
+    sv.add_argument("--normalize", action="store_true", help="L2-normalize every vector served")
+    sv.add_argument("--batch-size", type=int, default=64, help="sentences per engine batch, across requests (64)")
+    sv.add_argument("--max-body-bytes", type=int, default=4_000_000, help="largest request body (4 MB)")
+    sv.add_argument("--max-inputs", type=int, default=2048, help="most inputs in one request (2048)")
+    sv.add_argument("--max-chars", type=int, default=20_000, help="longest input in characters (20000)")
+    sv.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (120)")
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting per model before a 503 (256)")
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list, pull, locate or remove models")
     msub = m.add_subparsers(title="models commands")
@@ -305,6 +329,62 @@ def cmd_embed(args: argparse.Namespace) -> int:
         full = (len(model.layers), n, *shape) if len(model.layers) > 1 else (n, *shape)
     cached = f", {stats.hits} cached and {stats.misses} computed prompt vectors" if stats.hits or stats.misses else ""
     print(f"wrote {n} embeddings {full} to {out}{cached}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from . import server
+
+    limits = server.Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_inputs=args.max_inputs,
+        max_chars=args.max_chars,
+        timeout_s=args.timeout,
+        max_queue=args.max_queue,
+        batch_size=args.batch_size,
+    )
+    for name in ("max_body_bytes", "max_inputs", "max_chars", "timeout_s", "max_queue", "batch_size"):
+        if not getattr(limits, name) > 0:
+            raise InputError(f"--{name.removesuffix('_s').replace('_', '-')} must be positive")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be 0..65535, not {args.port}")
+    if "," in args.layer:
+        raise InputError("the server reads one layer per model")
+    api_key = args.api_key or os.environ.get("METAEOL_API_KEY") or None
+    if not server.is_loopback(args.host) and not api_key:
+        print(
+            f"warning: listening on {args.host} without an API key: anyone who can reach this machine can use it "
+            "(give --api-key or set METAEOL_API_KEY)",
+            file=sys.stderr,
+        )
+    specs = [server.served_name(spec) for spec in args.models or [registry.default_model_id()]]
+    names = [name for name, _ in specs]
+    if len(set(names)) != len(names):
+        raise InputError(f"two served models have the same name: {', '.join(names)}; use NAME=MODEL")
+    workers: dict[str, server.ModelWorker] = {}
+    try:
+        for name, model_spec in specs:
+            args.model = model_spec
+            model = _model(args)
+            model.backend  # noqa: B018 - load now: /health answers once every model is ready
+            workers[name] = server.ModelWorker(name, model, limits, normalize=args.normalize)
+            print(
+                f"loaded {name}: {model.model_path} ({model.dim} dimensions, {model.templates.name})", file=sys.stderr
+            )
+        server.serve(
+            workers,
+            args.host,
+            args.port,
+            limits,
+            api_key,
+            on_ready=lambda url: print(f"serving {', '.join(workers)} on {url}", file=sys.stderr, flush=True),
+        )
+    finally:
+        for worker in workers.values():
+            worker.model.close()  # commits and closes the cache
+    print("stopped", file=sys.stderr)
     return 0
 
 

@@ -151,6 +151,7 @@ class Embedder:
         show_progress_bar: bool | None = None,
         per_template: bool = False,
         stats: EncodeStats | None = None,
+        truncate: bool | None = None,
     ) -> np.ndarray | list[np.ndarray]:
         """Embed sentences; float32 array (N, dim), or (N, T, dim) with ``per_template=True``.
 
@@ -172,6 +173,7 @@ class Embedder:
             show_progress_bar=show_progress_bar,
             per_template=per_template,
             stats=stats,
+            truncate=truncate,
         ):
             per_layer = batch if self._multi else [batch]
             n = len(per_layer[0])
@@ -190,6 +192,7 @@ class Embedder:
         per_template: bool = False,
         stats: EncodeStats | None = None,
         total: int | None = None,
+        truncate: bool | None = None,
     ) -> Iterator[np.ndarray | list[np.ndarray]]:
         """Yield each sentence's vector (a list of them, one per layer, for several layers), in order.
 
@@ -197,7 +200,7 @@ class Embedder:
         consumed ``batch_size`` at a time, and memory stays bounded by that.
         """
         for batch in self.encode_batches(
-            sentences, batch_size, normalize_embeddings, show_progress_bar, per_template, stats, total
+            sentences, batch_size, normalize_embeddings, show_progress_bar, per_template, stats, total, truncate
         ):
             if self._multi:
                 yield from (list(rows) for rows in zip(*batch, strict=True))
@@ -213,6 +216,7 @@ class Embedder:
         per_template: bool = False,
         stats: EncodeStats | None = None,
         total: int | None = None,
+        truncate: bool | None = None,
         *,
         raw: bool = False,
     ) -> Iterator[np.ndarray | list[np.ndarray]]:
@@ -220,7 +224,8 @@ class Embedder:
 
         Each item is a float32 array (n, dim) (or (n, T, dim) with
         ``per_template``), or a list of them, one per layer. ``raw`` skips
-        post-processing (what fitting it needs).
+        post-processing (what fitting it needs). ``truncate`` overrides the
+        object's setting for this call (a server's per-request choice).
         """
         if isinstance(sentences, str | bytes | bytearray):
             raise InputError("give an iterable of sentences, not a single string or bytes object")
@@ -239,7 +244,7 @@ class Embedder:
             offset = 0
             for chunk in _chunks(sentences, batch_size):
                 texts = self._clean(chunk, offset)
-                states = self._states(texts, offset, call, bar)  # (n, L, T, dim)
+                states = self._states(texts, offset, call, bar, self.truncate if truncate is None else truncate)
                 results = []
                 for li in range(len(self.layers)):
                     result = states[:, li] if per_template else self.method.combine(states[:, li])
@@ -267,6 +272,12 @@ class Embedder:
                 stats.damaged += call.damaged
                 stats.truncated.extend(call.truncated)
 
+    def token_counts(self, sentences: Sequence[str]) -> list[int]:
+        """Each sentence's own tokens (no template, no special tokens): what a server reports as usage."""
+        with self._lock:
+            backend = self.backend
+            return [len(backend.tokenize(s.strip(), add_special=False)) for s in sentences]
+
     def similarity(self, a: str, b: str) -> float:
         if self._multi:
             raise ValueError("similarity needs a model with a single layer")
@@ -290,12 +301,12 @@ class Embedder:
             texts.append(s)
         return texts
 
-    def _states(self, sentences: list[str], offset: int, stats: EncodeStats, bar) -> np.ndarray:
+    def _states(self, sentences: list[str], offset: int, stats: EncodeStats, bar, truncate: bool) -> np.ndarray:
         """Prompt states (len, L, T, dim) of sentences[offset:...] of the caller's input, cache first."""
         n_t, n_l = len(self.units), len(self.layers)
         out = np.empty((len(sentences), n_l, n_t, self.dim), dtype=np.float32)
         # Truncation is decided (refused, or cut and reported) for every sentence, cached or not.
-        fitted = [self._fit(s, offset + i, stats) for i, s in enumerate(sentences)]
+        fitted = [self._fit(s, offset + i, stats, truncate) for i, s in enumerate(sentences)]
         keys: dict[tuple[int, int, int], CacheKey] = {}
         if self.cache is None:
             todo = [(i, j) for i in range(len(sentences)) for j in range(n_t)]
@@ -359,7 +370,7 @@ class Embedder:
             )
         return vectors
 
-    def _fit(self, sentence: str, index: int, stats: EncodeStats) -> str:
+    def _fit(self, sentence: str, index: int, stats: EncodeStats, truncate: bool = True) -> str:
         """Pre-process a sentence and cut it (never the template) so every prompt fits max_length."""
         text = preprocess(sentence) if self.preprocess else sentence
         longest = max(len(p.text.encode("utf-8")) for p in self.method.prompts(text))
@@ -367,13 +378,13 @@ class Embedder:
         if longest + 4 <= self.max_length:
             return text
         with self._lock:
-            return self._fit_tokens(self.backend, text, index, stats)
+            return self._fit_tokens(self.backend, text, index, stats, truncate)
 
-    def _fit_tokens(self, backend: Backend, text: str, index: int, stats: EncodeStats) -> str:
+    def _fit_tokens(self, backend: Backend, text: str, index: int, stats: EncodeStats, truncate: bool) -> str:
         need = max(len(backend.tokenize(p.text)) for p in self.method.prompts(text))
         if need <= self.max_length:
             return text
-        if not self.truncate:
+        if not truncate:
             raise InputError(
                 f"sentence #{index + 1} needs {need} tokens with its template, over max_length "
                 f"{self.max_length} (truncation is off)"

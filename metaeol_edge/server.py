@@ -392,9 +392,9 @@ def create_app(
         truncate = data.get("truncate", True)
         if not isinstance(truncate, bool):
             raise ApiError(400, "'truncate' must be true or false", param="truncate")
-        for name in ("options", "keep_alive"):  # accepted, as Ollama does; nothing to do with them here
-            if name in data and name == "options" and not isinstance(data[name], dict | type(None)):
-                raise ApiError(400, "'options' must be an object", param="options")
+        # keep_alive and options are accepted as Ollama takes them; neither changes an embedding here.
+        if not isinstance(data.get("options") or {}, dict):
+            raise ApiError(400, "'options' must be an object", param="options")
         result = await run(worker, sentences, truncate=truncate)
         return {
             "model": worker.name,

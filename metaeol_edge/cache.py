@@ -380,7 +380,8 @@ class EmbeddingCache:
                 ).fetchall()
                 for digest, dtype, blob, crc in rows:
                     key = by_digest[digest]
-                    if crc is not None and self.verify and checksum(digest, blob) != crc or dtype not in DTYPES:
+                    damaged_bytes = crc is not None and self.verify and checksum(digest, blob) != crc
+                    if damaged_bytes or dtype not in DTYPES:
                         if damaged is not None:
                             damaged.append(key)
                         continue

@@ -36,7 +36,16 @@ import platformdirs
 
 from .identity import CacheKey, key_digest
 
-__all__ = ["CacheKey", "EmbeddingCache", "CacheError", "CacheTooNewError", "default_path", "key_digest"]
+__all__ = [
+    "CacheKey",
+    "EmbeddingCache",
+    "CacheError",
+    "CacheTooNewError",
+    "MergeConflictError",
+    "default_path",
+    "key_digest",
+    "merge_caches",
+]
 
 APPLICATION_ID = 0x4D454F4C  # "MEOL": tells our database from a foreign SQLite file
 BUSY_TIMEOUT_MS = 60_000
@@ -582,3 +591,104 @@ def _move_aside(path: Path) -> Path | None:
         except OSError:
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     return aside
+
+
+# -- bringing caches together ---------------------------------------------------------
+
+
+class MergeConflictError(CacheError):
+    """Two caches hold different vectors under one key: nothing was merged."""
+
+
+def merge_caches(target: str | Path, sources: Sequence[str | Path]) -> list[dict]:
+    """Add every entry of ``sources`` that ``target`` lacks, in one transaction: all or nothing.
+
+    The per-node caches of a Ray job, say. An entry whose key is already in the
+    target (or in an earlier source) with different vector bytes is a conflict:
+    the whole merge is refused and the target left as it was. A source entry
+    that fails its checksum is skipped and counted. Returns, per source, the
+    entries added, already present and damaged.
+    """
+    target = Path(target)
+    paths = [Path(s) for s in sources]
+    if not paths:
+        raise ValueError("give at least one cache to merge")
+    for src in paths:
+        if not src.is_file():
+            raise CacheError(f"{src} is not a file")
+        if target.exists() and os.path.samefile(src, target):
+            raise CacheError(f"{src} is the target cache itself")
+    cache = EmbeddingCache(target)  # creates it, or checks it is ours and migrates it; never moved aside here
+    db = cache.db
+    results = []
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for src in paths:
+                results.append(_merge_one(db, src, target))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        cache.close()
+    return results
+
+
+def _merge_one(db: sqlite3.Connection, src: Path, target: Path) -> dict:
+    try:
+        source = sqlite3.connect(f"{src.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise CacheError(f"cannot open {src}: {exc}") from exc
+    try:
+        app_id = source.execute("PRAGMA application_id").fetchone()[0]
+        version = source.execute("PRAGMA user_version").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            raise CacheError(f"{src} is not a metaeol-edge cache")
+        if version > SCHEMA_VERSION:
+            raise CacheTooNewError(f"{src} has cache schema {version}, newer than this release's {SCHEMA_VERSION}")
+        crc = "e.checksum" if version >= 2 else "NULL"
+        rows = source.execute(
+            f"""SELECT e.key, m.fingerprint, m.label, t.text, t.task, e.dtype, e.last_used, e.vector, {crc}
+                FROM embeddings e JOIN models m ON m.id = e.model_id JOIN templates t ON t.id = e.template_id"""
+        )
+        models: dict[str, int] = {}
+        templates: dict[str, int] = {}
+        added = present = damaged = 0
+        conflicts: list[tuple[str, str]] = []
+        for key, fingerprint, label, text, task, dtype, last_used, vector, check in rows:
+            if check is not None and checksum(key, vector) != check:
+                damaged += 1
+                continue
+            held = db.execute("SELECT vector FROM embeddings WHERE key = ?", (key,)).fetchone()
+            if held is not None:
+                if held[0] != vector:
+                    conflicts.append((label, task))
+                else:
+                    present += 1
+                continue
+            if fingerprint not in models:
+                db.execute("INSERT OR IGNORE INTO models(fingerprint, label) VALUES (?, ?)", (fingerprint, label))
+                models[fingerprint] = db.execute(
+                    "SELECT id FROM models WHERE fingerprint = ?", (fingerprint,)
+                ).fetchone()[0]
+            if text not in templates:
+                db.execute("INSERT OR IGNORE INTO templates(text, task) VALUES (?, ?)", (text, task))
+                templates[text] = db.execute("SELECT id FROM templates WHERE text = ?", (text,)).fetchone()[0]
+            db.execute(
+                "INSERT INTO embeddings(key, model_id, template_id, dtype, last_used, vector, checksum) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, models[fingerprint], templates[text], dtype, last_used, vector, checksum(key, vector)),
+            )
+            added += 1
+    except sqlite3.DatabaseError as exc:
+        raise CacheError(f"{src} cannot be read as a cache: {exc}") from exc
+    finally:
+        source.close()
+    if conflicts:
+        label, task = conflicts[0]
+        raise MergeConflictError(
+            f"{len(conflicts)} entries of {src} have the key of an entry already in {target} (or in an earlier "
+            f"source) with different vector bytes (first: model {label}, task {task}); nothing was merged"
+        )
+    return {"source": str(src), "added": added, "present": present, "damaged": damaged}

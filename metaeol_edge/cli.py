@@ -6,14 +6,14 @@ import argparse
 import json
 import sys
 import warnings
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, registry
+from .bulk import DEFAULT_SHARD_SIZE
 from .cache import EmbeddingCache, default_path
-from .corpus import VectorWriter, check_output, count_sentences, iter_sentences, read_sentences
+from .corpus import FORMATS, read_sentences
 from .errors import InputError, MetaEOLError
 from .reference import DTYPES as REFERENCE_DTYPES
 
@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                 "--model",
                 "-m",
                 default=None,
-                help="registry id or path to a .gguf file (default: the registry's default, smollm2-135m)",
+                help="registry id, path to a .gguf file, or a model found on this machine (ollama:NAME[:TAG], "
+                "lmstudio:..., llamacpp:..., hf:OWNER/REPO/FILE.gguf, pulled on first use; see `metaeol models "
+                "list`) (default: the registry's default, smollm2-135m)",
             )
         sp.add_argument(
             "--level",
@@ -87,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
             "--layer",
             default="-1",
             help="hidden state to read: -1 = final layer after the final norm (default), k = output of block k "
-            "(1..n_layer), -j counts from the end, 0.8 = that share of the depth",
+            "(1..n_layer), -j counts from the end, 0.8 = that share of the depth; several, comma-separated, are read "
+            "in one pass (embed writes one vector per layer)",
         )
         sp.add_argument(
             "--no-early-exit", action="store_true", help="run the whole model even when a lower layer is asked for"
@@ -100,17 +103,44 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("embed", help="embed sentences from a file")
     model_options(e)
-    e.add_argument("--input", "-i", required=True, help="one sentence per line, or JSONL with a 'text' field")
+    e.add_argument(
+        "--input", "-i", required=True, help="one sentence per line (.txt), or a .jsonl, .csv or .parquet table"
+    )
     e.add_argument(
         "--format",
-        choices=["text", "jsonl"],
+        choices=list(FORMATS),
         default=None,
-        help="input format (default: .jsonl and .ndjson are JSONL, other files text)",
+        help="input format (default: by extension: .jsonl/.ndjson, .csv, .parquet/.pq; other files text)",
     )
-    e.add_argument("--output", "-o", required=True, help="OUT.npy (float32 rows in input order) or OUT.jsonl")
+    e.add_argument("--text-column", default="text", help="the column (or JSONL field) to embed (default: text)")
+    e.add_argument("--id-column", default=None, help="a column carried to the output in place of the text")
+    e.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="OUT.npy (float32 rows in input order), OUT.jsonl or OUT.parquet (text or id, and embedding)",
+    )
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--normalize", action="store_true", help="L2-normalize each vector")
     e.add_argument("--per-template", action="store_true", help="keep each template's vector: (N, T, dim)")
+    e.add_argument(
+        "--workers",
+        default="auto",
+        help="engine processes, each with its share of --threads (default auto: one single-thread process per "
+        "core for models up to 400 MB, else one process; never more than the input has shards)",
+    )
+    e.add_argument(
+        "--ray",
+        default=None,
+        metavar="local|auto|ADDRESS",
+        help="run --workers Ray actors: local starts Ray here, auto or ADDRESS joins a cluster (extra [ray])",
+    )
+    e.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        help=f"rows per checkpoint: a killed job, run again, redoes at most this per worker ({DEFAULT_SHARD_SIZE})",
+    )
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_embed)
 
@@ -129,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     model_options(f)
     f.add_argument("--input", "-i", required=True, help="unlabeled sentences, one per line (not your test set)")
-    f.add_argument("--format", choices=["text", "jsonl"], default=None, help="input format (default: by extension)")
+    f.add_argument("--format", choices=list(FORMATS), default=None, help="input format (default: by extension)")
+    f.add_argument("--text-column", default="text", help="the column (or JSONL field) to read (default: text)")
     f.add_argument("--whiten", action="store_true", help="decorrelate dimensions too (needs more sentences than dims)")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -205,11 +236,13 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list, pull, locate or remove models")
     msub = m.add_subparsers(title="models commands")
-    ml = msub.add_parser("list", help="known models and whether they are pulled")
+    ml = msub.add_parser(
+        "list", help="known models and whether they are pulled, then the GGUF models found on this machine"
+    )
     ml.add_argument("--json", action="store_true")
     ml.set_defaults(func=cmd_models_list)
     mp = msub.add_parser("pull", help="download a model into the store")
-    mp.add_argument("id")
+    mp.add_argument("id", help="registry id, or hf:OWNER/REPO/FILE.gguf or hf:OWNER/REPO:QUANT (e.g. :Q4_K_M)")
     mp.add_argument("--force", action="store_true", help="download again even if present")
     mp.set_defaults(func=cmd_models_pull)
     mpa = msub.add_parser("path", help="print a pulled model's file path")
@@ -222,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     mv = msub.add_parser("verify", help="check pulled models against the registry's SHA-256")
     mv.add_argument("id", nargs="?", default=None, help="one model (default: every pulled one)")
     mv.set_defaults(func=cmd_models_verify)
-    mr = msub.add_parser("rm", help="remove a pulled model")
+    mr = msub.add_parser("rm", help="remove a pulled model (a registry id or hf:OWNER/REPO/FILE.gguf)")
     mr.add_argument("id")
     mr.set_defaults(func=cmd_models_rm)
     m.set_defaults(func=cmd_models_list, json=False)
@@ -238,6 +271,12 @@ def _parser() -> argparse.ArgumentParser:
     cc.set_defaults(func=cmd_cache_clear)
     cp = csub.add_parser("path", help="print the cache file's path")
     cp.set_defaults(func=cmd_cache_path)
+    cm = csub.add_parser(
+        "merge", help="add the entries of other caches (other machines', say) to this one: all or nothing"
+    )
+    cm.add_argument("sources", nargs="+", help="cache files to read (left unchanged)")
+    cm.add_argument("--into", default=None, help="the cache to add to (default: this machine's, see cache path)")
+    cm.set_defaults(func=cmd_cache_merge)
     c.set_defaults(func=cmd_cache_stats, json=False)
     return p
 
@@ -245,12 +284,18 @@ def _parser() -> argparse.ArgumentParser:
 def _model(args: argparse.Namespace, **overrides):
     from .embedder import MetaEOL
 
+    return MetaEOL(**(_model_options(args) | overrides))
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    """``MetaEOL``'s keyword arguments from the model options."""
     model = args.model
     if args.cache_max_mb is not None and not args.cache_max_mb > 0:
         raise InputError(f"--cache-max-mb must be a positive size in MB, not {args.cache_max_mb:g}")
     if args.level and args.level.lower() != "shipped":
         model = registry.quantized(model or registry.default_model_id(), args.level.lower())
-    options = dict(
+    return dict(
+        model=model,
         templates=args.templates,
         method=args.method,
         n_gpu_layers=args.n_gpu_layers,
@@ -261,11 +306,10 @@ def _model(args: argparse.Namespace, **overrides):
         cache=not args.no_cache,
         cache_dtype=args.cache_dtype,
         cache_max_bytes=int(args.cache_max_mb * 1e6) if args.cache_max_mb else None,
-        layer=args.layer,
+        layer=[x.strip() for x in args.layer.split(",")] if "," in args.layer else args.layer,
         early_exit=not args.no_early_exit,
         postprocess=args.postprocess,
     )
-    return MetaEOL(model, **(options | overrides))
 
 
 def _reference(args: argparse.Namespace):
@@ -277,7 +321,7 @@ def _reference(args: argparse.Namespace):
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     label = args.model or registry.default_model_id()
-    is_id = not registry.looks_like_path(label) and label in registry.load_registry()[0]
+    is_id = registry.is_model_name(label)  # a registry id, ollama:..., hf:...: its GGUF file
     model: str | Path = label
     if args.level and args.level.lower() != "shipped":
         if not (is_id or label.endswith(".gguf")):
@@ -299,36 +343,32 @@ def _reference(args: argparse.Namespace):
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .embedder import EncodeStats
+    from .bulk import EncodeOptions, embed_file
 
-    out = check_output(args.output, (args.input,))
-    n = count_sentences(args.input, args.format)  # every line checked before any work
-    stats = EncodeStats()
-    with _model(args) as model:
-        n_units = len(model.units)
-        shape = (n_units, model.dim) if args.per_template else (model.dim,)
-        pending: deque[str] = deque()  # the texts of the batch being embedded, for .jsonl
-
-        def texts():
-            for text in iter_sentences(args.input, args.format):
-                pending.append(text)
-                yield text
-
-        with VectorWriter(out, n, shape, layers=len(model.layers)) as writer:
-            for batch in model.encode_batches(
-                texts(),
-                batch_size=args.batch_size,
-                normalize_embeddings=args.normalize,
-                show_progress_bar=not args.quiet,
-                per_template=args.per_template,
-                stats=stats,
-                total=n,
-            ):
-                count = len(batch[0] if isinstance(batch, list) else batch)
-                writer.write([pending.popleft() for _ in range(count)], batch)
-        full = (len(model.layers), n, *shape) if len(model.layers) > 1 else (n, *shape)
-    cached = f", {stats.hits} cached and {stats.misses} computed prompt vectors" if stats.hits or stats.misses else ""
-    print(f"wrote {n} embeddings {full} to {out}{cached}", file=sys.stderr)
+    if args.workers != "auto" and not (args.workers.isdigit() and int(args.workers) > 0):
+        raise InputError(f"--workers takes a positive number or auto, not {args.workers!r}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, not {args.threads}")
+    options = _model_options(args)
+    options.pop("n_threads")  # the job splits --threads among its workers
+    report = embed_file(
+        args.input,
+        args.output,
+        options,
+        fmt=args.format,
+        text_column=args.text_column,
+        id_column=args.id_column,
+        encode=EncodeOptions(args.batch_size, args.normalize, args.per_template),
+        workers=args.workers if args.workers == "auto" else int(args.workers),
+        threads=args.threads,
+        ray=args.ray,
+        shard_size=args.shard_size,
+        show_progress=not args.quiet,
+    )
+    hits, misses = report.hits, report.misses
+    cached = f", {hits} cached and {misses} computed prompt vectors" if hits or misses else ""
+    resumed = f", {report.resumed_rows} rows from an earlier run" if report.resumed_rows else ""
+    print(f"wrote {report.rows} embeddings {report.shape} to {report.output}{cached}{resumed}", file=sys.stderr)
     return 0
 
 
@@ -429,8 +469,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
                 "license": spec.license,
             }
         )
+    for row in rows:
+        row["source"] = "registry"
+    found_rows = _found_rows(specs)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + found_rows, indent=2))
         return 0
     print(f"{'id':<22}{'arch':<9}{'quant':<9}{'size':>9}  {'pulled':<7} license")
     for r in rows:
@@ -449,13 +492,76 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             print(f"advice: {line}")
     if not measured:
         print("(run `metaeol bench --model ID --levels shipped,f16,q8_0` to see which level is fastest here)")
+    _print_found(found_rows)
     return 0
 
 
+def _found_rows(specs: dict[str, registry.ModelSpec]) -> list[dict]:
+    """The GGUF models found on this machine, each with its SHA-256 (hashed once, then remembered)."""
+    from . import found
+
+    registry_ids = {spec.sha256: spec.id for spec in specs.values()}
+    rows = []
+    for m in found.find_models():
+        if m.usable and not m.sha256 and not found.known_sha256(m.name, m.path):
+            print(f"computing the SHA-256 of {m.name} ({m.size / 1e9:.2f} GB), once", file=sys.stderr)
+        try:
+            sha = found.model_sha256(m) if m.usable else m.sha256
+        except OSError:
+            sha = None
+        rows.append(
+            {
+                "id": m.name,
+                "source": m.source,
+                "architecture": m.architecture,
+                "quantization": m.quantization,
+                "size": m.size,
+                "n_layer": m.n_layer,
+                "n_embd": m.n_embd,
+                "usable": m.usable,
+                "reason": m.reason or None,
+                "path": str(m.path),
+                "parts": len(m.parts),
+                "sha256": sha,
+                "same_as": registry_ids.get(sha or ""),  # the same file: the same cached vectors
+            }
+        )
+    return rows
+
+
+def _print_found(rows: list[dict]) -> None:
+    from . import found
+
+    if not rows:
+        where = ", ".join(str(p) for paths in found.locations().values() for p in paths)
+        print(f"\nno GGUF models found on this machine (looked in {where})")
+        return
+    width = max(len(r["id"]) for r in rows) + 2
+    print("\nfound on this machine (use the name as --model):")
+    print(f"{'name':<{width}}{'source':<10}{'arch':<11}{'quant':<9}{'size':>9}{'layers':>7}{'dim':>6}")
+    for r in rows:
+        note = f"same file as {r['same_as']}" if r["same_as"] else ""
+        if not r["usable"]:
+            note = f"not usable: {r['reason']}"
+        elif r["parts"] > 1:
+            note = f"{r['parts']} parts" + (f", {note}" if note else "")
+        print(
+            f"{r['id']:<{width}}{r['source']:<10}{r['architecture'] or '?':<11}{r['quantization'] or '?':<9}"
+            f"{r['size'] / 1e6:>7.0f}MB{r['n_layer'] or '':>7}{r['n_embd'] or '':>6}  {note}"
+        )
+
+
 def cmd_models_pull(args: argparse.Namespace) -> int:
+    from . import found, hub
     from .embedder import pull_progress
 
-    path = registry.pull_model(args.id, progress=pull_progress(), force=args.force)
+    if args.id.startswith("hf:"):
+        path = hub.pull_model(args.id, progress=pull_progress(), force=args.force)
+    elif found.is_found_name(args.id):  # Ollama's, LM Studio's: used where they lie, nothing to download
+        path = found.resolve(args.id)
+        print(f"{args.id} is used in place, not copied", file=sys.stderr)
+    else:
+        path = registry.pull_model(args.id, progress=pull_progress(), force=args.force)
     print(path)
     return 0
 
@@ -488,6 +594,16 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_models_rm(args: argparse.Namespace) -> int:
+    from . import found, hub
+
+    if args.id.startswith("hf:"):
+        if hub.remove(args.id):
+            print(f"removed {args.id}")
+            return 0
+        print(f"{args.id} is not pulled into the store (files in the Hugging Face cache stay)", file=sys.stderr)
+        return 1
+    if found.is_found_name(args.id):
+        raise InputError(f"{args.id} belongs to {args.id.split(':', 1)[0]}, not to metaeol: remove it there")
     if registry.looks_like_path(args.id):
         raise InputError(
             f"metaeol models rm takes a registry id, not a path ({args.id}): it removes pulled models only; "
@@ -538,8 +654,23 @@ def cmd_cache_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_merge(args: argparse.Namespace) -> int:
+    from .cache import CacheError, CacheTooNewError, merge_caches
+
+    target = Path(args.into) if args.into else default_path()
+    try:
+        results = merge_caches(target, args.sources)
+    except (CacheError, CacheTooNewError) as exc:
+        raise InputError(str(exc)) from exc
+    for r in results:
+        damaged = f", {r['damaged']} damaged skipped" if r["damaged"] else ""
+        print(f"{r['source']}: {r['added']} added, {r['present']} already present{damaged}")
+    print(f"merged into {target}")
+    return 0
+
+
 def cmd_fit_postprocess(args: argparse.Namespace) -> int:
-    sentences = read_sentences(args.input, args.format)
+    sentences = read_sentences(args.input, args.format, args.text_column)
     args.postprocess = False
     with _model(args) as model:
         paths = model.fit_postprocess(

@@ -1,26 +1,36 @@
-"""Sentences in, vectors out, as streams: input read line by line, output written row by row.
+"""Sentences in, vectors out, as streams: input read row by row, output written batch by batch.
 
-Input: a text file (one sentence per line) or JSONL (a ``text`` field per line).
-Output: ``.npy`` (float32 rows in input order, the header written first from a
-count of the input) or ``.jsonl`` (one object per line). Either output is
-written under a temporary name and renamed only once complete, so a killed job
-never leaves a file that looks valid.
+Input: a text file (one sentence per line), JSONL, CSV or Parquet (a text
+column, ``text`` unless told, and optionally an id column carried through to
+the output). Output: ``.npy`` (float32 rows in input order, the header written
+first from a count of the input), ``.jsonl`` (one object per line) or
+``.parquet`` (one row group per batch; the vector a fixed-size list of float32,
+the layout Arrow, Ray, pandas and vector databases read as an embedding column).
+Every output is written under a temporary name and renamed only once complete,
+so a killed job never leaves a file that looks valid.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .errors import InputError
 from .files import atomic_write
 
-OUTPUT_SUFFIXES = (".npy", ".jsonl")
+OUTPUT_SUFFIXES = (".npy", ".jsonl", ".parquet")
+FORMATS = ("text", "jsonl", "csv", "parquet")
+PARQUET_BATCH = 1024  # rows read from a Parquet file at a time
+
+Record = tuple[Any, str]
+"""(id or None, text) of one input row."""
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -45,60 +55,167 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield n, line.rstrip("\r\n")
 
 
-FORMATS = ("text", "jsonl")
-
-
 def input_format(path: Path, fmt: str | None = None) -> str:
-    """``text`` or ``jsonl``: as given, else by the file's extension (never guessed from its content)."""
+    """One of :data:`FORMATS`: as given, else by the file's extension (never guessed from its content)."""
     if fmt is not None:
         if fmt not in FORMATS:
             raise InputError(f"input format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         return fmt
-    return "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "text"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    return "text"
 
 
-def iter_sentences(path: str | os.PathLike[str], fmt: str | None = None) -> Iterator[str]:
-    """The sentences of a text or JSONL file, one at a time, each as given (not stripped).
+def iter_records(
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    text_column: str = "text",
+    id_column: str | None = None,
+) -> Iterator[Record]:
+    """(id, text) of each row of a text, JSONL, CSV or Parquet file, one at a time; text as given (not stripped).
 
-    Blank lines at the end of a file are ignored; a blank line with a sentence
-    after it is an error (in a text file it would be an empty sentence, and
-    rows would no longer match lines). JSONL skips blank lines anywhere.
+    ``id`` is None without ``id_column``. A text file has no columns: each line
+    is a sentence, and an id column is an error. Blank lines at the end of a
+    text file are ignored; a blank line with a sentence after it is an error (it
+    would be an empty sentence, and rows would no longer match lines). JSONL
+    skips blank lines anywhere. An empty or missing text is an error naming its
+    row; nothing is skipped silently, so output row i is always input row i.
     """
     path = Path(path)
-    is_jsonl = input_format(path, fmt) == "jsonl"
+    kind = input_format(path, fmt)
+    if kind == "text" and (text_column != "text" or id_column):
+        raise InputError(f"{path} is read as plain text (one sentence per line): it has no columns")
+    rows = {"text": _text_rows, "jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind]
     seen = 0
-    blank: int | None = None  # the first of a run of blank lines, until a sentence follows it
-    for n, line in _lines(path):
-        if not line.strip():
-            if not is_jsonl and blank is None:
-                blank = n
-            continue
-        if blank is not None:
-            raise InputError(f"{path}, line {blank}: empty or whitespace-only sentence")
-        if is_jsonl:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise InputError(f"{path}, line {n}: needs a string 'text' field")
-            line = obj["text"]
-            if not line.strip():
-                raise InputError(f"{path}, line {n}: empty or whitespace-only 'text'")
+    for record in rows(path, text_column, id_column):
         seen += 1
-        yield line
+        yield record
     if not seen:
         raise InputError(f"{path} holds no sentences")
 
 
-def count_sentences(path: str | os.PathLike[str], fmt: str | None = None) -> int:
-    """Read the whole input once, checking every line, and count its sentences (before any work)."""
-    return sum(1 for _ in iter_sentences(path, fmt))
+def _text_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[Record]:
+    blank: int | None = None  # the first of a run of blank lines, until a sentence follows it
+    for n, line in _lines(path):
+        if not line.strip():
+            if blank is None:
+                blank = n
+            continue
+        if blank is not None:
+            raise InputError(f"{path}, line {blank}: empty or whitespace-only sentence")
+        yield None, line
 
 
-def read_sentences(path: str | os.PathLike[str], fmt: str | None = None) -> list[str]:
+def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[Record]:
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
+            raise InputError(f"{path}, line {n}: needs a string {text_column!r} field")
+        text = obj[text_column]
+        if not text.strip():
+            raise InputError(f"{path}, line {n}: empty or whitespace-only {text_column!r}")
+        if id_column is not None and id_column not in obj:
+            raise InputError(f"{path}, line {n}: no {id_column!r} field (the id column)")
+        yield (obj[id_column] if id_column is not None else None), text
+
+
+def _csv_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[Record]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # passages can be longer than csv's 128 KB default
+    try:
+        f = open(path, encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from exc
+    with f:
+        reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []
+            _check_columns(path, header, text_column, id_column)
+            for row in reader:
+                text = row.get(text_column)
+                if text is None:  # a short row
+                    raise InputError(f"{path}, line {reader.line_num}: has no {text_column!r} value")
+                if not text.strip():
+                    raise InputError(f"{path}, line {reader.line_num}: empty or whitespace-only {text_column!r}")
+                yield (row.get(id_column) if id_column is not None else None), text
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: invalid UTF-8 near line {reader.line_num + 1} ({exc.reason})") from exc
+        except csv.Error as exc:
+            raise InputError(f"{path}, line {reader.line_num}: not valid CSV ({exc})") from exc
+
+
+def _check_columns(path: Path, header: list[str], text_column: str, id_column: str | None) -> None:
+    for role, name in (("text", text_column), ("id", id_column)):
+        if name is not None and name not in header:
+            have = ", ".join(repr(h) for h in header) or "none"
+            option = "--text-column" if role == "text" else "--id-column"
+            raise InputError(f"{path} has no column {name!r} (the {role} column, {option}); its columns: {have}")
+
+
+def _parquet_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[Record]:
+    pq = _pyarrow_parquet()
+    import pyarrow as pa
+
+    try:
+        f = pq.ParquetFile(path)
+    except OSError as exc:
+        raise InputError(f"cannot read input file {path}: {exc}") from exc
+    except pa.ArrowException as exc:
+        raise InputError(f"{path} is not a readable Parquet file: {exc}") from exc
+    schema = f.schema_arrow
+    _check_columns(path, schema.names, text_column, id_column)
+    text_type = schema.field(text_column).type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise InputError(f"{path}: column {text_column!r} holds {text_type}, not strings")
+    columns = [text_column] + ([id_column] if id_column and id_column != text_column else [])
+    row = 0
+    try:
+        for batch in f.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+            texts = batch.column(text_column).to_pylist()
+            ids = batch.column(id_column).to_pylist() if id_column else [None] * len(texts)
+            for text, id_ in zip(texts, ids, strict=True):
+                row += 1
+                if text is None or not text.strip():
+                    raise InputError(
+                        f"{path}, row {row}: {'null' if text is None else 'empty or whitespace-only'} {text_column!r}"
+                    )
+                yield id_, text
+    except pa.ArrowException as exc:
+        raise InputError(f"{path}: cannot read row group after row {row}: {exc}") from exc
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise InputError('Parquet needs pyarrow: pip install "metaeol-edge[bulk]"') from exc
+    return pq
+
+
+def iter_sentences(path: str | os.PathLike[str], fmt: str | None = None, text_column: str = "text") -> Iterator[str]:
+    """The sentences of a text, JSONL, CSV or Parquet file, one at a time, each as given (not stripped)."""
+    return (text for _, text in iter_records(path, fmt, text_column))
+
+
+def count_sentences(
+    path: str | os.PathLike[str], fmt: str | None = None, text_column: str = "text", id_column: str | None = None
+) -> int:
+    """Read the whole input once, checking every row, and count its sentences (before any work)."""
+    return sum(1 for _ in iter_records(path, fmt, text_column, id_column))
+
+
+def read_sentences(path: str | os.PathLike[str], fmt: str | None = None, text_column: str = "text") -> list[str]:
     """All sentences of a file, in a list (for inputs that are small by nature: a fitting corpus)."""
-    return list(iter_sentences(path, fmt))
+    return list(iter_sentences(path, fmt, text_column))
 
 
 def check_output(path: str | os.PathLike[str], inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
@@ -109,7 +226,9 @@ def check_output(path: str | os.PathLike[str], inputs: tuple[str | os.PathLike[s
     """
     out = Path(path)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise InputError(f"output must end in .npy or .jsonl, not {out.name!r}")
+        raise InputError(f"output must end in .npy, .jsonl or .parquet, not {out.name!r}")
+    if out.suffix.lower() == ".parquet":
+        _pyarrow_parquet()
     for given in inputs:
         src = Path(given)
         same = out.resolve() == src.resolve()
@@ -129,22 +248,27 @@ def check_output(path: str | os.PathLike[str], inputs: tuple[str | os.PathLike[s
 
 
 class VectorWriter:
-    """Writes vectors as they come to ``path`` (.npy or .jsonl), complete or not at all.
+    """Writes vectors as they come to ``path`` (.npy, .jsonl or .parquet), complete or not at all.
 
     ``shape`` is one row's shape ((dim,) or (T, dim)); ``layers`` > 1 writes
-    (layers, n, *shape) to .npy and a list of vectors per line to .jsonl.
+    (layers, n, *shape) to .npy and a list of vectors per row to .jsonl and
+    .parquet. With ``ids`` each .jsonl/.parquet row carries its input id in
+    place of its text (a .npy holds vectors only: rows are in input order).
     """
 
-    def __init__(self, path: Path, n: int, shape: tuple[int, ...], layers: int = 1) -> None:
-        self.path, self.n, self.shape, self.layers = path, n, shape, layers
-        self.npy = path.suffix.lower() == ".npy"
+    def __init__(self, path: Path, n: int, shape: tuple[int, ...], layers: int = 1, ids: bool = False) -> None:
+        self.path, self.n, self.shape, self.layers, self.ids = path, n, shape, layers, ids
+        self.kind = path.suffix.lower().lstrip(".")
+        if ids and self.kind == "npy":
+            raise InputError("a .npy output holds vectors only; write .jsonl or .parquet to keep the ids")
         self._done = 0
+        self._parquet: Any = None
         self._context = atomic_write(path)
         try:
             self._f: BinaryIO = self._context.__enter__()
         except OSError as exc:  # name the user's output, not the temporary file beside it
             raise InputError(f"cannot write output {path}: {exc.strerror or exc}") from exc
-        if self.npy:
+        if self.kind == "npy":
             full = (layers, n, *shape) if layers > 1 else (n, *shape)
             descr = np.lib.format.dtype_to_descr(np.dtype(np.float32))
             header = {"descr": descr, "fortran_order": False, "shape": full}
@@ -154,41 +278,102 @@ class VectorWriter:
             if layers > 1:  # layer blocks are written at their offsets; give the file its full size now
                 self._f.truncate(self._data_start + layers * n * self._row_bytes)
 
-    def write(self, texts: list[str], vectors: np.ndarray | list[np.ndarray]) -> None:
+    def write(self, texts: list[str], vectors: np.ndarray | list[np.ndarray], ids: list[Any] | None = None) -> None:
+        if self.ids and (ids is None or len(ids) != len(texts)):
+            raise ValueError("this writer keeps ids: give one per text")
         try:
-            self._write(texts, vectors)
+            self._write(texts, vectors, ids)
         except OSError as exc:  # a full disk, say: name the user's output, not the temporary file
             raise InputError(f"cannot write output {self.path}: {exc.strerror or exc}") from exc
 
-    def _write(self, texts: list[str], vectors: np.ndarray | list[np.ndarray]) -> None:
+    def _write(self, texts: list[str], vectors: np.ndarray | list[np.ndarray], ids: list[Any] | None) -> None:
         per_layer = vectors if self.layers > 1 else [vectors]
         count = len(texts)
         if self._done + count > self.n:
             raise InputError(f"more rows than the {self.n} counted in the input (did it change while running?)")
-        if self.npy:
+        if self.kind == "npy":
             for li, rows in enumerate(per_layer):
                 data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
                 if self.layers > 1:
                     self._f.seek(self._data_start + (li * self.n + self._done) * self._row_bytes)
                 self._f.write(data)
-        else:
+        elif self.kind == "jsonl":
+            name, values = ("id", ids) if self.ids else ("text", texts)
             lines = []
-            for i, text in enumerate(texts):
+            for i, value in enumerate(values):  # type: ignore[arg-type]
                 vec = [rows[i].tolist() for rows in per_layer] if self.layers > 1 else per_layer[0][i].tolist()
-                lines.append(json.dumps({"text": text, "embedding": vec}) + "\n")
+                lines.append(json.dumps({name: value, "embedding": vec}) + "\n")
             self._f.write("".join(lines).encode("utf-8"))
+        else:
+            self._write_parquet(texts, per_layer, ids)
         self._done += count
+
+    def _write_parquet(self, texts: list[str], per_layer: list[np.ndarray], ids: list[Any] | None) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = np.stack(per_layer, axis=1) if self.layers > 1 else per_layer[0]  # (n, [layers,] *shape)
+        embedding = _fixed_size_lists(np.ascontiguousarray(rows, dtype=np.float32))
+        if self._parquet is None:
+            first = pa.array(ids) if self.ids else pa.array(texts, pa.string())
+            if self.ids and pa.types.is_null(first.type):
+                raise InputError("the id column holds only nulls")
+            schema = pa.schema([("id" if self.ids else "text", first.type), ("embedding", embedding.type)])
+            self._parquet = pq.ParquetWriter(self._f, schema, compression="zstd")
+            self._schema = schema
+        schema = self._schema
+        try:
+            first = pa.array(ids, schema.field(0).type) if self.ids else pa.array(texts, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"the id column mixes types ({schema.field(0).type} and others): {exc}") from exc
+        self._parquet.write_table(pa.Table.from_arrays([first, embedding], schema=schema))
 
     def __enter__(self) -> VectorWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """Finish: the file appears under its name only if no error came and every counted row was written."""
-        if exc is None and self._done != self.n:
-            exc = InputError(f"wrote {self._done} of {self.n} rows (did the input change while running?)")
-            self._context.__exit__(InputError, exc, None)
-            raise exc
+        failure: InputError | None = None
+        if self._parquet is not None:
+            try:
+                self._parquet.close()  # writes the footer into the temporary file
+            except OSError as err:
+                failure = InputError(f"cannot write output {self.path}: {err.strerror or err}")
+        if exc is None and failure is None and self._done != self.n:
+            failure = InputError(f"wrote {self._done} of {self.n} rows (did the input change while running?)")
+        if exc is None and failure is not None:
+            self._context.__exit__(InputError, failure, None)
+            raise failure
         try:
             self._context.__exit__(exc_type, exc, tb)
         except OSError as err:  # flushing or renaming into place failed
             raise InputError(f"cannot write output {self.path}: {err.strerror or err}") from err
+
+
+def _fixed_size_lists(rows: np.ndarray):
+    """An Arrow array of nested fixed-size lists of float32, one per row of ``rows`` (n, *shape), no copy."""
+    import pyarrow as pa
+
+    array = pa.array(rows.reshape(-1), pa.float32())
+    for size in reversed(rows.shape[1:]):
+        array = pa.FixedSizeListArray.from_arrays(array, size)
+    return array
+
+
+def read_vectors(path: str | os.PathLike[str]) -> np.ndarray:
+    """The vectors of an output file this module wrote (.npy, .jsonl or .parquet), as one float32 array."""
+    path = Path(path)
+    kind = path.suffix.lower()
+    if kind == ".npy":
+        return np.load(path)
+    if kind == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return np.array([json.loads(line)["embedding"] for line in f], dtype=np.float32)
+    table = _pyarrow_parquet().read_table(path, columns=["embedding"])
+    column = table.column("embedding").combine_chunks()
+    shape = [len(column)]
+    values = column
+    while hasattr(values.type, "list_size"):
+        shape.append(values.type.list_size)
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(shape)

@@ -219,6 +219,7 @@ class Embedder:
         truncate: bool | None = None,
         *,
         raw: bool = False,
+        start: int = 0,
     ) -> Iterator[np.ndarray | list[np.ndarray]]:
         """Yield the vectors of each batch of ``batch_size`` sentences, in order.
 
@@ -226,6 +227,8 @@ class Embedder:
         ``per_template``), or a list of them, one per layer. ``raw`` skips
         post-processing (what fitting it needs). ``truncate`` overrides the
         object's setting for this call (a server's per-request choice).
+        ``start``: the index of the first sentence in a bigger input (a shard of
+        a bulk job), so that errors and truncation records name the input's row.
         """
         if isinstance(sentences, str | bytes | bytearray):
             raise InputError("give an iterable of sentences, not a single string or bytes object")
@@ -241,7 +244,7 @@ class Embedder:
         bar = _progress_bar(total, show_progress_bar)
         call = EncodeStats()
         try:
-            offset = 0
+            offset = start
             for chunk in _chunks(sentences, batch_size):
                 texts = self._clean(chunk, offset)
                 states = self._states(texts, offset, call, bar, self.truncate if truncate is None else truncate)
@@ -255,9 +258,9 @@ class Embedder:
                         result = result / np.maximum(norms, 1e-12)
                     results.append(result.astype(np.float32, copy=False))
                 offset += len(texts)
-                call.sentences = offset
+                call.sentences = offset - start
                 if bar is not None:
-                    bar.n = offset
+                    bar.n = offset - start
                     bar.refresh()
                 yield results if self._multi else results[0]
         finally:
@@ -427,7 +430,7 @@ class Embedder:
 class MetaEOL(Embedder):
     """Sentence embeddings from a GGUF language model with meta-task prompts.
 
-    >>> model = MetaEOL("smollm2-135m")               # a registry id or a .gguf path
+    >>> model = MetaEOL("smollm2-135m")  # a registry id, a .gguf path, ollama:NAME[:TAG], hf:OWNER/REPO/FILE.gguf
     >>> vectors = model.encode(["A man plays a guitar.", "Someone is making music."])
     >>> vectors.shape
     (2, 576)
@@ -486,8 +489,9 @@ class MetaEOL(Embedder):
             options = dict(n_threads=n_threads) | options
         self._backend_options = options
         layers, multi = resolve_layers(layer, self.info.n_layer)
-        # Early exit: nothing above the highest block asked for needs computing (llama.cpp only).
-        uses_engine = self._backend_spec.name == "llama.cpp"
+        # Early exit: nothing above the highest block asked for needs computing (llama.cpp only;
+        # a split model is run whole: its truncated copy would need every part rewritten).
+        uses_engine = self._backend_spec.name == "llama.cpp" and self.info.split_count == 1
         self._exit_blocks = early_exit_blocks(layers, self.info.n_layer, early_exit and uses_engine)
         self.postprocess = postprocess
         self._fits: dict[int, pp.Postprocess] = {}
@@ -516,7 +520,8 @@ class MetaEOL(Embedder):
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 of the model file: the registry's (checked at pull) or computed once and remembered."""
+        """SHA-256 of the model file: one known without hashing (the registry's, an Ollama blob's, a hub pull's,
+        ``models list``'s), or computed once and remembered in the cache. A split model: all its parts."""
         with self._lock:
             if self._fingerprint is None:
                 memo = None

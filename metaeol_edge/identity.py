@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .modelfile import split_paths
+
 CHUNK = 1 << 20
 
 
@@ -38,12 +40,25 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def fingerprint(path: Path, known_sha256: str | None = None, memo: Callable[[Path], str] | None = None) -> str:
     """A model file's identity: its SHA-256.
 
-    ``known_sha256``: the registry's (checked at pull). Else ``memo`` (the
-    cache's table of hashes by path, size and mtime) or a fresh computation.
+    ``known_sha256``: one known without hashing (the registry's, checked at pull;
+    an Ollama blob's name; a hub pull's). Else ``memo`` (the cache's table of
+    hashes by path, size and mtime) or a fresh computation. A split model
+    (``X-00001-of-00003.gguf``) is all its parts: :func:`split_sha256` of theirs.
     """
     if known_sha256:
         return known_sha256
-    return memo(path) if memo is not None else sha256_file(path)
+    one = memo if memo is not None else sha256_file
+    parts = split_paths(path)
+    if len(parts) == 1 or not all(p.is_file() for p in parts):  # a whole file that merely has a part's name
+        return one(path)
+    return split_sha256([one(p) for p in parts])
+
+
+def split_sha256(part_sha256s: Sequence[str]) -> str:
+    """The identity of a split model: a digest of its parts' SHA-256s, in order (one part: its own)."""
+    if len(part_sha256s) == 1:
+        return part_sha256s[0]
+    return key_digest(["gguf-split", *part_sha256s]).hex()
 
 
 def early_exit_tag(blocks: int) -> str:

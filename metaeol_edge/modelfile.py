@@ -8,6 +8,7 @@ vocabulary, on every start. This reads only what the checks need.
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,14 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 
 
+# Architectures llama.cpp runs as encoders only: no causal language-model head for MetaEOL to prompt.
+EMBEDDING_ONLY = frozenset(
+    {"bert", "modern-bert", "neo-bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "t5encoder"}
+)
+# A split model's parts, as llama.cpp's gguf-split names them (llama_split_path): PREFIX-00001-of-00003.gguf.
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
 @dataclass(frozen=True)
 class GGUFInfo:
     path: Path
@@ -27,7 +36,52 @@ class GGUFInfo:
     n_embd: int
     n_layer: int
     n_ctx_train: int
-    size: int
+    size: int  # bytes, all parts of a split model together
+    file_type: int | None = None  # general.file_type: the quantization the file was written at
+    split_count: int = 1
+
+    @property
+    def quantization(self) -> str:
+        return quantization_name(self.file_type)
+
+
+def quantization_name(file_type: object) -> str:
+    """``general.file_type`` as llama.cpp names it (15 -> Q4_K_M); "" when absent or unknown."""
+    from gguf import LlamaFileType
+
+    if not isinstance(file_type, int) or isinstance(file_type, bool):
+        return ""
+    try:
+        name = LlamaFileType(file_type).name
+    except ValueError:
+        return ""
+    return "" if name == "GUESSED" else name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def split_paths(path: str | Path, count: int | None = None) -> list[Path]:
+    """Every part of the split model whose first part is ``path`` (just ``[path]`` for a whole file).
+
+    ``count`` is the first part's ``split.count`` where its header was read; else
+    the file name says it. llama.cpp finds the other parts the same way, by name.
+    """
+    path = Path(path)
+    m = SPLIT_NAME.match(path.name)
+    if m is None or int(m["no"]) != 1:
+        return [path]
+    n = count if count is not None else int(m["count"])
+    return [path.with_name(f"{m['prefix']}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
+def unusable_reason(meta: dict[str, object], path: Path) -> str | None:
+    """Why a GGUF file is no model MetaEOL can prompt (an encoder, a projector), or None."""
+    arch = meta.get("general.architecture")
+    if arch == "clip" or path.name.lower().startswith("mmproj"):
+        return "a multimodal projector (mmproj), not a language model"
+    if arch in EMBEDDING_ONLY:
+        return f"an embedding-only encoder ({arch}): no causal language-model head to prompt"
+    if meta.get(f"{arch}.pooling_type") is not None and meta.get(f"{arch}.attention.causal") is False:
+        return f"an embedding-only model ({arch} with pooling and non-causal attention)"
+    return None
 
 
 class _Truncated(Exception):
@@ -61,6 +115,15 @@ class _Cursor:
             etype, count = self.scalar("I"), self.scalar("Q")
             if etype in _SCALARS:  # fixed width: skip in one step
                 self.take(count * struct.calcsize(_SCALARS[etype]))
+            elif etype == _STRING:  # a vocabulary: 100k+ strings, skipped without slicing or decoding them
+                buf, pos, end = self.buf, self.pos, len(self.buf)
+                for _ in range(count):
+                    if pos + 8 > end:
+                        raise _Truncated
+                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+                if pos > end:
+                    raise _Truncated
+                self.pos = pos
             else:
                 for _ in range(count):
                     self.value(etype)
@@ -79,7 +142,18 @@ def _tensor_bytes(ggml_type: int, dims: list[int]) -> int:
 
 
 def inspect_gguf(path: str | Path) -> GGUFInfo:
-    """Read a GGUF file's header; raise ModelError if it is missing, not GGUF, or truncated."""
+    """Read a GGUF file's header; raise ModelError if it is missing, not GGUF, truncated, or no causal LM.
+
+    For a split model, ``path`` is its first part (the one with the metadata);
+    every other part must be there and whole too.
+    """
+    path = Path(path)
+    meta, size = read_header(path)
+    return info_from_header(path, meta, size)
+
+
+def read_header(path: str | Path) -> tuple[dict[str, object], int]:
+    """(scalar and string metadata, file size); ModelError if missing, not GGUF, truncated or damaged."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
@@ -100,16 +174,43 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         raise ModelError(f"{path} is a damaged GGUF file: {exc}") from exc
     finally:
         buf.close()
+    # Each part of a split model lists only its own tensors: the check holds part by part.
     if end > size:
         raise ModelError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}")
+    return meta, size
+
+
+def info_from_header(path: Path, meta: dict[str, object], size: int) -> GGUFInfo:
+    """The checks of :func:`inspect_gguf` on a header already read."""
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelError(f"{path} has no general.architecture: not a language model GGUF")
+    reason = unusable_reason(meta, path)
+    if reason:
+        raise ModelError(f"{path} is {reason}; MetaEOL needs a causal language model")
     n_embd, n_layer = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.block_count")
     if not isinstance(n_embd, int) or not isinstance(n_layer, int):
         raise ModelError(f"{path}: missing {arch}.embedding_length or {arch}.block_count")
     n_ctx = meta.get(f"{arch}.context_length")
-    return GGUFInfo(path, arch, n_embd, n_layer, n_ctx if isinstance(n_ctx, int) else 0, size)
+    count = meta.get("split.count")
+    count = count if isinstance(count, int) and count > 1 else 1
+    if count > 1:
+        parts = split_paths(path, count)
+        if len(parts) != count:  # llama.cpp finds the other parts by this name only
+            raise ModelError(f"{path} is part 1 of a {count}-part model but not named PREFIX-00001-of-{count:05d}.gguf")
+        for part in parts[1:]:
+            size += read_header(part)[1]  # missing or truncated parts are refused here, not by llama.cpp
+    file_type = meta.get("general.file_type")
+    return GGUFInfo(
+        path,
+        arch,
+        n_embd,
+        n_layer,
+        n_ctx if isinstance(n_ctx, int) else 0,
+        size,
+        file_type if isinstance(file_type, int) else None,
+        count,
+    )
 
 
 def _parse(cur: _Cursor) -> tuple[dict[str, object], int]:
@@ -148,6 +249,8 @@ def truncate_gguf(src: str | Path, dst: str | Path, n_blocks: int) -> None:
     from .files import atomic_path
 
     info = inspect_gguf(src)
+    if info.split_count > 1:  # the reader below sees the first part's tensors only
+        raise ModelError(f"{src} is a split model: no truncated copy of it is written (run it whole)")
     if not 1 <= n_blocks < info.n_layer:
         raise ValueError(f"n_blocks must lie in 1..{info.n_layer - 1}, not {n_blocks}")
     reader = gguf.GGUFReader(str(src))

@@ -71,7 +71,12 @@ def default_model_id() -> str:
 def get_spec(model_id: str, paths_allowed: bool = True) -> ModelSpec:
     specs, _ = load_registry()
     if model_id not in specs:
-        also = " (or give the path to a .gguf file)" if paths_allowed else ""
+        also = (
+            " (or give the path to a .gguf file, or a model found on this machine: ollama:NAME[:TAG], "
+            "lmstudio:..., hf:OWNER/REPO/FILE.gguf; see: metaeol models list)"
+            if paths_allowed
+            else ""
+        )
         raise ModelError(f"unknown model id {model_id!r}; known ids: {', '.join(sorted(specs))}{also}")
     return specs[model_id]
 
@@ -97,12 +102,20 @@ def derived_path(source: Path, fingerprint: str, tag: str) -> Path:
 
 
 def known_sha256(model: str | os.PathLike[str], path: Path) -> str | None:
-    """The registry's SHA-256 of ``path`` when it is the pulled file of registry id ``model`` (checked at pull)."""
-    if looks_like_path(model):
-        return None
-    specs, _ = load_registry()
-    spec = specs.get(str(model))
-    return spec.sha256 if spec is not None and path == model_path(spec.id) else None
+    """A SHA-256 of ``path`` known without hashing it, or None.
+
+    The registry's when ``path`` is the pulled file of registry id ``model``
+    (checked at pull); else, for a model found on this machine or pulled from
+    the hub, its blob's name or its pull's stamp; else one remembered from an
+    earlier hash of the same path, size and modification time (``models list``).
+    """
+    from . import found
+
+    if not looks_like_path(model):
+        spec = load_registry()[0].get(str(model))
+        if spec is not None and path == model_path(spec.id):
+            return spec.sha256
+    return found.known_sha256(os.fspath(model), path)
 
 
 def quantized(model: str | os.PathLike[str], level: str, progress: Progress | None = None) -> Path:
@@ -136,12 +149,35 @@ sha256_file = identity.sha256_file
 
 
 def looks_like_path(model: str | os.PathLike[str]) -> bool:
+    from .found import is_found_name
+
     s = os.fspath(model)
+    if is_found_name(model):  # hf:OWNER/REPO/FILE.gguf has slashes and a .gguf, and is still a name
+        return False
     return s.endswith(".gguf") or os.sep in s or "/" in s
 
 
+def is_model_name(model: str | os.PathLike[str]) -> bool:
+    """A registry id or a found/hub name (ollama:..., hf:...), as opposed to a path."""
+    from .found import is_found_name
+
+    return is_found_name(model) or (not looks_like_path(model) and str(model) in load_registry()[0])
+
+
 def resolve_model(model: str | os.PathLike[str], pull: bool = True, progress: Progress | None = None) -> Path:
-    """Turn a model id or a .gguf path into a file path, pulling a known id if needed."""
+    """Turn a model id, a found model's name or a .gguf path into a file path, pulling if needed.
+
+    ``hf:OWNER/REPO/FILE.gguf`` is pulled on first use like a registry id;
+    ``ollama:``, ``lmstudio:`` and ``llamacpp:`` names are used where they lie.
+    """
+    from . import found
+
+    if isinstance(model, str) and model.startswith("hf:"):
+        from . import hub
+
+        return hub.resolve(model, pull=pull, progress=progress)
+    if found.is_found_name(model):
+        return found.resolve(str(model))
     if looks_like_path(model):
         path = Path(model).expanduser()
         if not path.is_file():
@@ -163,9 +199,12 @@ def _stamp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.verified.json")
 
 
-def _stamp(path: Path, sha256: str) -> None:
-    """Record the size and modification time of a file whose SHA-256 was just checked."""
-    st = path.stat()
+def _stamp(path: Path, sha256: str, stat_of: Path | None = None) -> None:
+    """Record the size and modification time of a file whose SHA-256 was just checked.
+
+    ``stat_of``: the checked file before it is renamed to ``path`` (a rename keeps both).
+    """
+    st = (stat_of or path).stat()
     data = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
     with atomic_write(_stamp_path(path)) as f:
         f.write(json.dumps(data).encode("utf-8"))
@@ -178,6 +217,16 @@ def _stamp_matches(path: Path, sha256: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+
+
+def stamped_sha256(path: Path) -> str | None:
+    """The SHA-256 recorded when ``path`` was pulled and checked, if its size and mtime are still as then."""
+    try:
+        data = json.loads(_stamp_path(path).read_text(encoding="utf-8"))
+        sha = data["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return sha if isinstance(sha, str) and _stamp_matches(path, sha) else None
 
 
 def verify_model(model_id: str, force: bool = False) -> bool:

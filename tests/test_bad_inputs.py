@@ -249,7 +249,7 @@ CASES = [
         "",
         "correct",
     ),
-    Case("--format unknown", _options("--format", "csv"), 2, "invalid choice: 'csv'"),
+    Case("--format unknown", _options("--format", "xml"), 2, "invalid choice: 'xml'"),
     # -- the output
     Case("output is the input", _same_file("same"), 2, "is the input file"),
     Case("output is a symlink to the input", _same_file("symlink"), 2, "is the input file"),
@@ -258,7 +258,7 @@ CASES = [
         "output suffix",
         lambda tmp, mp: Run(_embed(tmp, _file(tmp, _lines(*S)), out="out.csv")),
         2,
-        "must end in .npy or .jsonl",
+        "must end in .npy, .jsonl or .parquet",
     ),
     Case(
         "output under a file",

@@ -53,7 +53,7 @@ def test_bad_options_and_unwritable_output_are_errors(tmp_path, sentences_file, 
     assert main(["embed", "-i", str(sentences_file), "-o", str(tmp_path / "o.npy"), "--batch-size", "0"]) == 2
     assert "batch_size must be a positive integer" in capsys.readouterr().err
     assert main(["embed", "-i", str(sentences_file), "-o", str(tmp_path / "o.csv")]) == 2
-    assert "must end in .npy or .jsonl" in capsys.readouterr().err
+    assert "must end in .npy, .jsonl or .parquet" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["embed", "-t", "prompteol", "-i", str(sentences_file), "-o", str(tmp_path / "file" / "o.npy")]) == 2
     assert "error: " in capsys.readouterr().err

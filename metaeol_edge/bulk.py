@@ -1,0 +1,741 @@
+"""Corpus-scale embedding: a resumable job on every core of one machine, or on a Ray cluster.
+
+A job cuts its input into shards of ``shard_size`` rows. Workers (this process,
+N engine processes, or Ray actors) embed the shards, and this process writes
+each finished shard to ``OUT.shards/NNNNNNNN.npy`` (atomically) as it arrives.
+Only when every shard is there is the output assembled from them, in input
+order, under a temporary name, then renamed into place, and the shards removed.
+A job killed at any point (``kill -9``, power loss) and started again with the
+same command finds its finished shards and computes only the others, with the
+cache on or off. What decides the vectors (the input file, the model file, every
+option) is written to ``OUT.shards/job.json`` first: a rerun with anything
+changed starts over instead of mixing vectors of two settings.
+
+The engine's vectors depend neither on what is batched with them nor on the
+number of threads (``tests/test_bulk.py`` checks it), so any split of the work
+gives the bytes of one process.
+
+Ray: :func:`embed_dataset` adds an ``embedding`` column to a Ray Dataset through
+``map_batches`` with an actor class, so each actor loads the model once; ``metaeol
+embed --ray`` runs the resumable job above with Ray actors as its workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .corpus import Record, VectorWriter, check_output, count_sentences, iter_records
+from .errors import InputError
+
+JOB_VERSION = 1
+DEFAULT_SHARD_SIZE = 32  # rows: what a kill can lose per worker, and what the last worker may run alone
+IN_FLIGHT_PER_WORKER = 2  # shards queued per worker, so none waits for the reader
+# Options that do not change a vector (how fast it is made, how much cache is kept): a rerun
+# that changes only these continues the job.
+NOT_IDENTITY = ("n_threads", "cache_max_bytes", "verbose")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How each shard is encoded (what ``MetaEOL.encode`` is given)."""
+
+    batch_size: int = 32
+    normalize_embeddings: bool = False
+    per_template: bool = False
+
+
+@dataclass
+class ShardResult:
+    """One shard's vectors (layers, rows, *shape), what the cache did, and the worker that made them."""
+
+    vectors: np.ndarray
+    hits: int = 0
+    misses: int = 0
+    worker: str = ""
+    peak_rss_mb: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # the worker's warnings, passed on to the job's caller
+
+
+@dataclass
+class BulkReport:
+    """What a job did: rows, how many were already done (resumed), cache use, time, each worker's peak RSS."""
+
+    output: Path
+    rows: int
+    resumed_rows: int = 0
+    shards: int = 0
+    hits: int = 0
+    misses: int = 0
+    seconds: float = 0.0
+    shape: tuple[int, ...] = ()
+    workers: dict[str, float] = field(default_factory=dict)  # worker -> peak RSS in MB
+
+    @property
+    def rows_per_s(self) -> float:
+        computed = self.rows - self.resumed_rows
+        return computed / self.seconds if self.seconds > 0 else float("nan")
+
+
+# -- what every kind of worker runs --------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size, in MB (MiB, as the benchmarks report it).
+
+    VmHWM where there is /proc: Linux carries ``ru_maxrss`` over from the parent
+    across fork and exec, so a spawned worker would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def embed_shard(
+    model: Any,
+    texts: list[str],
+    encode: EncodeOptions,
+    on_rows: Callable[[int], None] | None = None,
+    start: int = 0,
+) -> ShardResult:
+    """Embed one shard (input rows ``start``...) with a ``MetaEOL``: vectors as (layers, rows, *shape) float32.
+
+    Warnings are collected and returned rather than printed: a worker process's
+    would otherwise reach the terminal out of order, or not reach the caller.
+    """
+    from .embedder import EncodeStats
+
+    stats = EncodeStats()
+    parts: list[list[np.ndarray]] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in model.encode_batches(
+            texts,
+            batch_size=encode.batch_size,
+            normalize_embeddings=encode.normalize_embeddings,
+            show_progress_bar=False,
+            per_template=encode.per_template,
+            stats=stats,
+            start=start,
+        ):
+            per_layer = batch if isinstance(batch, list) else [batch]
+            parts.append(per_layer)
+            if on_rows is not None:
+                on_rows(len(per_layer[0]))
+    vectors = np.stack([np.concatenate([p[li] for p in parts]) for li in range(len(parts[0]))])
+    worker = f"{_host()}:{os.getpid()}"
+    return ShardResult(vectors, stats.hits, stats.misses, worker, peak_rss_mb(), [str(w.message) for w in caught])
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+class ShardEmbedder:
+    """A worker's model, loaded once: a process of the local pool, or a Ray actor."""
+
+    def __init__(self, options: dict[str, Any], encode: EncodeOptions) -> None:
+        from .embedder import MetaEOL
+
+        self.model = MetaEOL(**options)
+        self.encode = encode
+
+    def embed(self, index: int, start: int, texts: list[str]) -> tuple[int, ShardResult]:
+        return index, embed_shard(self.model, texts, self.encode, start=start)
+
+    def close(self) -> None:
+        self.model.close()
+
+
+# -- executors: where shards are embedded --------------------------------------------
+
+Shards = Iterable[tuple[int, int, list[str]]]
+"""(shard index, index of its first row in the input, its texts)"""
+OnRows = Callable[[int], None]
+"""Told of every row once, as it is embedded (within a shard where the worker can say so)."""
+
+
+class InProcess:
+    """Shards embedded by one model in this process (``--workers 1``)."""
+
+    name = "1 process"
+
+    def __init__(self, model: Any, encode: EncodeOptions) -> None:
+        self.model, self.encode = model, encode
+
+    def run(self, shards: Shards, on_rows: OnRows) -> Iterator[tuple[int, ShardResult]]:
+        for index, start, texts in shards:
+            yield index, embed_shard(self.model, texts, self.encode, on_rows, start)
+
+    def close(self) -> None:
+        pass  # the model is the caller's
+
+    kill = close
+
+
+def _worker_main(
+    options: dict[str, Any], encode: EncodeOptions, tasks: Any, results: Any, parent: int
+) -> None:  # pragma: no cover - runs in the worker processes
+    """A local worker: load the model once, embed shards until told to stop or the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    _exit_with_parent(parent)
+    warnings.simplefilter("always", UserWarning)
+    warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+    try:
+        worker = ShardEmbedder(options, encode)
+    except BaseException as exc:
+        results.put(("error", _picklable(exc)))
+        return
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        index, start, texts = item
+        try:
+            result = embed_shard(worker.model, texts, encode, lambda n: results.put(("rows", n)), start)
+            results.put(("shard", (index, result)))
+        except BaseException as exc:
+            results.put(("error", _picklable(exc)))
+            break
+    worker.close()
+
+
+def _exit_with_parent(parent: int) -> None:  # pragma: no cover - runs in the worker processes
+    """A worker whose parent died (``kill -9``) exits too, instead of computing for no one."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class ProcessPool:
+    """Shards embedded by N engine processes (spawned: no fork of a loaded model), each with its threads."""
+
+    def __init__(self, options: dict[str, Any], encode: EncodeOptions, workers: int, threads: int) -> None:
+        self.name = f"{workers} processes x {threads} thread{'s' if threads > 1 else ''}"
+        ctx = mp.get_context("spawn")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        options = options | {"n_threads": threads}
+        self.procs = [
+            ctx.Process(target=_worker_main, args=(options, encode, self.tasks, self.results, os.getpid()), daemon=True)
+            for _ in range(workers)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, shards: Shards, on_rows: OnRows) -> Iterator[tuple[int, ShardResult]]:
+        limit = IN_FLIGHT_PER_WORKER * len(self.procs)
+        pending = 0
+        it = iter(shards)
+        exhausted = False
+        while True:
+            while not exhausted and pending < limit:
+                item = next(it, None)
+                if item is None:
+                    exhausted = True
+                    break
+                self.tasks.put(item)
+                pending += 1
+            if pending == 0:
+                return
+            kind, value = self._next()
+            if kind == "error":
+                raise value
+            if kind == "rows":
+                on_rows(value)
+            else:
+                pending -= 1
+                yield value
+
+    def _next(self) -> tuple[str, Any]:
+        while True:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:  # killed (out of memory, say) without a word
+                    raise RuntimeError(f"a worker process died (exit code {dead[0].exitcode})") from None
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                self.tasks.put(None)
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.terminate()
+                p.join()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join()
+
+
+def ray_init(address: str | None = None, num_cpus: int | None = None) -> Any:
+    """Connect to Ray: ``local`` starts a cluster in this process, ``auto`` or ADDRESS joins a running one."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level="warning", log_to_driver=True)
+        try:
+            if address in (None, "local"):
+                ray.init(num_cpus=num_cpus, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = "a local Ray" if address in (None, "local") else f"Ray at {address}"
+            raise InputError(f"cannot start or reach {where}: {exc}") from exc
+    return ray
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise InputError('Ray is not installed: pip install "metaeol-edge[ray]"') from exc
+    return ray
+
+
+class RayPool:
+    """Shards embedded by Ray actors, each with its own model, threads and (its node's) cache."""
+
+    def __init__(
+        self, options: dict[str, Any], encode: EncodeOptions, actors: int, num_cpus: int, address: str | None
+    ) -> None:
+        ray = ray_init(address)
+        from ray.util import ActorPool
+
+        self.name = f"Ray, {actors} actors x {num_cpus} CPU{'s' if num_cpus > 1 else ''}"
+        actor = ray.remote(num_cpus=num_cpus)(ShardEmbedder)
+        options = options | {"n_threads": num_cpus}
+        self.ray = ray
+        self.actors = [actor.remote(options, encode) for _ in range(actors)]
+        self.pool = ActorPool(self.actors)
+
+    def run(self, shards: Shards, on_rows: OnRows) -> Iterator[tuple[int, ShardResult]]:
+        limit = IN_FLIGHT_PER_WORKER * len(self.actors)
+        pending = 0
+        for item in shards:
+            self.pool.submit(lambda a, v: a.embed.remote(*v), item)
+            pending += 1
+            if pending >= limit:
+                yield self._next(on_rows)
+                pending -= 1
+        for _ in range(pending):
+            yield self._next(on_rows)
+
+    def _next(self, on_rows: OnRows) -> tuple[int, ShardResult]:
+        try:
+            index, result = self.pool.get_next_unordered()
+            on_rows(result.vectors.shape[1])  # an actor's progress arrives with its shard
+            return index, result
+        except self.ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+        except self.ray.exceptions.ActorDiedError as exc:
+            raise RuntimeError(f"a Ray actor died: {exc}") from None
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+
+    kill = close
+
+
+# -- the job ------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def auto_workers(model_bytes: int, cores: int | None = None) -> int:
+    """``--workers auto``: one single-thread process per core for small models, else one process.
+
+    From benchmarks/bulk.py on 2 cores (see the README): for models up to ~300 MB,
+    two one-thread processes beat one two-thread process. A bigger model spends
+    its time in large matrix products that threads share well, and each worker
+    holds its own copy of the weights, so one process keeps memory flat.
+    """
+    cores = cores or usable_cores()
+    return max(1, cores) if model_bytes <= SMALL_MODEL_BYTES else 1
+
+
+SMALL_MODEL_BYTES = 400_000_000
+
+
+def shards_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".shards")
+
+
+def _shard_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:08d}.npy"
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def job_identity(
+    input: Path,
+    fmt: str | None,
+    text_column: str,
+    id_column: str | None,
+    rows: int,
+    shard_size: int,
+    model: Any,
+    options: dict[str, Any],
+    encode: EncodeOptions,
+) -> dict[str, Any]:
+    """Everything that decides a job's vectors and rows (not how fast or where they are made)."""
+    units = hashlib.sha256("\x00".join(u.key for u in model.units).encode("utf-8")).hexdigest()
+    kept = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items() if k not in NOT_IDENTITY}
+    return {
+        "version": JOB_VERSION,
+        "input": _file_identity(input) | {"format": fmt, "text_column": text_column, "id_column": id_column},
+        "rows": rows,
+        "shard_size": shard_size,
+        "model": _file_identity(model.model_path) | {"label": model.model_label},
+        "prompts": units,
+        "method": model.method.name,
+        "layers": list(model.layers),
+        "options": json.loads(json.dumps(kept, default=str)),
+        "encode": asdict(encode),
+    }
+
+
+def _prepare(folder: Path, identity: dict[str, Any]) -> set[int]:
+    """Open the job's folder: the indices of shards already finished (none if the job changed)."""
+    stamp = folder / "job.json"
+    if folder.exists() and not stamp.is_file():  # never delete a folder this module did not make
+        raise InputError(f"{folder} exists and is not an unfinished job's folder: move it away, or name another output")
+    if folder.is_dir():
+        try:
+            same = json.loads(stamp.read_text(encoding="utf-8")) == identity
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            warnings.warn(
+                f"{folder} holds shards of a job with another input, model or options; starting over",
+                stacklevel=2,
+            )
+            shutil.rmtree(folder)
+    if not folder.is_dir():
+        from .files import atomic_write
+
+        folder.mkdir(parents=True)
+        with atomic_write(stamp) as f:
+            f.write(json.dumps(identity, indent=1).encode("utf-8"))
+    for leftover in folder.glob(".*.part"):  # what a kill left mid-write
+        leftover.unlink(missing_ok=True)
+    return {int(p.stem) for p in folder.glob("*.npy") if p.stem.isdigit()}
+
+
+def _grouped(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    group: list[Record] = []
+    for record in records:
+        group.append(record)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _write_shard(folder: Path, index: int, vectors: np.ndarray, output: Path) -> None:
+    from .files import atomic_write
+
+    try:
+        with atomic_write(_shard_path(folder, index)) as f:
+            # Header and bytes written here rather than by np.save, whose short-write error hides the errno.
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            header = {
+                "descr": np.lib.format.dtype_to_descr(vectors.dtype),
+                "fortran_order": False,
+                "shape": vectors.shape,
+            }
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(vectors.tobytes())
+    except OSError as exc:  # a full disk: name the user's output, not the shard's temporary file
+        raise InputError(f"cannot write output {output}: {exc.strerror or exc}") from exc
+
+
+def _load_shard(folder: Path, index: int, rows: int) -> np.ndarray:
+    path = _shard_path(folder, index)
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        path.unlink(missing_ok=True)
+        raise InputError(f"shard {path} is unreadable ({exc}); it was removed: run the same command again") from exc
+    if vectors.ndim < 3 or vectors.shape[1] != rows:
+        path.unlink(missing_ok=True)
+        raise InputError(f"shard {path} has {vectors.shape} vectors, not {rows} rows; it was removed: run again")
+    return vectors
+
+
+def embed_file(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    options: dict[str, Any],
+    *,
+    fmt: str | None = None,
+    text_column: str = "text",
+    id_column: str | None = None,
+    encode: EncodeOptions = EncodeOptions(),  # noqa: B008 - frozen
+    workers: int | str = 1,
+    threads: int | None = None,
+    ray: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    show_progress: bool = True,
+) -> BulkReport:
+    """Embed every row of ``input`` into ``output``, resumably, on ``workers`` processes or Ray actors.
+
+    ``options`` are ``MetaEOL``'s keyword arguments (``model``, ``templates``,
+    ``layer``, ...). ``workers``: processes (or, with ``ray``, actors), or
+    ``"auto"``; ``threads``: the engine threads of all workers together (default:
+    the usable cores), split evenly. ``ray``: ``local``, ``auto`` or a cluster
+    address. The output appears only when complete; shards of an unfinished job
+    wait in ``OUTPUT.shards/`` for the same command to continue them.
+    """
+    from .embedder import MetaEOL
+
+    input, output = Path(input), check_output(output, (input,))
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise InputError(f"shard size must be a positive number of rows, not {shard_size!r}")
+    if not isinstance(encode.batch_size, int) or encode.batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, not {encode.batch_size!r}")
+    rows = count_sentences(input, fmt, text_column, id_column)  # every row checked before any work
+    if id_column is not None and output.suffix.lower() == ".npy":
+        raise InputError("a .npy output holds vectors only; write .jsonl or .parquet to keep the ids")
+    start = time.monotonic()
+    model = MetaEOL(**options)  # checks every option and reads the model's header; loads nothing yet
+    folder = shards_dir(output)
+    ours = False  # whether the folder is this job's (and so may be cleaned up)
+    try:
+        n_workers = _workers(workers, model)
+        cores = threads or usable_cores()
+        if n_workers < 1 or cores < 1:
+            raise InputError("workers and threads must be at least 1")
+        identity = job_identity(input, fmt, text_column, id_column, rows, shard_size, model, options, encode)
+        done = _prepare(folder, identity)
+        ours = True
+        n_shards = math.ceil(rows / shard_size)
+        resumed = sum(min(shard_size, rows - i * shard_size) for i in done if i < n_shards)
+        n_workers = max(1, min(n_workers, n_shards - len(done)))  # a worker with no shard would load for nothing
+        report = BulkReport(output, rows, resumed_rows=resumed, shards=n_shards)
+        todo = (
+            (i, i * shard_size, [text for _, text in group])
+            for i, group in enumerate(_grouped(iter_records(input, fmt, text_column, id_column), shard_size))
+            if i not in done
+        )
+        if ray is not None:
+            executor: Any = RayPool(options, encode, n_workers, max(1, cores // n_workers), ray)
+        elif n_workers > 1:
+            model.close()
+            executor = ProcessPool(options, encode, n_workers, max(1, cores // n_workers))
+        else:
+            if threads is not None:
+                model.close()
+                model = MetaEOL(**(options | {"n_threads": threads}))
+            executor = InProcess(model, encode)
+        bar = _bar(rows, resumed, show_progress, executor.name)
+        finished = False
+        try:
+            for index, result in executor.run(todo, bar.update if bar is not None else lambda n: None):
+                _write_shard(folder, index, result.vectors, output)
+                for message in result.warnings:
+                    warnings.warn(message, stacklevel=2)
+                report.hits += result.hits
+                report.misses += result.misses
+                report.workers[result.worker] = max(report.workers.get(result.worker, 0.0), result.peak_rss_mb)
+            finished = True
+        finally:
+            if bar is not None:
+                bar.close()
+            (executor.close if finished else executor.kill)()
+        report.shape = _assemble(folder, output, input, fmt, text_column, id_column, rows, shard_size)
+        shutil.rmtree(folder, ignore_errors=True)
+        report.seconds = time.monotonic() - start
+        return report
+    except BaseException:
+        if ours and folder.is_dir():
+            kept = len(list(folder.glob("*.npy")))
+            if not kept:
+                shutil.rmtree(folder, ignore_errors=True)  # nothing to resume: leave nothing behind
+            else:
+                warnings.warn(
+                    f"{kept} finished shard(s) of {math.ceil(rows / shard_size)} are kept in {folder}: "
+                    "the same command continues from them",
+                    stacklevel=2,
+                )
+        raise
+    finally:
+        model.close()
+
+
+def _workers(workers: int | str, model: Any) -> int:
+    if workers == "auto":
+        return auto_workers(model.info.size)  # every part of a split model
+    if isinstance(workers, str):
+        if not workers.isdigit():
+            raise InputError(f"workers must be a number or 'auto', not {workers!r}")
+        workers = int(workers)
+    return workers
+
+
+def _bar(total: int, initial: int, show: bool, name: str):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=initial, unit="row", desc=f"embedding ({name})", file=sys.stderr, dynamic_ncols=True
+    )
+
+
+def _assemble(
+    folder: Path,
+    output: Path,
+    input: Path,
+    fmt: str | None,
+    text_column: str,
+    id_column: str | None,
+    rows: int,
+    shard_size: int,
+) -> tuple[int, ...]:
+    """Write the output from the shards and a second pass over the input (for texts and ids), in order."""
+    first = _load_shard(folder, 0, min(shard_size, rows))
+    layers, shape = first.shape[0], first.shape[2:]
+    with VectorWriter(output, rows, shape, layers=layers, ids=id_column is not None) as writer:
+        records = iter_records(input, fmt, text_column, id_column)
+        for i, group in enumerate(_grouped(records, shard_size)):
+            vectors = _load_shard(folder, i, len(group))
+            texts = [text for _, text in group]
+            ids = [id_ for id_, _ in group] if id_column is not None else None
+            writer.write(texts, list(vectors) if layers > 1 else vectors[0], ids)
+    return (layers, rows, *shape) if layers > 1 else (rows, *shape)
+
+
+# -- Ray Data ------------------------------------------------------------------------
+
+
+class DatasetEmbedder:
+    """``map_batches`` callable class: one model per actor, loaded once, embedding a column of each batch."""
+
+    def __init__(self, options: dict[str, Any], column: str, output_column: str, encode: EncodeOptions) -> None:
+        from .embedder import MetaEOL
+
+        self.model = MetaEOL(**options)
+        self.column, self.output_column, self.encode = column, output_column, encode
+
+    def __call__(self, batch: Any) -> Any:
+        from .corpus import _fixed_size_lists
+
+        if self.column not in batch.column_names:
+            raise InputError(f"the dataset has no column {self.column!r}; its columns: {batch.column_names}")
+        texts = batch.column(self.column).to_pylist()
+        result = embed_shard(self.model, texts, self.encode)
+        vectors = result.vectors[0] if result.vectors.shape[0] == 1 else np.moveaxis(result.vectors, 0, 1)
+        return batch.append_column(self.output_column, _fixed_size_lists(np.ascontiguousarray(vectors)))
+
+
+def embed_dataset(
+    ds: Any,
+    model: str | os.PathLike[str] | None = None,
+    templates: str = "metaeol",
+    *,
+    column: str = "text",
+    output_column: str = "embedding",
+    concurrency: int = 1,
+    num_cpus: float = 1,
+    batch_size: int = 32,
+    normalize_embeddings: bool = False,
+    **options: Any,
+) -> Any:
+    """A Ray Dataset with an ``embedding`` column (fixed-size lists of float32) added; every other column kept.
+
+    ``concurrency`` actors, each reserving ``num_cpus`` CPUs and running the
+    engine with that many threads, each loading the model once (a registry id
+    is pulled on each node through the registry, SHA-256 checked; a path must
+    exist on every node: shared storage) and using its node's cache. Other
+    keyword arguments go to ``MetaEOL`` (``layer``, ``method``, ``cache``, ...).
+    The vectors are those of ``MetaEOL.encode``, bit for bit. Lazy, as every
+    Ray Dataset: nothing runs until the result is consumed or written.
+    """
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise InputError(f"concurrency must be a positive integer, not {concurrency!r}")
+    if not num_cpus > 0:
+        raise InputError(f"num_cpus must be positive, not {num_cpus!r}")
+    _import_ray()
+    options = dict(model=model, templates=templates, n_threads=max(1, int(num_cpus))) | options
+    return ds.map_batches(
+        DatasetEmbedder,
+        fn_constructor_kwargs=dict(
+            options=options,
+            column=column,
+            output_column=output_column,
+            encode=EncodeOptions(batch_size, normalize_embeddings, False),
+        ),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+    )
+
+
+__all__ = [
+    "BulkReport",
+    "DatasetEmbedder",
+    "EncodeOptions",
+    "auto_workers",
+    "embed_dataset",
+    "embed_file",
+    "ray_init",
+]

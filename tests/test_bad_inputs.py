@@ -146,8 +146,10 @@ def _cache() -> Path:
 
 
 def _warm(tmp: Path, sentences: list[str], *extra: str) -> None:
-    """Fill the cache with these sentences' vectors, as a first run does."""
-    assert main(_embed(tmp, _file(tmp, _lines(*sentences), "warm.txt"), *extra, out="warm.npy")) == 0
+    """Fill the cache with these sentences' vectors, as a first run does, in input order (one process):
+    the faults below pick the last entry written, one of the sentences the run then reads."""
+    warm = _file(tmp, _lines(*sentences), "warm.txt")
+    assert main(_embed(tmp, warm, *extra, "--workers", "1", out="warm.npy")) == 0
 
 
 def _cache_fault(fault: str, verb: str = "embed"):

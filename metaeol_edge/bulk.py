@@ -418,16 +418,31 @@ def _shard_path(folder: Path, index: int) -> Path:
     return folder / f"{index:08d}.npy"
 
 
+@dataclass(frozen=True)
+class Source:
+    """A job's input: the file, its format and the columns read (what every pass over it needs)."""
+
+    path: Path
+    fmt: str | None = None
+    text_column: str = "text"
+    id_column: str | None = None
+
+    def records(self) -> Iterator[Record]:
+        return iter_records(self.path, self.fmt, self.text_column, self.id_column)
+
+    def shards(self, size: int) -> Iterator[list[Record]]:
+        from .embedder import batched
+
+        return batched(self.records(), size)  # type: ignore[return-value]
+
+
 def _file_identity(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def job_identity(
-    input: Path,
-    fmt: str | None,
-    text_column: str,
-    id_column: str | None,
+    source: Source,
     rows: int,
     shard_size: int,
     model: Any,
@@ -439,7 +454,8 @@ def job_identity(
     kept = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items() if k not in NOT_IDENTITY}
     return {
         "version": JOB_VERSION,
-        "input": _file_identity(input) | {"format": fmt, "text_column": text_column, "id_column": id_column},
+        "input": _file_identity(source.path)
+        | {"format": source.fmt, "text_column": source.text_column, "id_column": source.id_column},
         "rows": rows,
         "shard_size": shard_size,
         "model": _file_identity(model.model_path) | {"label": model.model_label},
@@ -476,17 +492,6 @@ def _prepare(folder: Path, identity: dict[str, Any]) -> set[int]:
     for leftover in folder.glob(".*.part"):  # what a kill left mid-write
         leftover.unlink(missing_ok=True)
     return {int(p.stem) for p in folder.glob("*.npy") if p.stem.isdigit()}
-
-
-def _grouped(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
-    group: list[Record] = []
-    for record in records:
-        group.append(record)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def _write_shard(folder: Path, index: int, vectors: np.ndarray, output: Path) -> None:
@@ -546,12 +551,13 @@ def embed_file(
     """
     from .embedder import MetaEOL
 
-    input, output = Path(input), check_output(output, (input,))
+    output = check_output(output, (input,))
+    source = Source(Path(input), fmt, text_column, id_column)
     if not isinstance(shard_size, int) or shard_size < 1:
         raise InputError(f"shard size must be a positive number of rows, not {shard_size!r}")
     if not isinstance(encode.batch_size, int) or encode.batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, not {encode.batch_size!r}")
-    rows = count_sentences(input, fmt, text_column, id_column)  # every row checked before any work
+    rows = count_sentences(source.path, fmt, text_column, id_column)  # every row checked before any work
     if id_column is not None and output.suffix.lower() == ".npy":
         raise InputError("a .npy output holds vectors only; write .jsonl or .parquet to keep the ids")
     start = time.monotonic()
@@ -563,7 +569,7 @@ def embed_file(
         cores = threads or usable_cores()
         if n_workers < 1 or cores < 1:
             raise InputError("workers and threads must be at least 1")
-        identity = job_identity(input, fmt, text_column, id_column, rows, shard_size, model, options, encode)
+        identity = job_identity(source, rows, shard_size, model, options, encode)
         done = _prepare(folder, identity)
         ours = True
         n_shards = math.ceil(rows / shard_size)
@@ -572,7 +578,7 @@ def embed_file(
         report = BulkReport(output, rows, resumed_rows=resumed, shards=n_shards)
         todo = (
             (i, i * shard_size, [text for _, text in group])
-            for i, group in enumerate(_grouped(iter_records(input, fmt, text_column, id_column), shard_size))
+            for i, group in enumerate(source.shards(shard_size))
             if i not in done
         )
         if ray is not None:
@@ -600,7 +606,7 @@ def embed_file(
             if bar is not None:
                 bar.close()
             (executor.close if finished else executor.kill)()
-        report.shape = _assemble(folder, output, input, fmt, text_column, id_column, rows, shard_size)
+        report.shape = _assemble(folder, output, source, rows, shard_size)
         shutil.rmtree(folder, ignore_errors=True)
         report.seconds = time.monotonic() - start
         return report
@@ -640,25 +646,26 @@ def _bar(total: int, initial: int, show: bool, name: str):
     )
 
 
-def _assemble(
-    folder: Path,
-    output: Path,
-    input: Path,
-    fmt: str | None,
-    text_column: str,
-    id_column: str | None,
-    rows: int,
-    shard_size: int,
-) -> tuple[int, ...]:
-    """Write the output from the shards and a second pass over the input (for texts and ids), in order."""
+def _assemble(folder: Path, output: Path, source: Source, rows: int, shard_size: int) -> tuple[int, ...]:
+    """Write the output from the shards, in order.
+
+    A .jsonl or .parquet output carries each row's text or id: those come from a
+    second pass over the input. A .npy output holds vectors only, so the shards
+    alone make it, without reading the input again.
+    """
     first = _load_shard(folder, 0, min(shard_size, rows))
     layers, shape = first.shape[0], first.shape[2:]
-    with VectorWriter(output, rows, shape, layers=layers, ids=id_column is not None) as writer:
-        records = iter_records(input, fmt, text_column, id_column)
-        for i, group in enumerate(_grouped(records, shard_size)):
+    with VectorWriter(output, rows, shape, layers=layers, ids=source.id_column is not None) as writer:
+        if writer.kind == "npy":
+            groups: Iterator[list[Record]] = (
+                [(None, "")] * min(shard_size, rows - start) for start in range(0, rows, shard_size)
+            )
+        else:
+            groups = source.shards(shard_size)
+        for i, group in enumerate(groups):
             vectors = _load_shard(folder, i, len(group))
             texts = [text for _, text in group]
-            ids = [id_ for id_, _ in group] if id_column is not None else None
+            ids = [id_ for id_, _ in group] if source.id_column is not None else None
             writer.write(texts, list(vectors) if layers > 1 else vectors[0], ids)
     return (layers, rows, *shape) if layers > 1 else (rows, *shape)
 

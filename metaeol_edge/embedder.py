@@ -245,7 +245,7 @@ class Embedder:
         call = EncodeStats()
         try:
             offset = start
-            for chunk in _chunks(sentences, batch_size):
+            for chunk in batched(sentences, batch_size):
                 texts = self._clean(chunk, offset)
                 states = self._states(texts, offset, call, bar, self.truncate if truncate is None else truncate)
                 results = []
@@ -620,7 +620,8 @@ class MetaEOL(Embedder):
             return self._fits[layer]
 
 
-def _chunks(items: Iterable[object], size: int) -> Iterator[list[object]]:
+def batched(items: Iterable[object], size: int) -> Iterator[list[object]]:
+    """Lists of ``size`` items in order (the last may be shorter), taken from any iterable as it streams."""
     chunk: list[object] = []
     for item in items:
         chunk.append(item)

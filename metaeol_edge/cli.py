@@ -467,10 +467,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
                 "pulled": pulled,
                 "path": str(registry.model_path(spec.id)) if pulled else None,
                 "license": spec.license,
+                "source": "registry",
             }
         )
-    for row in rows:
-        row["source"] = "registry"
     found_rows = _found_rows(specs)
     if args.json:
         print(json.dumps(rows + found_rows, indent=2))

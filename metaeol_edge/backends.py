@@ -83,12 +83,25 @@ class LlamaCppBackend(Backend):
         n_threads: int | None = None,
         max_length: int = 512,
         verbose: bool = False,
+        mode: str = "one-at-a-time",
+        pack: int | None = None,
+        n_batch: int = 512,
+        align: int = 16,
     ) -> None:
         from .engine import Engine
 
         self.engine = Engine(
-            model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, max_length=max_length, verbose=verbose
+            model_path,
+            n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads,
+            max_length=max_length,
+            verbose=verbose,
+            mode=mode,
+            pack=pack,
+            n_batch=n_batch,
+            align=align,
         )
+        self.cache_tag = llama_cpp_cache_tag({"mode": mode, "align": align})
         self.model_path = Path(model_path)
         self.n_layer = self.engine.n_layer
         self.dim = self.engine.n_embd
@@ -116,6 +129,15 @@ class LlamaCppBackend(Backend):
         self.engine.close()
 
 
+def llama_cpp_cache_tag(options: dict[str, object]) -> str:
+    """The engine's cache tag: "" one prompt per decode (the 0.1 keys); ``packed``, or
+    ``packed-alignN`` for another alignment, whose vectors differ in the last bits."""
+    if options.get("mode", "one-at-a-time") == "one-at-a-time":
+        return ""
+    align = options.get("align", 16)
+    return "packed" if align == 16 else f"packed-align{align}"
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """A backend by name: how to make one for a model file, and what it adds to cache keys."""
@@ -138,7 +160,7 @@ def _pytorch(model_path: Path, **options: object) -> Backend:
 
 
 _BACKENDS: dict[str, BackendSpec] = {
-    "llama.cpp": BackendSpec("llama.cpp", LlamaCppBackend, lambda options: ""),
+    "llama.cpp": BackendSpec("llama.cpp", LlamaCppBackend, llama_cpp_cache_tag),
     "naive": BackendSpec("naive", _naive, lambda options: "naive"),
     "pytorch": BackendSpec(
         "pytorch", _pytorch, lambda options: f"pytorch-{options.get('dtype', 'float32')}-{options.get('device', '')}"

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,15 @@ def _parser() -> argparse.ArgumentParser:
             help="another quantization level of the model (f32, f16, q8_0, q4_k_m, ...), made once from its F32 "
             "dequantization and kept in the store",
         )
-        sp.add_argument("--templates", "-t", default="metaeol", help="metaeol, prompteol, or a template file")
+        sp.add_argument(
+            "--templates", "-t", default=None, help="metaeol (default), prompteol, another built-in set, or a file"
+        )
+        sp.add_argument(
+            "--preset",
+            default=None,
+            help="a measured configuration (templates, layer, post-processing fit) instead of the paper's: "
+            "quality (see `metaeol presets`)",
+        )
         sp.add_argument(
             "--method",
             default=None,
@@ -87,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--layer",
-            default="-1",
+            default=None,
             help="hidden state to read: -1 = final layer after the final norm (default), k = output of block k "
             "(1..n_layer), -j counts from the end, 0.8 = that share of the depth; several, comma-separated, are read "
             "in one pass (embed writes one vector per layer)",
@@ -99,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
             "--postprocess", action="store_true", help="apply the per-dimension fit stored by fit-postprocess"
         )
         sp.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a Metal/CUDA GPU")
+        sp.add_argument(
+            "--engine-mode",
+            choices=["one-at-a-time", "packed"],
+            default=None,
+            help="one prompt per decode, or many packed into each (for GPUs; its own cache entries) "
+            "(default: one-at-a-time on the CPU, packed with --n-gpu-layers)",
+        )
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
 
     e = sub.add_parser("embed", help="embed sentences from a file")
@@ -154,14 +170,24 @@ def _parser() -> argparse.ArgumentParser:
     model_options(d)
     d.set_defaults(func=cmd_demo)
 
+    pr = sub.add_parser("presets", help="list the measured configurations --preset can name")
+    pr.add_argument("--json", action="store_true", help="one JSON object")
+    pr.set_defaults(func=cmd_presets)
+
     f = sub.add_parser(
-        "fit-postprocess", help="fit per-dimension standardization (or whitening) on a corpus and store it"
+        "fit-postprocess", help="fit post-processing (standardize, whiten, ...) on unlabeled text and store it"
     )
     model_options(f)
     f.add_argument("--input", "-i", required=True, help="unlabeled sentences, one per line (not your test set)")
     f.add_argument("--format", choices=list(FORMATS), default=None, help="input format (default: by extension)")
     f.add_argument("--text-column", default="text", help="the column (or JSONL field) to read (default: text)")
-    f.add_argument("--whiten", action="store_true", help="decorrelate dimensions too (needs more sentences than dims)")
+    f.add_argument(
+        "--kind",
+        default=None,
+        help="center, standardize, whiten, whiten:K (keep the top K dimensions) or abtt:K (remove the top K "
+        "directions) (default: the preset's, else standardize); whitening needs more sentences than dimensions",
+    )
+    f.add_argument("--whiten", action="store_true", help="the same as --kind whiten")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fit_postprocess)
@@ -297,8 +323,10 @@ def _model_options(args: argparse.Namespace) -> dict:
     return dict(
         model=model,
         templates=args.templates,
+        preset=args.preset,
         method=args.method,
         n_gpu_layers=args.n_gpu_layers,
+        engine_mode=args.engine_mode,
         n_threads=args.threads,
         max_length=args.max_length,
         preprocess=not args.no_preprocess,
@@ -306,9 +334,9 @@ def _model_options(args: argparse.Namespace) -> dict:
         cache=not args.no_cache,
         cache_dtype=args.cache_dtype,
         cache_max_bytes=int(args.cache_max_mb * 1e6) if args.cache_max_mb else None,
-        layer=[x.strip() for x in args.layer.split(",")] if "," in args.layer else args.layer,
+        layer=[x.strip() for x in args.layer.split(",")] if args.layer and "," in args.layer else args.layer,
         early_exit=not args.no_early_exit,
-        postprocess=args.postprocess,
+        postprocess=args.postprocess or None,
     )
 
 
@@ -316,8 +344,8 @@ def _reference(args: argparse.Namespace):
     """The PyTorch reference for ``eval --reference``: a registry id becomes its GGUF file."""
     from .reference import Reference
 
-    if args.postprocess:
-        raise InputError("--postprocess applies to the llama.cpp engine only, not to --reference")
+    if args.postprocess or args.preset:
+        raise InputError("--postprocess and --preset apply to the llama.cpp engine only, not to --reference")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     label = args.model or registry.default_model_id()
@@ -332,12 +360,12 @@ def _reference(args: argparse.Namespace):
     # Anything else (a .gguf path, a folder, a Hugging Face id) goes to transformers as given.
     return Reference(
         model,
-        args.templates,
+        args.templates or "metaeol",
         method=args.method,
         dtype=args.dtype or "float32",
         device=args.device,
         preprocess=not args.no_preprocess,
-        layer=args.layer,
+        layer=args.layer or "-1",
         label=label,
     )
 
@@ -390,7 +418,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.removesuffix('_s').replace('_', '-')} must be positive")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be 0..65535, not {args.port}")
-    if "," in args.layer:
+    if args.layer and "," in args.layer:
         raise InputError("the server reads one layer per model")
     api_key = args.api_key or os.environ.get("METAEOL_API_KEY") or None
     if not server.is_loopback(args.host) and not api_key:
@@ -672,15 +700,32 @@ def cmd_fit_postprocess(args: argparse.Namespace) -> int:
     sentences = read_sentences(args.input, args.format, args.text_column)
     args.postprocess = False
     with _model(args) as model:
+        if args.whiten and args.kind not in (None, "whiten"):
+            raise InputError(f"--whiten and --kind {args.kind} disagree: give one")
         paths = model.fit_postprocess(
             sentences,
-            kind="whiten" if args.whiten else "standardize",
+            kind="whiten" if args.whiten else args.kind,
             batch_size=args.batch_size,
             show_progress_bar=not args.quiet,
         )
     for path in paths:
         print(path)
     print(f"fitted on {len(sentences)} sentences; use it with --postprocess", file=sys.stderr)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import load_presets
+
+    presets = load_presets()
+    if args.json:
+        print(json.dumps({name: asdict(p) for name, p in presets.items()}, indent=2))
+        return 0
+    for p in presets.values():
+        print(f"{p.name}: templates {p.templates}, layer {p.layer}, post-processing {p.postprocess}")
+        print(f"  {p.description}")
+        for model, fit in p.fits.items():
+            print(f"  ships a fit for {model} (made on {fit.fit_on})")
     return 0
 
 
@@ -775,7 +820,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{m.level:<9}{m.size_bytes / 1e6:>7.0f}{m.sentences_per_s:>9.2f}{m.stsb:>8.2f}", flush=True)
 
     print(f"{'level':<9}{'MB':>7}{'sent/s':>9}{'STS-B':>8}   ({args.pairs} STS-B test pairs, {args.n} sentences timed)")
-    rows = measurements.bench(open_model, model_id, args.templates, levels, data, args.n, on_row=show)
+    rows = measurements.bench(open_model, model_id, args.templates or "metaeol", levels, data, args.n, on_row=show)
     measurements.record(registry.store_dir(), rows)
     stored = measurements.load(registry.store_dir())
     fastest = max(rows, key=lambda m: m.sentences_per_s)

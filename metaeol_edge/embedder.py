@@ -29,11 +29,13 @@ from . import identity, registry
 from . import postprocess as pp
 from .backends import Backend, open_backend, spec_for
 from .cache import EmbeddingCache
+from .engine import check_engine_options
 from .errors import InputError, ModelError
 from .identity import CacheKey
 from .layers import FINAL, LayerSpec, early_exit_blocks, resolve_layers
 from .methods import Method, make_method
 from .modelfile import inspect_gguf, truncate_gguf
+from .presets import Preset, get_preset
 from .prompts import TemplateSet, load_templates, preprocess
 
 
@@ -110,7 +112,9 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self._dim
+        """The width of the vectors ``encode`` returns (a ``whiten:K`` post-processing makes it K)."""
+        fits = self._postprocess_fits()
+        return fits[0].out_dim if fits else self._dim
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.dim
@@ -163,7 +167,7 @@ class Embedder:
             raise InputError("sentences must be str, not bytes: decode them first (e.g. data.decode('utf-8'))")
         single = isinstance(sentences, str)
         items: Sequence[str] = [sentences] if single else list(sentences)  # type: ignore[list-item]
-        shape = (len(items), len(self.units), self.dim) if per_template else (len(items), self.dim)
+        shape = (len(items), len(self.units), self._dim) if per_template else (len(items), self.dim)
         results = [np.empty(shape, dtype=np.float32) for _ in self.layers]
         done = 0
         for batch in self.encode_batches(
@@ -307,7 +311,7 @@ class Embedder:
     def _states(self, sentences: list[str], offset: int, stats: EncodeStats, bar, truncate: bool) -> np.ndarray:
         """Prompt states (len, L, T, dim) of sentences[offset:...] of the caller's input, cache first."""
         n_t, n_l = len(self.units), len(self.layers)
-        out = np.empty((len(sentences), n_l, n_t, self.dim), dtype=np.float32)
+        out = np.empty((len(sentences), n_l, n_t, self._dim), dtype=np.float32)
         # Truncation is decided (refused, or cut and reported) for every sentence, cached or not.
         fitted = [self._fit(s, offset + i, stats, truncate) for i, s in enumerate(sentences)]
         keys: dict[tuple[int, int, int], CacheKey] = {}
@@ -442,6 +446,11 @@ class MetaEOL(Embedder):
     ``early_exit`` (default) a model asked only for lower layers runs a copy
     truncated above the highest one, written once into the model store.
     ``postprocess=True`` applies the fit stored by :meth:`fit_postprocess`.
+    ``preset`` names a measured configuration (:mod:`metaeol_edge.presets`):
+    its templates, layer and post-processing, with the fit it ships for the
+    model or the user's own; the defaults stay the paper's.
+    ``engine_mode``: ``"one-at-a-time"`` or ``"packed"`` (many prompts per
+    decode, for GPUs; its own cache entries); None picks per device.
     ``method`` names a registered method (:mod:`metaeol_edge.methods`; default
     ``eol``, the paper's) or is a ``Method``; ``backend`` is ``llama.cpp``
     (default), ``naive`` or ``pytorch`` (:mod:`metaeol_edge.backends`), with
@@ -451,12 +460,14 @@ class MetaEOL(Embedder):
     def __init__(
         self,
         model: str | os.PathLike[str] | None = None,
-        templates: str | os.PathLike[str] | TemplateSet = "metaeol",
+        templates: str | os.PathLike[str] | TemplateSet | None = None,
         *,
+        preset: str | None = None,
         method: str | Method | None = None,
         backend: str = "llama.cpp",
         backend_options: dict[str, object] | None = None,
         n_gpu_layers: int = 0,
+        engine_mode: str | None = None,
         n_threads: int | None = None,
         max_length: int = 512,
         preprocess: bool = True,
@@ -464,15 +475,20 @@ class MetaEOL(Embedder):
         cache: bool | str | os.PathLike[str] | EmbeddingCache = True,
         cache_dtype: str = "float32",
         cache_max_bytes: int | None = None,
-        layer: LayerSpec | Sequence[LayerSpec] = FINAL,
+        layer: LayerSpec | Sequence[LayerSpec] | None = None,
         early_exit: bool = True,
-        postprocess: bool = False,
+        postprocess: bool | None = None,
         verbose: bool = False,
     ) -> None:
+        self.preset = get_preset(preset) if preset is not None else None
+        if self.preset is not None:
+            templates, layer, postprocess = _apply_preset(self.preset, templates, layer, postprocess)
         model = model or registry.default_model_id()
         label = str(model)
         self.model_path = registry.resolve_model(model, progress=pull_progress() if sys.stderr.isatty() else None)
         self.info = inspect_gguf(self.model_path)
+        templates = "metaeol" if templates is None else templates
+        layer = FINAL if layer is None else layer
         self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
         if self.info.n_ctx_train and isinstance(max_length, int) and max_length > self.info.n_ctx_train:
             # Positions past the training context are untrained: slow, and no vector worth having.
@@ -484,7 +500,13 @@ class MetaEOL(Embedder):
         options = dict(backend_options or {})
         if self._backend_spec.name == "llama.cpp":
             options = dict(n_gpu_layers=n_gpu_layers, n_threads=n_threads, max_length=max_length, verbose=verbose)
+            # One prompt per decode on the CPU, where packing measured slower (README, "Throughput
+            # mode and GPUs"); packed when layers are offloaded. That GPU default is not yet measured.
+            options["mode"] = engine_mode or ("packed" if n_gpu_layers != 0 else "one-at-a-time")
             options |= backend_options or {}
+            check_engine_options(options["mode"], options.get("align", 16), options.get("pack"))  # type: ignore[arg-type]
+        elif engine_mode is not None:
+            raise ValueError(f"engine_mode applies to the llama.cpp backend, not to {self._backend_spec.name!r}")
         elif self._backend_spec.name == "naive":
             options = dict(n_threads=n_threads) | options
         self._backend_options = options
@@ -493,7 +515,7 @@ class MetaEOL(Embedder):
         # a split model is run whole: its truncated copy would need every part rewritten).
         uses_engine = self._backend_spec.name == "llama.cpp" and self.info.split_count == 1
         self._exit_blocks = early_exit_blocks(layers, self.info.n_layer, early_exit and uses_engine)
-        self.postprocess = postprocess
+        self.postprocess = bool(postprocess)
         self._fits: dict[int, pp.Postprocess] = {}
         self._fingerprint: str | None = None
         opened: EmbeddingCache | None
@@ -574,17 +596,21 @@ class MetaEOL(Embedder):
     def fit_postprocess(
         self,
         sentences: Iterable[str],
-        kind: str = "standardize",
+        kind: str | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
     ) -> list[Path]:
-        """Fit per-dimension post-processing on an unlabeled corpus, store it, and switch it on.
+        """Fit post-processing on an unlabeled corpus, store it, and switch it on.
 
-        Never fit on the sentences you evaluate on: that leaks their statistics.
-        Returns the stored files, one per layer.
+        ``kind``: center, standardize, whiten, whiten:K or abtt:K
+        (:mod:`metaeol_edge.postprocess`); default the preset's, else
+        standardize. The stored fit wins over a preset's shipped one. Never fit
+        on the sentences you evaluate on: that leaks their statistics. Returns
+        the stored files, one per layer.
         """
-        if kind not in pp.KINDS:
-            raise ValueError(f"post-processing kind must be one of {', '.join(pp.KINDS)}, not {kind!r}")
+        if kind is None:
+            kind = self.preset.postprocess if self.preset is not None else "standardize"
+        pp.parse_kind(kind)
         batches = list(self.encode_batches(sentences, batch_size, show_progress_bar=show_progress_bar, raw=True))
         if not batches:
             raise InputError("fitting post-processing needs sentences")
@@ -593,7 +619,7 @@ class MetaEOL(Embedder):
         for layer, vectors in zip(self.layers, per_layer, strict=True):
             fitted = pp.fit(vectors, kind)
             path = self.postprocess_path(layer)
-            meta = {"model": self.model_label, "templates": self.templates.name, "layer": layer}
+            meta = {"model": self.model_label, "templates": self.templates.name, "layer": layer, "fit_on": "user"}
             pp.save(fitted, path, meta)
             with self._lock:
                 self._fits[layer] = fitted
@@ -606,18 +632,48 @@ class MetaEOL(Embedder):
             return None
         return [self._fit_for(layer) for layer in self.layers]
 
+    def postprocess_source(self, layer: int | None = None) -> Path | None:
+        """The fit applied at a layer: the user's stored one, else the preset's shipped one, else None."""
+        layer = self.layer if layer is None else layer
+        path = self.postprocess_path(layer)
+        if path.is_file():
+            return path
+        return self.preset.shipped_fit(self.fingerprint) if self.preset is not None else None
+
     def _fit_for(self, layer: int) -> pp.Postprocess:
         with self._lock:
             if layer not in self._fits:
-                path = self.postprocess_path(layer)
-                if not path.is_file():
+                path = self.postprocess_source(layer)
+                if path is None:
+                    how = (
+                        f"--preset {self.preset.name}"
+                        if self.preset is not None
+                        else f"--templates {self.templates.name} --layer {layer}"
+                    )
+                    shipped = f" (preset {self.preset.name} ships fits for: {', '.join(self.preset.fits) or 'none'})"
                     raise ModelError(
                         f"no post-processing fitted for {self.model_label}, templates {self.templates.name}, layer "
-                        f"{layer}; run: metaeol fit-postprocess --model {self.model_label} --templates "
-                        f"{self.templates.name} --layer {layer} --input CORPUS.txt"
+                        f"{layer}{shipped if self.preset is not None else ''}; run: metaeol fit-postprocess --model "
+                        f"{self.model_label} {how} --input CORPUS.txt (unlabeled text of your domain, not test data)"
                     )
                 self._fits[layer] = pp.load(path)
             return self._fits[layer]
+
+
+def _apply_preset(
+    preset: Preset,
+    templates: str | os.PathLike[str] | TemplateSet | None,
+    layer: LayerSpec | Sequence[LayerSpec] | None,
+    postprocess: bool | None,
+) -> tuple[str, LayerSpec, bool]:
+    """The preset's templates, layer and post-processing; an explicit different choice is an error, not a mix."""
+    if templates is not None and templates != preset.templates:
+        raise ValueError(f"preset {preset.name!r} sets templates={preset.templates!r}; do not pass templates too")
+    if layer is not None and str(layer) != str(preset.layer):
+        raise ValueError(f"preset {preset.name!r} sets layer={preset.layer}; do not pass layer too")
+    if postprocess is False:
+        raise ValueError(f"preset {preset.name!r} is its post-processing ({preset.postprocess}); it cannot be off")
+    return preset.templates, preset.layer, True
 
 
 def batched(items: Iterable[object], size: int) -> Iterator[list[object]]:

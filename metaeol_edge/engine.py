@@ -28,6 +28,27 @@ is what llama.cpp's LAST pooling returns) without paying for every token:
   move by up to 0.003 in cosine depending only on how a prompt is split across
   decodes (so prefix sharing would change them); with F32 every split gives the
   same vector. Prompts are short, so the larger cache costs little.
+
+The packed (throughput) mode, ``Engine(..., mode="packed")``, for devices where
+one ~18-token decode per prompt leaves the hardware idle (a GPU):
+
+* The call's distinct template prefixes (at most ``MAX_PREFIXES``; more are
+  loaded a group at a time) are decoded once into sequences 0..15 and kept
+  across calls. Each prompt of a pack gets a work sequence (16, 17, ...), its
+  shared prefix copied in with ``llama_memory_seq_cp`` as above, and only its
+  own tokens in the batch; each prompt's last token (or its span's rows) is an
+  output. A pack holds up to ``pack`` prompts and ``n_batch`` tokens, in one
+  decode and one ubatch; every prompt of a pack ends in it, so the graph may
+  stop early as above, and the work sequences are removed after it.
+* Alignment (``align``, 16 by default): every prefix and every prompt starts on
+  a KV cell that is a multiple of ``align`` (pad tokens in sequences of their
+  own fill the gaps, and a pack's length is a multiple of ``align``; no prompt
+  attends to them), and a prompt shares a multiple of ``align`` tokens of its
+  prefix. Attention sums a prompt's KV cells in SIMD blocks, so its cells then
+  fall into the same lanes as when it is decoded whole and alone on an empty
+  cache, and the other sequences' masked cells add exact zeros: a vector does
+  not depend on what it is packed with (tests/test_packed.py measures it).
+  ``align=1`` packs tightly (fewer tokens, no such guarantee).
 """
 
 from __future__ import annotations
@@ -51,6 +72,9 @@ from .modelfile import GGUFInfo, inspect_gguf
 RESULT_NORM = b"result_norm"
 PREFIX_SEQ = 0
 WORK_SEQ = 1
+ENGINE_MODES = ("one-at-a-time", "packed")
+MAX_PREFIXES = 16  # packed mode: template prefixes held at once, in sequences 0..15
+PAD_SEQS = 2  # packed mode: pad tokens of the prefix area (kept) and of a pack (removed with it)
 # ggml's log levels (ggml.h): llama-cpp-python's own _logger.py lists an older order.
 GGML_LOG_LEVEL_WARN = 3
 GGML_LOG_LEVEL_ERROR = 4
@@ -245,7 +269,14 @@ class Engine:
         max_length: int = 512,
         kv_f32: bool = True,
         verbose: bool = False,
+        mode: str = "one-at-a-time",
+        pack: int | None = None,
+        align: int = 16,
     ) -> None:
+        """``mode``: ``"one-at-a-time"`` (one prompt per decode) or ``"packed"`` (up to
+        ``pack`` prompts, default ``n_batch // 8``, and ``n_batch`` tokens per decode,
+        each prompt starting on a KV cell that is a multiple of ``align``)."""
+        check_engine_options(mode, align, pack)
         self.info: GGUFInfo = inspect_gguf(model_path)
         lc = _llama()
         init_backend(verbose)
@@ -255,6 +286,16 @@ class Engine:
         self.max_length = max_length
         self.n_batch = max(n_batch, 32)
         self.n_threads = n_threads or default_threads()
+        self.mode = mode
+        self.align = align if mode == "packed" else 1
+        # Sequence ids: prefixes, one per prompt of a pack, then the two pad sequences (llama.cpp's cap is 256).
+        max_seq = lc.llama_max_parallel_sequences() if hasattr(lc, "llama_max_parallel_sequences") else 256
+        self.pack = min(pack or max(1, self.n_batch // 8), max_seq - MAX_PREFIXES - PAD_SEQS)
+        self._pad_prefix_seq = MAX_PREFIXES + self.pack  # pads between prefixes: kept with them
+        self._pad_work_seq = self._pad_prefix_seq + 1  # pads inside a pack: removed after it
+        # Packed: room for the prefixes (one of max_length at least, each aligned) beside a pack or a
+        # whole max_length prompt.
+        self._prefix_room = max_length + MAX_PREFIXES * self.align
 
         self.model = lc.llama_model_load_from_file(str(self.model_path).encode(), model_params(n_gpu_layers))
         if not self.model:
@@ -266,19 +307,26 @@ class Engine:
 
         self._wanted: dict[bytes, int] = {RESULT_NORM: 0}  # tensor name -> slot in _rows
         self._rows: list[np.ndarray | None] = [None]
-        # What the callback reads in this decode: ((first, count) among tokens,
-        # (first, count) among outputs, tokens in the ubatch), or None.
-        self._read: tuple[tuple[int, int], tuple[int, int], int] | None = None
+        # What the callback reads in this decode: (rows among all tokens, the same rows
+        # among the outputs, tokens in the ubatch), or None.
+        self._read: tuple[np.ndarray, np.ndarray, int] | None = None
         self._n_read = 0
         self._may_stop = False
         self._callback_error: BaseException | None = None
         self._cb = lc.ggml_backend_sched_eval_callback(self._eval_callback)
 
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = 2 * max_length  # room for any template prefix beside a full-length prompt
+        if mode == "packed":
+            cparams.n_ctx = self._prefix_room + max(self.n_batch, max_length) + self.align
+            cparams.n_seq_max = MAX_PREFIXES + self.pack + PAD_SEQS
+            # A sliding-window model (Gemma 3) gets a window cache of n_swa + n_ubatch cells by
+            # default, too few for the prefixes beside a pack: make it as big as the main one.
+            cparams.swa_full = True
+        else:
+            cparams.n_ctx = 2 * max_length  # room for any template prefix beside a full-length prompt
+            cparams.n_seq_max = 2  # PREFIX_SEQ and WORK_SEQ
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch  # one ubatch per decode: one callback, rows in batch order
-        cparams.n_seq_max = 2  # PREFIX_SEQ and WORK_SEQ
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
         cparams.embeddings = False
@@ -300,7 +348,10 @@ class Engine:
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._prefix: tuple[int, ...] = ()  # the template prefix now in PREFIX_SEQ
-        self.tokens_decoded = 0
+        # Packed: the template prefixes now in sequences 0.., and the first cell after them.
+        self._loaded: dict[tuple[int, ...], int] = {}
+        self._work_start = 0
+        self.tokens_decoded = 0  # every token decoded, pads included
 
     # -- tokens -------------------------------------------------------------
 
@@ -344,11 +395,14 @@ class Engine:
             if type_ != GGML_TYPE_F32 or ne0 != self.n_embd or ne1 < 1 or nbytes != ne0 * ne1 * 4:
                 raise RuntimeError(f"unexpected {name.decode()} tensor: type {type_}, shape ({ne0}, {ne1})")
             tokens, outputs, n_tokens = self._read
-            first, count = tokens if ne1 == n_tokens else outputs
-            if first + count > ne1:
-                raise RuntimeError(f"{name.decode()} has {ne1} rows, {first + count} needed")
-            rows = np.empty((count, ne0), dtype=np.float32)
-            self._ggml.lib.ggml_backend_tensor_get(tensor, rows.ctypes.data, first * ne0 * 4, count * ne0 * 4)
+            idx = tokens if ne1 == n_tokens else outputs
+            first, stop = int(idx[0]), int(idx[-1]) + 1  # idx is increasing: copy the span, then pick
+            if stop > ne1:
+                raise RuntimeError(f"{name.decode()} has {ne1} rows, {stop} needed")
+            rows = np.empty((stop - first, ne0), dtype=np.float32)
+            self._ggml.lib.ggml_backend_tensor_get(tensor, rows.ctypes.data, first * ne0 * 4, rows.nbytes)
+            if len(idx) != stop - first:  # packed: rows of several sequences, with others between
+                rows = rows[idx - first]
             if self._rows[slot] is None:
                 self._n_read += 1
             self._rows[slot] = rows
@@ -366,29 +420,45 @@ class Engine:
     ) -> list[np.ndarray] | None:
         """Decode one run of a sequence; with ``read`` = (first, count) token positions of this run,
         return each wanted tensor's rows for them. ``last``: the prompt's last run (it may stop early)."""
+        n = len(tokens)
+        rows = None if read is None else np.arange(read[0], read[0] + read[1])
+        return self._run(tokens, range(pos0, pos0 + n), [seq] * n, rows, last)
+
+    def _run(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        seqs: Sequence[int],
+        read: np.ndarray | None,
+        last: bool,
+    ) -> list[np.ndarray] | None:
+        """Decode one batch; the tokens at the (increasing) batch indices ``read`` are its outputs,
+        and each wanted tensor's rows for them are returned, in that order. ``last``: every sequence
+        read ends in this batch (the graph may stop early)."""
         b = self.batch
         n = len(tokens)
-        lo, hi = (read[0], read[0] + read[1]) if read is not None else (n, n)
-        for j, tok in enumerate(tokens):
-            b.token[j] = tok
-            b.pos[j] = pos0 + j
-            b.n_seq_id[j] = 1
-            b.seq_id[j][0] = seq
-            b.logits[j] = 1 if lo <= j < hi else 0
+        outputs = np.zeros(n, dtype=bool)
+        if read is not None:
+            outputs[read] = True
         # llama.cpp needs one output per batch; a row nobody reads is simply dropped.
-        b.logits[n - 1] = 1
+        outputs[n - 1] = True
+        for j in range(n):
+            b.token[j] = tokens[j]
+            b.pos[j] = positions[j]
+            b.n_seq_id[j] = 1
+            b.seq_id[j][0] = seqs[j]
+            b.logits[j] = int(outputs[j])
         b.n_tokens = n
-        n_outputs = (hi - lo) + (0 if lo <= n - 1 < hi else 1)
         # Rows of the read tokens among all tokens, and among the outputs (in batch order).
-        self._read = None if read is None else ((lo, hi - lo), (0, hi - lo), n)
-        if read is not None and n_outputs == n:
-            self._read = ((lo, hi - lo), (lo, hi - lo), n)
+        self._read = None
+        if read is not None and len(read):
+            self._read = (read, np.cumsum(outputs)[read] - 1, n)
         self._rows = [None] * len(self._wanted)
         self._callback_error = None
         self._n_read = 0
         # Stopping early makes llama.cpp drop this ubatch from the KV cache, which is
         # what a prompt's last run wants (it is removed after) and a prefix must not.
-        self._may_stop = last and read is not None
+        self._may_stop = last and self._read is not None
         rc = self._lc.llama_decode(self.ctx, b)
         if self._callback_error is not None:
             raise RuntimeError("reading a hidden state failed") from self._callback_error
@@ -400,7 +470,7 @@ class Engine:
                 + ("no room in the KV cache" if rc == 1 else "see llama.cpp's log")
             )
         self.tokens_decoded += n
-        if read is None:
+        if self._read is None:
             return None
         missing = [name.decode() for name, slot in self._wanted.items() if self._rows[slot] is None]
         if missing:
@@ -441,6 +511,9 @@ class Engine:
         names = list(dict.fromkeys(_tensor_name(layer) for layer in wanted))
         self._wanted = {name: slot for slot, name in enumerate(names)}
         slots = [self._wanted[_tensor_name(layer)] for layer in wanted]
+        if self.mode == "packed":
+            self._embed_packed(prompts, slots, out, progress)
+            return out[0] if layers is None else out
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(tuple(p.prefix or ()), []).append(i)
@@ -466,32 +539,42 @@ class Engine:
             self._decode(PREFIX_SEQ, start, prefix[start : start + self.n_batch], read=None, last=False)
         self._prefix = prefix
 
+    def _shared(self, tokens: Sequence[int], prefix: Sequence[int], start_row: int) -> int:
+        """How many of a prompt's first tokens come from its template prefix's sequence.
+
+        Only the longest common token prefix: a BPE merge across the
+        template/sentence boundary then changes nothing. Every row read must be
+        decoded, and so must the last token, to be an output. Packed: a multiple
+        of ``align``, so the prompt's own cells line up as when it runs whole."""
+        shared = min(_common_prefix(tokens, prefix), len(tokens) - 1, start_row)
+        return shared - shared % self.align
+
     def _embed_one(
         self,
         tokens: Sequence[int],
         prefix: tuple[int, ...],
         rows: tuple[int, int] | None,
         progress: Callable[[float], None] | None = None,
+        prefix_seq: int = PREFIX_SEQ,
+        work_seq: int = WORK_SEQ,
     ) -> list[np.ndarray]:
         """Each wanted tensor's rows (the last token's, or ``rows``) of one prompt.
 
         ``progress`` gets this prompt's share done after each decode (1.0 in all),
         so a long prompt moves a progress bar while it runs."""
         start_row, stop_row = rows if rows is not None else (len(tokens) - 1, len(tokens))
-        # Share only the longest common token prefix: a BPE merge across the
-        # template/sentence boundary then changes nothing. Every row read must be
-        # decoded here, and so must the last token, to be an output.
-        shared = min(_common_prefix(tokens, prefix), len(tokens) - 1, start_row)
-        self._lc.llama_memory_seq_rm(self.mem, WORK_SEQ, -1, -1)
+        shared = self._shared(tokens, prefix, start_row)
+        step = self.n_batch - self.n_batch % self.align  # chunks keep the next one's cells aligned
+        self._lc.llama_memory_seq_rm(self.mem, work_seq, -1, -1)
         try:
             if shared:
-                self._lc.llama_memory_seq_cp(self.mem, PREFIX_SEQ, WORK_SEQ, 0, shared)
+                self._lc.llama_memory_seq_cp(self.mem, prefix_seq, work_seq, 0, shared)
             parts: list[list[np.ndarray]] = []
-            for start in range(shared, len(tokens), self.n_batch):
-                chunk = tokens[start : start + self.n_batch]
+            for start in range(shared, len(tokens), step):
+                chunk = tokens[start : start + step]
                 lo, hi = max(start_row, start), min(stop_row, start + len(chunk))
                 read = (lo - start, hi - lo) if lo < hi else None
-                got = self._decode(WORK_SEQ, start, chunk, read, last=start + len(chunk) == len(tokens))
+                got = self._decode(work_seq, start, chunk, read, last=start + len(chunk) == len(tokens))
                 if got is not None:
                     parts.append(got)
                 if progress:
@@ -501,7 +584,156 @@ class Engine:
                 return parts[0]
             return [np.concatenate([p[slot] for p in parts]) for slot in range(len(self._wanted))]
         finally:
-            self._lc.llama_memory_seq_rm(self.mem, WORK_SEQ, -1, -1)
+            self._lc.llama_memory_seq_rm(self.mem, work_seq, -1, -1)
+
+    # -- packed mode -----------------------------------------------------------
+
+    def _aligned(self, n: int) -> int:
+        return -(-n // self.align) * self.align
+
+    def _prefix_groups(self, prefixes: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+        """The call's distinct prefixes in groups that fit the prefix area together (at most
+        MAX_PREFIXES, ``_prefix_room`` cells), the group already loaded first."""
+        held = [p for p in prefixes if p in self._loaded]
+        groups = [list(self._loaded)] if held else []
+        current: list[tuple[int, ...]] = []
+        used = 0
+        for p in prefixes:
+            if p in self._loaded:
+                continue
+            size = self._aligned(min(len(p), self.max_length))
+            if current and (len(current) == MAX_PREFIXES or used + size > self._prefix_room):
+                groups.append(current)
+                current, used = [], 0
+            current.append(p)
+            used += size
+        if current:
+            groups.append(current)
+        return groups
+
+    def _load_prefixes(self, group: list[tuple[int, ...]]) -> None:
+        """Empty the cache and decode the prefixes into sequences 0.., each from an aligned cell."""
+        if list(self._loaded) == group:
+            return
+        self._lc.llama_memory_clear(self.mem, False)
+        self._loaded, self._work_start = {}, 0
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[int] = []
+        pad, pad_pos = self._pad_token(), 0
+        for seq, prefix in enumerate(group):
+            tokens += prefix
+            positions += range(len(prefix))
+            seqs += [seq] * len(prefix)
+            gap = self._aligned(len(tokens)) - len(tokens)
+            tokens += [pad] * gap
+            positions += range(pad_pos, pad_pos + gap)  # the pad sequence's positions just count up
+            seqs += [self._pad_prefix_seq] * gap
+            pad_pos += gap
+        # Decoded on an empty cache from cell 0, so each prefix's first cell is its offset here.
+        for start in range(0, len(tokens), self.n_batch):
+            stop = start + self.n_batch
+            self._run(tokens[start:stop], positions[start:stop], seqs[start:stop], None, last=False)
+        self._loaded = {prefix: seq for seq, prefix in enumerate(group)}
+        self._work_start = len(tokens)
+
+    def _pad_token(self) -> int:
+        """What fills alignment gaps: any valid token does (no prompt attends to it); BOS, else 0."""
+        bos = self._lc.llama_vocab_bos(self.vocab)
+        return bos if bos >= 0 else 0
+
+    def _embed_packed(
+        self,
+        prompts: Sequence[Prompt],
+        slots: list[int],
+        out: np.ndarray,
+        progress: Callable[[float], None] | None,
+    ) -> None:
+        """Fill ``out`` (layers, prompts, dim): prompts packed into decodes, a prefix group at a time."""
+        keys = [tuple(p.prefix or ())[: self.max_length] for p in prompts]
+        prefixes = list(dict.fromkeys(k for k in keys if k))
+        done = np.zeros(len(prompts), dtype=bool)
+        for group in self._prefix_groups(prefixes) or [None]:
+            if group is not None:
+                self._load_prefixes(group)
+            # A prompt without a prefix runs beside whatever prefixes are held.
+            members = [i for i, k in enumerate(keys) if not done[i] and (not k or k in self._loaded)]
+            pack: list[int] = []
+            size = 0
+            for i in members:
+                n = self._aligned(len(prompts[i].tokens) - self._shared_of(prompts[i], keys[i]))
+                if n > self.n_batch:  # longer than a decode: alone, in chunks
+                    seq = self._loaded.get(keys[i], PREFIX_SEQ)
+                    rows = self._embed_one(prompts[i].tokens, keys[i], prompts[i].rows, progress, seq, MAX_PREFIXES)
+                    self._store(out, slots, [i], [rows])
+                    continue
+                if pack and (len(pack) == self.pack or size + n > self.n_batch):
+                    self._run_pack(prompts, keys, pack, slots, out, progress)
+                    pack, size = [], 0
+                pack.append(i)
+                size += n
+            if pack:
+                self._run_pack(prompts, keys, pack, slots, out, progress)
+            done[members] = True
+
+    def _shared_of(self, p: Prompt, key: tuple[int, ...]) -> int:
+        start_row = p.rows[0] if p.rows is not None else len(p.tokens) - 1
+        return self._shared(p.tokens, key, start_row) if key else 0
+
+    def _run_pack(
+        self,
+        prompts: Sequence[Prompt],
+        keys: list[tuple[int, ...]],
+        pack: list[int],
+        slots: list[int],
+        out: np.ndarray,
+        progress: Callable[[float], None] | None,
+    ) -> None:
+        """Decode the prompts ``pack`` (indices into ``prompts``) together, one work sequence each."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[int] = []
+        read: list[int] = []
+        counts: list[int] = []
+        pad, pad_pos = self._pad_token(), 0
+        try:
+            for k, i in enumerate(pack):
+                p, seq = prompts[i], MAX_PREFIXES + k
+                shared = self._shared_of(p, keys[i])
+                if shared:
+                    self._lc.llama_memory_seq_cp(self.mem, self._loaded[keys[i]], seq, 0, shared)
+                start_row, stop_row = p.rows if p.rows is not None else (len(p.tokens) - 1, len(p.tokens))
+                base = len(tokens) - shared  # batch index of the prompt's token 0
+                read += range(base + start_row, base + stop_row)
+                counts.append(stop_row - start_row)
+                tokens += p.tokens[shared:]
+                positions += range(shared, len(p.tokens))
+                seqs += [seq] * (len(p.tokens) - shared)
+                gap = self._aligned(len(tokens)) - len(tokens)  # the next prompt starts on an aligned cell
+                tokens += [pad] * gap
+                positions += range(pad_pos, pad_pos + gap)
+                seqs += [self._pad_work_seq] * gap
+                pad_pos += gap
+            # The pack starts on an aligned cell: the work area is empty and begins after the prefixes.
+            got = self._run(tokens, positions, seqs, np.asarray(read), last=True)
+        finally:
+            for k in range(len(pack)):
+                self._lc.llama_memory_seq_rm(self.mem, MAX_PREFIXES + k, -1, -1)
+            self._lc.llama_memory_seq_rm(self.mem, self._pad_work_seq, -1, -1)
+        assert got is not None
+        bounds = np.cumsum([0, *counts])
+        parts = [[rows[bounds[k] : bounds[k + 1]] for rows in got] for k in range(len(pack))]
+        self._store(out, slots, pack, parts)
+        if progress:
+            progress(len(pack))
+
+    @staticmethod
+    def _store(out: np.ndarray, slots: list[int], indices: list[int], parts: list[list[np.ndarray]]) -> None:
+        """Each prompt's read row (or the mean of its span's rows) at each layer asked for."""
+        for i, rows in zip(indices, parts, strict=True):
+            for li, slot in enumerate(slots):
+                read = rows[slot]
+                out[li, i] = read[0] if len(read) == 1 else read.mean(axis=0, dtype=np.float32)
 
     def close(self) -> None:
         lc = self._lc
@@ -520,6 +752,16 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+
+def check_engine_options(mode: str, align: int, pack: int | None = None) -> None:
+    """Refuse an unknown mode or a meaningless alignment or pack size, naming what is allowed."""
+    if mode not in ENGINE_MODES:
+        raise ValueError(f"engine mode must be one of {', '.join(ENGINE_MODES)}, not {mode!r}")
+    if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+        raise ValueError(f"align must be a whole number of tokens >= 1, not {align!r}")
+    if pack is not None and (not isinstance(pack, int) or isinstance(pack, bool) or pack < 1):
+        raise ValueError(f"pack must be a number of prompts >= 1, not {pack!r}")
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

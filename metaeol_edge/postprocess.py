@@ -1,11 +1,20 @@
-"""Per-dimension post-processing of sentence vectors, fitted on a corpus the user gives.
+"""Post-processing of sentence vectors, fitted on unlabeled text the user gives.
 
-Intermediate layers of a language model carry a few dimensions with huge means
-(SmolLM2: two near 100 where the median is ~2.6) that swamp the cosine.
-Centring and scaling each dimension (``standardize``), or decorrelating them
-too (``whiten``), fixes that. Fit on unlabeled text of the domain, never on the
-sentences you evaluate. A fit is stored next to the model store, keyed like the
-embedding cache (:func:`metaeol_edge.identity.fit_key`).
+A language model's hidden states are anisotropic: a few dimensions with huge
+means (SmolLM2: two near 100 where the median is ~2.6) and a few dominant
+directions swamp the cosine. Fitted on unlabeled text of the domain (never on
+the sentences you evaluate), these transforms fix that:
+
+* ``center``: subtract the mean;
+* ``standardize``: centre and divide each dimension by its standard deviation;
+* ``whiten`` / ``whiten:K``: centre and decorrelate (PCA whitening), keeping
+  all dimensions or the top K (BERT-whitening, Su et al. 2021);
+* ``abtt:K``: centre and remove the top K principal directions
+  ("all-but-the-top", Mu & Viswanath 2018).
+
+A fit is stored next to the model store, keyed like the embedding cache
+(:func:`metaeol_edge.identity.fit_key`), or shipped in the package for a
+preset (:mod:`metaeol_edge.presets`).
 """
 
 from __future__ import annotations
@@ -19,43 +28,83 @@ import numpy as np
 from .errors import ModelError
 from .files import atomic_write
 
-KINDS = ("standardize", "whiten")
+KINDS = ("center", "standardize", "whiten", "abtt")
+"""The families; ``whiten`` and ``abtt`` take ``:K`` (``whiten:128``, ``abtt:10``)."""
+
+
+def parse_kind(kind: str) -> tuple[str, int | None]:
+    """``"whiten:128"`` -> ``("whiten", 128)``; a clear error for anything else."""
+    if not isinstance(kind, str):
+        raise ValueError(f"post-processing kind must be a string, not {type(kind).__name__}")
+    family, sep, arg = kind.partition(":")
+    if family not in KINDS:
+        raise ValueError(
+            f"post-processing kind must be one of center, standardize, whiten, whiten:K, abtt:K, not {kind!r}"
+        )
+    if not sep:
+        if family == "abtt":
+            raise ValueError("abtt needs the number of directions to remove, e.g. abtt:10")
+        return family, None
+    if family in ("center", "standardize"):
+        raise ValueError(f"{family} takes no ':K', got {kind!r}")
+    try:
+        k = int(arg)
+    except ValueError:
+        raise ValueError(f"K in {kind!r} must be a positive integer") from None
+    if k < 1:
+        raise ValueError(f"K in {kind!r} must be a positive integer")
+    return family, k
 
 
 @dataclass(frozen=True)
 class Postprocess:
     kind: str
     mean: np.ndarray  # (dim,)
-    transform: np.ndarray  # (dim,) scale for standardize, (dim, dim) matrix for whiten
+    transform: np.ndarray  # (dim,) per-dimension scale, or (dim, out) matrix
     n_fit: int
+
+    @property
+    def out_dim(self) -> int:
+        return self.mean.shape[0] if self.transform.ndim == 1 else self.transform.shape[1]
 
     def apply(self, vectors: np.ndarray) -> np.ndarray:
         if vectors.shape[-1] != self.mean.shape[0]:
             raise ValueError(f"post-processing fitted for dimension {self.mean.shape[0]}, not {vectors.shape[-1]}")
         centred = vectors - self.mean
-        out = centred * self.transform if self.kind == "standardize" else centred @ self.transform
+        out = centred * self.transform if self.transform.ndim == 1 else centred @ self.transform
         return out.astype(np.float32, copy=False)
 
 
 def fit(vectors: np.ndarray, kind: str = "standardize") -> Postprocess:
     """Fit on (N, dim) vectors. ``whiten`` needs more sentences than dimensions to be stable."""
-    if kind not in KINDS:
-        raise ValueError(f"post-processing kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    family, k = parse_kind(kind)
     x = np.asarray(vectors, dtype=np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError("fitting needs at least 2 vectors")
     if not np.isfinite(x).all():
         raise ValueError("cannot fit on non-finite vectors")
+    dim = x.shape[1]
+    if k is not None and k > dim:
+        raise ValueError(f"K in {kind!r} is over the vectors' dimension {dim}")
     mean = x.mean(axis=0)
-    if kind == "standardize":
+    if family == "center":
+        transform = np.ones(dim)
+    elif family == "standardize":
         std = x.std(axis=0)
         transform = 1.0 / np.maximum(std, 1e-6 * max(float(std.max()), 1e-30))
     else:
-        if len(x) <= x.shape[1]:
-            raise ValueError(f"whitening {x.shape[1]} dimensions needs more than {x.shape[1]} sentences, got {len(x)}")
+        if family == "whiten" and len(x) <= dim:
+            raise ValueError(f"whitening {dim} dimensions needs more than {dim} sentences, got {len(x)}")
+        if family == "abtt" and len(x) <= k:
+            raise ValueError(f"removing {k} directions needs more than {k} sentences, got {len(x)}")
         cov = np.cov(x - mean, rowvar=False)
         u, s, _ = np.linalg.svd(cov)
-        transform = u / np.sqrt(s + 1e-6 * s[0])
+        if family == "whiten":
+            keep = k or dim
+            transform = u[:, :keep] / np.sqrt(s[:keep] + 1e-6 * s[0])
+        else:  # the projection onto everything but the top k directions
+            top = u[:, :k]
+            transform = np.eye(dim) - top @ top.T
     return Postprocess(kind, mean.astype(np.float32), transform.astype(np.float32), len(x))
 
 
@@ -64,10 +113,20 @@ def save(pp: Postprocess, path: Path, meta: dict[str, object]) -> None:
         np.savez(f, mean=pp.mean, transform=pp.transform, meta=json.dumps({**meta, "kind": pp.kind, "n_fit": pp.n_fit}))
 
 
+def load_meta(path: Path) -> dict[str, object]:
+    try:
+        with np.load(path) as data:
+            return json.loads(str(data["meta"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelError(f"post-processing file {path} is unreadable ({exc}); fit it again") from exc
+
+
 def load(path: Path) -> Postprocess:
     try:
         with np.load(path) as data:
             meta = json.loads(str(data["meta"]))
-            return Postprocess(meta["kind"], data["mean"], data["transform"], int(meta["n_fit"]))
+            pp = Postprocess(meta["kind"], data["mean"], data["transform"], int(meta["n_fit"]))
+        parse_kind(pp.kind)
+        return pp
     except (OSError, KeyError, ValueError) as exc:
         raise ModelError(f"post-processing file {path} is unreadable ({exc}); fit it again") from exc

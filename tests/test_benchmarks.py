@@ -70,3 +70,16 @@ def test_merge_joins_pieces_and_refuses_runs_that_do_not_belong_together(tmp_pat
     (tmp_path / "f.json").write_text(json.dumps(_part("run f", ["trec"], {"trec": 89.0}, limit=100)))
     quick = script("reference.py", "--merge", "a.json", "f.json", "--output", tmp_path, cwd=tmp_path)
     assert quick.returncode != 0 and "differ in limit" in quick.stderr
+
+
+def test_gpu_benchmark_writes_its_rows_on_a_machine_without_a_gpu(tmp_path, smollm2):
+    out = tmp_path / "g.json"
+    run = script(
+        "gpu.py", "--n", 2, "--models", "smollm2-135m", "--methods", "prompteol", "--skip-reference", "--out", out
+    )
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["backend"], r["mode"]) for r in rows] == [("llama.cpp", "one-at-a-time"), ("llama.cpp", "packed")]
+    for r in rows:
+        assert {"model", "method", "device", "n", "sentences_per_s", "cos_min_to_cpu", "gpu_mem_mb"} <= set(r)
+        assert r["n"] == 2 and r["sentences_per_s"] > 0 and r["cos_min_to_cpu"] >= 0.999

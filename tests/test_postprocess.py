@@ -47,3 +47,44 @@ def test_a_fit_survives_saving_and_a_damaged_file_is_a_clear_error(skewed, tmp_p
     path.write_bytes(b"garbage")
     with pytest.raises(ModelError, match="fit it again"):
         pp.load(path)
+
+
+def test_center_only_subtracts_the_mean(skewed):
+    out = pp.fit(skewed, "center").apply(skewed)
+    assert np.allclose(out, skewed - skewed.mean(0), atol=1e-4)
+
+
+def test_whiten_k_keeps_the_top_directions_as_pca_whitening_does(skewed):
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    out = pp.fit(skewed, "whiten:3").apply(skewed)
+    assert out.shape == (400, 3) and pp.fit(skewed, "whiten:3").out_dim == 3
+    # scikit-learn's PCA whitening, an independent computation; a component's sign is arbitrary,
+    # so compare what a cosine sees: the Gram matrix, which no sign flip changes.
+    expected = decomposition.PCA(n_components=3, whiten=True).fit(skewed.astype(np.float64)).transform(skewed)
+    assert np.allclose(out @ out.T, expected @ expected.T, rtol=1e-3, atol=2e-3)
+
+
+def test_abtt_removes_the_top_directions_and_keeps_the_rest(skewed):
+    out = pp.fit(skewed, "abtt:2").apply(skewed)
+    centred = skewed.astype(np.float64) - skewed.mean(0)
+    _, vecs = np.linalg.eigh(np.cov(centred, rowvar=False))  # ascending eigenvalues: the top two are last
+    top, rest = vecs[:, -2:], vecs[:, :-2]
+    assert out.shape == skewed.shape
+    assert np.abs(out @ top).max() < 1e-3
+    assert np.allclose(out @ rest, centred @ rest, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("abtt", "abtt:10"),
+        ("whiten:0", "positive"),
+        ("whiten:x", "positive"),
+        ("standardize:3", "no ':K'"),
+        ("whiten:9", "over the vectors' dimension 8"),
+        ("pca", "kind"),
+    ],
+)
+def test_bad_kinds_are_clear_errors(skewed, kind, message):
+    with pytest.raises(ValueError, match=message):
+        pp.fit(skewed, kind)

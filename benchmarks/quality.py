@@ -1,0 +1,457 @@
+"""Training-free quality levers, measured on full STS sets (issue 20).
+
+    python benchmarks/quality.py dev  --model smollm2-135m --templates prompteol,pretcot,ke
+    python benchmarks/quality.py test --model smollm2-135m --templates prompteol --tasks stsb,sickr
+    python benchmarks/quality.py speed --model smollm2-135m --templates prompteol,metaeol
+
+``dev`` scores every (template set, layer or pair of layers, lever) on the dev
+data (a seeded sample of STS-B dev pairs) and names the best; ``test`` scores on
+the full test sets a fixed list of rows (the final layer with each lever) plus
+the dev choice of each template set, and never chooses anything itself;
+``speed`` times each template set alone on a seeded random sample of STS-B
+test sentences, cache off.
+
+Levers are post-processing fits (:mod:`metaeol_edge.postprocess`) made on
+unlabeled text that shares no sentence with any evaluated pair:
+
+* ``generic``: a seeded sample of the transfer sets' sentences (MR, CR, MPQA,
+  SST-2, TREC, MRPC), the same for every task;
+* ``in-domain``: the task's own train split (STS-B train, SICK train), only
+  for the task it belongs to.
+
+Every vector comes from the embedding cache, so a rerun re-encodes nothing.
+Rows are merged into ``OUT/quality.json`` (keyed by model, method, lever,
+fit_on, layer, split, task) and ``quality.md`` / ``quality.png`` are rewritten
+from it. ``--save-dir`` writes each row's post-processed vectors in
+``benchmarks/rescore.py``'s layout (float16), and ``--save-fits`` the fits, so
+every score can be recomputed from files alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from metaeol_edge import MetaEOL
+from metaeol_edge import postprocess as pp
+from metaeol_edge.evaluation import STS_YEARS, STSData, data_dir, load_sts, load_transfer, run_sts
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _markdown import cell, table  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+LEVERS = (
+    "raw",
+    "center",
+    "standardize",
+    "whiten",
+    "whiten:64",
+    "whiten:128",
+    "whiten:256",
+    "abtt:1",
+    "abtt:5",
+    "abtt:10",
+)
+IN_DOMAIN = {"stsb": "stsb", "sickr": "sickr"}  # task -> the train split fitted on for it
+GENERIC_TASKS = ("mr", "cr", "mpqa", "sst2", "trec", "mrpc")
+SEED = 20
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def evaluated_sentences(root: Path) -> set[str]:
+    """Every sentence of every pair that is scored here (test sets, and the dev sets used for choices)."""
+    seen: set[str] = set()
+    for task in (*STS_YEARS, "stsb", "sickr"):
+        seen.update(load_sts(task, root, "test").sentences())
+    seen.update(load_sts("stsb", root, "dev").sentences())
+    seen.update(load_sts("sickr", root, "dev").sentences())
+    return seen
+
+
+def _sample(sentences: list[str], n: int, exclude: set[str], seed: int) -> list[str]:
+    pool = sorted({s.strip() for s in sentences if s.strip()} - exclude)
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+def fit_corpus(name: str, root: Path, n: int, exclude: set[str]) -> list[str]:
+    """A fitting corpus: ``generic`` or the train split of ``stsb`` / ``sickr``, none of ``exclude`` in it.
+
+    The order is a seeded shuffle, so a corpus of n sentences is the first n of a larger one.
+    """
+    if name == "generic":
+        pool = [s for task in GENERIC_TASKS for s in load_transfer(task, root).sentences()]
+    else:
+        pool = load_sts(name, root, "train").sentences()
+    return _sample(pool, n, exclude, SEED)
+
+
+def dev_data(root: Path, pairs: int) -> STSData:
+    """A seeded sample of STS-B dev pairs (the whole set is ~3,000 sentences)."""
+    full = load_sts("stsb", root, "dev")
+    keep = sorted(random.Random(SEED).sample(range(len(full)), min(pairs, len(full))))
+    return STSData("stsb", [full.a[i] for i in keep], [full.b[i] for i in keep], full.gold[keep])
+
+
+# -- vectors ---------------------------------------------------------------------------------
+
+
+class Vectors:
+    """One template set's vectors at several layers, read in one pass and kept by sentence."""
+
+    def __init__(self, model: str, templates: str, layers: list[int], batch_size: int, threads: int | None) -> None:
+        self.embedder = MetaEOL(model, templates=templates, layer=layers, cache=True, n_threads=threads)
+        self.layers = list(self.embedder.layers)
+        self.batch_size = batch_size
+        self.rows: dict[str, int] = {}
+        self.data = [np.empty((0, self.embedder.dim), np.float32) for _ in self.layers]
+
+    def need(self, sentences: list[str], label: str) -> None:
+        todo = [s for s in dict.fromkeys(sentences) if s not in self.rows]
+        if not todo:
+            return
+        print(f"  {self.embedder.templates.name}: {len(todo)} sentences of {label}", file=sys.stderr, flush=True)
+        per_layer = self.embedder.encode(todo, batch_size=self.batch_size, show_progress_bar=True)
+        start = len(self.rows)
+        for i, s in enumerate(todo):
+            self.rows[s] = start + i
+        self.data = [np.concatenate([old, new]) for old, new in zip(self.data, per_layer, strict=True)]
+
+    def get(self, sentences: list[str], option: tuple[int, ...]) -> np.ndarray:
+        """Vectors at one layer, or the mean of several layers' vectors (each scaled to unit mean norm)."""
+        idx = np.array([self.rows[s] for s in sentences])
+        parts = [self.data[self.layers.index(layer)][idx] for layer in option]
+        if len(parts) == 1:
+            return parts[0]
+        # Layers differ in scale (the final one is normed): weigh each equally.
+        return np.mean([p / np.linalg.norm(p, axis=1).mean() for p in parts], axis=0).astype(np.float32)
+
+
+def layer_name(option: tuple[int, ...]) -> str:
+    return "+".join("final" if layer == -1 else str(layer) for layer in option)
+
+
+# -- scoring ---------------------------------------------------------------------------------
+
+
+def score(
+    data: STSData,
+    vectors: Vectors,
+    option: tuple[int, ...],
+    lever: str,
+    fit_sentences: list[str] | None,
+    save: Path | None,
+    fits_dir: Path | None,
+) -> float:
+    x = vectors.get(data.sentences(), option)
+    if lever != "raw":
+        fitted = pp.fit(vectors.get(fit_sentences, option), lever)
+        x = fitted.apply(x)
+        if fits_dir is not None:
+            pp.save(fitted, fits_dir / f"{data.name}.npz", {"layer": layer_name(option), "task": data.name})
+    lookup = dict(zip(data.sentences(), x, strict=True))
+    return run_sts(data, lambda s: np.stack([lookup[t] for t in s]), save_dir=save, save_dtype=np.float16)["score"]
+
+
+def row_dir(base: Path | None, *parts: str) -> Path | None:
+    if base is None:
+        return None
+    return base.joinpath(*[p.replace(":", "-").replace("+", "_") for p in parts])
+
+
+# -- stages ----------------------------------------------------------------------------------
+
+
+def run_dev(args, root: Path, exclude: set[str]) -> list[dict]:
+    dev = dev_data(root, args.dev_pairs)
+    generic = fit_corpus("generic", root, args.dev_fit, exclude)
+    rows = []
+    for templates in args.templates:
+        vec = Vectors(args.model, templates, args.layers, args.batch_size, args.threads)
+        vec.need(dev.sentences(), "STS-B dev")
+        vec.need(generic, "the generic corpus")
+        singles = [(layer,) for layer in vec.layers]
+        options = singles + list(combinations(vec.layers, 2))
+        for option in options:
+            for lever in LEVERS:
+                fit_on = "none" if lever == "raw" else "generic"
+                try:
+                    s = score(dev, vec, option, lever, generic, None, None)
+                except ValueError as exc:  # e.g. whitening with fewer sentences than dimensions
+                    print(f"  skipped {lever} at {layer_name(option)}: {exc}", file=sys.stderr)
+                    continue
+                rows.append(
+                    dict(
+                        model=args.model,
+                        method=templates,
+                        lever=lever,
+                        fit_on=fit_on,
+                        layer=layer_name(option),
+                        split="dev",
+                        task="stsb",
+                        pairs=len(dev),
+                        spearman=round(s, 2),
+                        fit_sentences=0 if lever == "raw" else len(generic),
+                    )
+                )
+    best = {}
+    for r in rows:
+        key = r["method"]
+        if r["fit_on"] != "in-domain" and (key not in best or r["spearman"] > best[key]["spearman"]):
+            best[key] = r
+    for r in best.values():
+        r["dev_choice"] = True
+        print(f"dev choice for {r['method']}: layer {r['layer']}, {r['lever']} -> {r['spearman']:.2f}")
+    return rows
+
+
+def dev_choices(rows: list[dict], model: str) -> dict[str, tuple[str, str]]:
+    """template set -> (layer, lever) chosen on dev, from earlier dev rows."""
+    return {r["method"]: (r["layer"], r["lever"]) for r in rows if r.get("dev_choice") and r["model"] == model}
+
+
+def parse_layer_name(name: str) -> tuple[int, ...]:
+    return tuple(-1 if p == "final" else int(p) for p in name.split("+"))
+
+
+def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[dict]:
+    choices = dev_choices(previous, args.model)
+    rows = []
+    fits = {"generic": fit_corpus("generic", root, args.fit_sentences, exclude)}
+    for task in args.tasks:
+        if task in IN_DOMAIN:
+            fits[task] = fit_corpus(IN_DOMAIN[task], root, args.fit_sentences, exclude)
+    for templates in args.templates:
+        vec = Vectors(args.model, templates, args.layers, args.batch_size, args.threads)
+        for name, corpus in fits.items():
+            vec.need(corpus, f"the {name} fitting corpus")
+        plan = [((-1,), lever, False) for lever in args.levers]
+        if templates in choices:
+            layer, lever = choices[templates]
+            plan.append((parse_layer_name(layer), lever, True))
+        for task in args.tasks:
+            data = load_sts(task, root, "test")
+            vec.need(data.sentences(), f"{task} test")
+            for option, lever, chosen in plan:
+                fit_ons = ["none"] if lever == "raw" else ["generic"] + (["in-domain"] if task in IN_DOMAIN else [])
+                for fit_on in fit_ons:
+                    corpus = None if fit_on == "none" else fits["generic" if fit_on == "generic" else task]
+                    where = row_dir(args.save_dir, args.model, templates, layer_name(option), lever, fit_on)
+                    fits_dir = row_dir(args.save_fits, args.model, templates, layer_name(option), lever, fit_on)
+                    s = score(data, vec, option, lever, corpus, where and where / task, fits_dir)
+                    rows.append(
+                        dict(
+                            model=args.model,
+                            method=templates,
+                            lever=lever,
+                            fit_on=fit_on,
+                            layer=layer_name(option),
+                            split="test",
+                            task=task,
+                            pairs=len(data),
+                            spearman=round(s, 2),
+                            fit_sentences=len(corpus) if corpus else 0,
+                            dev_choice=chosen,
+                        )
+                    )
+                    print(f"{templates:>24} {task:>6} {layer_name(option):>8} {lever:>11} {fit_on:>9} {s:6.2f}")
+    return rows
+
+
+def run_speed(args, root: Path) -> list[dict]:
+    sentences = load_sts("stsb", root, "test").sentences()
+    sample = random.Random(SEED).sample(sentences, min(args.speed_n, len(sentences)))
+    rows = []
+    for templates in args.templates:
+        for layer in args.speed_layers:
+            model = MetaEOL(args.model, templates=templates, layer=layer, cache=False, n_threads=args.threads)
+            model.encode(sample[:4], show_progress_bar=False)  # load, and warm the template prefixes
+            t0 = time.perf_counter()
+            model.encode(sample, batch_size=args.batch_size, show_progress_bar=False)
+            rate = len(sample) / (time.perf_counter() - t0)
+            model.close()
+            name = layer_name((layer,))
+            rows.append(
+                dict(
+                    model=args.model,
+                    method=templates,
+                    layer=name,
+                    split="speed",
+                    task="stsb",
+                    pairs=0,
+                    lever="-",
+                    fit_on="-",
+                    spearman=None,
+                    sentences_per_s=round(rate, 2),
+                    speed_sentences=len(sample),
+                )
+            )
+            print(f"{templates:>24} layer {name:>6}: {rate:.2f} sentences/s")
+    return rows
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+KEY = ("model", "method", "lever", "fit_on", "layer", "split", "task")
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """New rows replace old ones with the same key; a new dev run replaces that template set's dev choice."""
+    keys = {tuple(r[k] for k in KEY) for r in new}
+    redone = {(r["model"], r["method"]) for r in new if r["split"] == "dev"}
+    kept = []
+    for r in old:
+        if tuple(r[k] for k in KEY) in keys:
+            continue
+        if r["split"] == "dev" and (r["model"], r["method"]) in redone:
+            continue
+        kept.append(r)
+    return kept + new
+
+
+def speeds(rows: list[dict]) -> dict[tuple[str, str, str], float]:
+    return {(r["model"], r["method"], r["layer"]): r["sentences_per_s"] for r in rows if r["split"] == "speed"}
+
+
+def write_md(rows: list[dict], path: Path) -> None:
+    rate = speeds(rows)
+    lines = [
+        "# Training-free quality levers (issue 20)",
+        "",
+        "Spearman x100 of cosine against gold on the full test sets (SentEval 'all' setting).",
+        "lever: post-processing fitted on `fit_on` text that shares no sentence with any evaluated pair",
+        "(generic: the transfer sets' sentences; in-domain: the task's train split). `dev` marks the",
+        "layer and lever each template set's dev run chose (seeded sample of STS-B dev pairs).",
+        "sent/s: `python benchmarks/quality.py speed`, cache off, 2 cores, seeded random STS-B test sentences.",
+        "",
+    ]
+    tests = [r for r in rows if r["split"] == "test"]
+    by = {}
+    for r in tests:
+        by.setdefault((r["model"], r["method"], r["layer"], r["lever"], r["fit_on"]), {})[r["task"]] = r
+    table_rows = []
+    for (model, method, layer, lever, fit_on), tasks in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        years = [tasks[t]["spearman"] for t in (*STS_YEARS, "stsb", "sickr") if t in tasks]
+        avg = sum(years) / 7 if len(years) == 7 else None
+        chosen = any(r.get("dev_choice") for r in tasks.values())
+        spd = rate.get((model, method, layer if "+" not in layer else "final"))
+        table_rows.append(
+            [
+                model,
+                method,
+                layer,
+                lever,
+                fit_on,
+                "dev" if chosen else "",
+                cell(tasks.get("stsb", {}).get("spearman")),
+                cell(tasks.get("sickr", {}).get("spearman")),
+                cell(avg),
+                cell(spd),
+            ]
+        )
+    lines += table(
+        ["model", "method", "layer", "lever", "fit on", "choice", "STS-B", "SICK-R", "7-set avg", "sent/s"],
+        table_rows,
+        6,
+    )
+    dev = [r for r in rows if r["split"] == "dev" and r.get("dev_choice")]
+    if dev:
+        lines += ["", "Dev choices (STS-B dev sample):", ""]
+        lines += table(
+            ["model", "method", "layer", "lever", "pairs", "STS-B dev"],
+            [[r["model"], r["method"], r["layer"], r["lever"], str(r["pairs"]), cell(r["spearman"])] for r in dev],
+            4,
+        )
+    commands = sorted({r["command"] for r in rows if r.get("command")})
+    lines += ["", "Commands:", ""] + [f"- `{c}`" for c in commands]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install '.[bench]'): no plot", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = [r for r in rows if r["split"] == "test" and r["task"] == "stsb" and r["fit_on"] != "in-domain"]
+    tests.sort(key=lambda r: r["spearman"])
+    if not tests:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(tests) + 1.2))
+    labels = [f"{r['model']} {r['method']} L{r['layer']} {r['lever']}" for r in tests]
+    ax.barh(range(len(tests)), [r["spearman"] for r in tests], color="tab:blue")
+    ax.axvline(82.03, color="tab:red", linestyle="--", label="all-MiniLM-L6-v2 (82.03)")
+    ax.set_yticks(range(len(tests)), labels, fontsize=7)
+    ax.set_xlabel("STS-B test, Spearman x100 (generic fit or none)")
+    ax.set_xlim(min(r["spearman"] for r in tests) - 5, 85)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("stage", choices=["dev", "test", "speed", "report"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--templates", default="prompteol", help="comma-separated template sets")
+    ap.add_argument("--layers", default="-1,30,29,24,20,16", help="layers read in one pass (-1: final)")
+    ap.add_argument("--tasks", default="stsb,sickr", help="test tasks (stsb, sickr, sts12..sts16)")
+    ap.add_argument("--levers", default="raw,center,standardize,whiten,whiten:128,abtt:10")
+    ap.add_argument("--dev-pairs", type=int, default=500)
+    ap.add_argument("--dev-fit", type=int, default=1000, help="generic sentences fitted on in the dev stage")
+    ap.add_argument("--fit-sentences", type=int, default=3000, help="sentences per fitting corpus (test stage)")
+    ap.add_argument("--speed-n", type=int, default=128)
+    ap.add_argument("--speed-layers", default="-1")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    ap.add_argument("--data", default=None, help="SentEval folder (default: $METAEOL_DATA or ../shared/senteval)")
+    ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--save-dir", type=Path, default=None, help="write each test row's vectors for rescore.py")
+    ap.add_argument("--save-fits", type=Path, default=None, help="write each test row's fit (.npz)")
+    args = ap.parse_args(argv)
+    args.templates = [t for t in args.templates.split(",") if t]
+    args.layers = [int(x) for x in args.layers.split(",")]
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.levers = [x for x in args.levers.split(",") if x]
+    args.speed_layers = [int(x) for x in args.speed_layers.split(",")]
+    for lever in args.levers:
+        if lever != "raw":
+            pp.parse_kind(lever)
+    out = args.output / "quality.json"
+    previous = json.loads(out.read_text()) if out.is_file() else []
+    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    root = data_dir(args.data)
+    if args.stage == "report":
+        new = []
+    elif args.stage == "speed":
+        new = run_speed(args, root)
+    else:
+        exclude = evaluated_sentences(root)
+        new = run_dev(args, root, exclude) if args.stage == "dev" else run_test(args, root, exclude, previous)
+    for r in new:
+        r["command"] = command
+    rows = merge(previous, new)
+    args.output.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_md(rows, args.output / "quality.md")
+    plot(rows, args.output / "quality.png")
+    print(f"wrote {out} ({len(rows)} rows)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Presets: a measured configuration (templates, layer, post-processing) one option away.
+
+The defaults stay paper-exact (MetaEOL's 8 templates, the final layer, no
+post-processing). A preset names another configuration that issue 20's
+benchmark (``benchmarks/quality.py``) chose on dev data and scored on the
+test sets, and ships its post-processing fit for the models it was fitted on,
+so ``MetaEOL(preset="quality")`` works offline with nothing to fit. For a
+model without a shipped fit, or to fit on text of the user's own domain::
+
+    metaeol fit-postprocess --preset quality --model MODEL --input CORPUS.txt
+
+That fit is stored next to the model store and wins over the shipped one.
+
+The presets are data: ``presets/presets.json`` at the top of the repository,
+installed as package data beside the fits it names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MetaEOLError
+from .files import package_data
+from .postprocess import parse_kind
+
+
+@dataclass(frozen=True)
+class ShippedFit:
+    """A fit that ships with a preset: for one model file (by SHA-256), made on text named in ``fit_on``."""
+
+    file: str
+    sha256: str
+    fit_on: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    templates: str
+    layer: int
+    postprocess: str
+    fits: dict[str, ShippedFit] = field(default_factory=dict)  # registry id -> its fit
+
+    def shipped_fit(self, fingerprint: str) -> Path | None:
+        """The shipped fit made for the model file with this SHA-256, if one ships."""
+        folder = _data_dir()
+        for fit in self.fits.values():
+            if fit.sha256 == fingerprint and folder is not None:
+                path = folder / fit.file
+                if path.is_file():
+                    return Path(str(path))
+        return None
+
+
+def _data_dir():
+    return package_data("preset_data", "presets")
+
+
+def load_presets() -> dict[str, Preset]:
+    folder = _data_dir()
+    if folder is None or not (folder / "presets.json").is_file():
+        return {}
+    raw = json.loads((folder / "presets.json").read_text(encoding="utf-8"))
+    presets = {}
+    for name, p in raw["presets"].items():
+        parse_kind(p["postprocess"])  # a typo in the data file fails here, not at the first encode
+        fits = {model: ShippedFit(f["file"], f["sha256"], f["fit_on"]) for model, f in p.get("fits", {}).items()}
+        presets[name] = Preset(name, p["description"], p["templates"], int(p["layer"]), p["postprocess"], fits)
+    return presets
+
+
+def get_preset(name: str) -> Preset:
+    presets = load_presets()
+    if name not in presets:
+        known = ", ".join(sorted(presets)) or "none installed"
+        raise MetaEOLError(f"unknown preset {name!r}; known: {known}")
+    return presets[name]

@@ -1,0 +1,38 @@
+"""The prompt-only template sets of issue 20 (Pretended CoT, Knowledge Enhancement, one-shot
+PromptEOL): each is data, and the engine's vectors for it agree with the naive recipe's."""
+
+import pytest
+from conftest import cosine
+
+from metaeol_edge import MetaEOL
+from metaeol_edge.naive import NaiveRecipe
+from metaeol_edge.prompts import load_templates
+
+SETS = ["pretcot", "ke", "prompteol-icl-smoking", "prompteol-icl-music", "prompteol-icl-equestrian"]
+
+
+@pytest.mark.parametrize("set_name", SETS)
+def test_each_set_is_one_template_ending_in_one_word(set_name):
+    templates = load_templates(set_name)
+    assert len(templates) == 1
+    text = templates.templates[0].text
+    assert text.endswith('in one word:"') and text.count("*sent 0*") == 1
+    # A demonstration sits in the shared prefix, so a one-shot prompt costs about what PromptEOL does.
+    if "icl" in set_name:
+        assert 'means in one word:"' in templates.templates[0].prefix
+
+
+@pytest.mark.parametrize(
+    "model_fixture, set_name", [("smollm2", s) for s in SETS] + [("gemma3", "pretcot"), ("gemma3", "ke")]
+)
+def test_the_engine_agrees_with_the_naive_recipe(request, model_fixture, set_name, sts_sentences):
+    path = request.getfixturevalue(model_fixture)
+    sentences = sts_sentences[:4] + ['He said "hello" to me', "Is this a question?"]
+    naive = NaiveRecipe(path, load_templates(set_name))
+    try:
+        expected = naive.encode(sentences)
+    finally:
+        naive.close()
+    with MetaEOL(path, templates=set_name, cache=False) as model:
+        got = model.encode(sentences)
+    assert cosine(got, expected).min() >= 0.999

@@ -69,6 +69,26 @@ def pool_rows(tokenize: Callable[[str], list[int]], text: str, span: tuple[int, 
     return min(start, stop - 1), stop
 
 
+def placeholder_row(tokenize: Callable[[str], list[int]], text: str, span: tuple[int, int]) -> int:
+    """The token row of Token Prepending's placeholder ``text[span[0]:span[1]]``, checked to be one token.
+
+    One token, and the same token in the whole prompt as in ``text[:span[1]]``
+    (no BPE merge with either neighbour): every backend then rewrites the same row.
+    """
+    a, b = span
+    if not 0 < a < b <= len(text):
+        raise ValueError(f"placeholder span {span} lies outside a prompt of {len(text)} characters")
+    before, upto, full = tokenize(text[:a]), tokenize(text[:b]), tokenize(text)
+    if len(upto) != len(before) + 1 or upto[: len(before)] != before or full[: len(upto)] != upto:
+        raise ValueError(
+            f"the placeholder {text[a:b]!r} is not one token of its own in {text[: b + 20]!r}...: "
+            "choose another placeholder"
+        )
+    if len(upto) >= len(full):
+        raise ValueError("the placeholder must come before the prompt's last token")
+    return len(upto) - 1
+
+
 class LlamaCppBackend(Backend):
     """The llama.cpp engine: shared template prefixes, early graph stop, any layer."""
 
@@ -122,7 +142,12 @@ class LlamaCppBackend(Backend):
             if p.prefix not in self._prefix_tokens:  # "" too: its BOS is still worth sharing
                 self._prefix_tokens[p.prefix] = self.engine.tokenize(p.prefix)
             rows = None if p.pool is None else pool_rows(self.engine.tokenize, p.text, p.pool)
-            engine_prompts.append(EnginePrompt(self.engine.tokenize(p.text), self._prefix_tokens[p.prefix], rows))
+            rewrite = None
+            if p.rewrite is not None:
+                row = placeholder_row(self.engine.tokenize, p.text, p.rewrite.span)
+                rewrite = (row, p.rewrite.start, p.rewrite.stop)
+            tokens = self.engine.tokenize(p.text)
+            engine_prompts.append(EnginePrompt(tokens, self._prefix_tokens[p.prefix], rows, rewrite))
         return self.engine.embed(engine_prompts, progress=progress, layers=list(layers))
 
     def close(self) -> None:

@@ -80,7 +80,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--method",
             default=None,
-            help="a registered method (default: eol, the paper's: last token of each template, averaged)",
+            help="a registered method (default: eol, the paper's: last token of each template, averaged; tp: "
+            "token prepending)",
+        )
+        sp.add_argument(
+            "--tp-layers",
+            default=None,
+            metavar="START:STOP",
+            help="with --method tp: rewrite the placeholder in blocks START..STOP-1 (the authors' tp_starting_index "
+            "and tp_exiting_index; default 1:4)",
         )
         sp.add_argument("--max-length", type=int, default=512, help="tokens per prompt (default: 512)")
         sp.add_argument("--no-truncate", action="store_true", help="refuse sentences too long for max-length")
@@ -313,6 +321,22 @@ def _model(args: argparse.Namespace, **overrides):
     return MetaEOL(**(_model_options(args) | overrides))
 
 
+def _method(args: argparse.Namespace):
+    """``--method``, or Token Prepending over ``--templates`` with ``--tp-layers``."""
+    if args.tp_layers is None:
+        return args.method
+    if args.method != "tp":
+        raise InputError("--tp-layers needs --method tp")
+    from .methods import TokenPrepending
+    from .prompts import load_templates
+
+    try:
+        start, stop = (int(x) for x in args.tp_layers.split(":"))
+    except ValueError:
+        raise InputError(f"--tp-layers must be START:STOP, two block numbers, not {args.tp_layers!r}") from None
+    return TokenPrepending(load_templates(args.templates), start, stop)
+
+
 def _model_options(args: argparse.Namespace) -> dict:
     """``MetaEOL``'s keyword arguments from the model options."""
     model = args.model
@@ -324,7 +348,7 @@ def _model_options(args: argparse.Namespace) -> dict:
         model=model,
         templates=args.templates,
         preset=args.preset,
-        method=args.method,
+        method=_method(args),
         n_gpu_layers=args.n_gpu_layers,
         engine_mode=args.engine_mode,
         n_threads=args.threads,
@@ -361,7 +385,7 @@ def _reference(args: argparse.Namespace):
     return Reference(
         model,
         args.templates or "metaeol",
-        method=args.method,
+        method=_method(args),
         dtype=args.dtype or "float32",
         device=args.device,
         preprocess=not args.no_preprocess,

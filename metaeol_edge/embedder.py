@@ -515,6 +515,8 @@ class MetaEOL(Embedder):
         # a split model is run whole: its truncated copy would need every part rewritten).
         uses_engine = self._backend_spec.name == "llama.cpp" and self.info.split_count == 1
         self._exit_blocks = early_exit_blocks(layers, self.info.n_layer, early_exit and uses_engine)
+        made = make_method(method, self.templates)
+        made.check_depth(self.info.n_layer)  # before the cache opens: nothing to close on a refusal
         self.postprocess = bool(postprocess)
         self._fits: dict[int, pp.Postprocess] = {}
         self._fingerprint: str | None = None
@@ -526,7 +528,7 @@ class MetaEOL(Embedder):
         else:
             opened = EmbeddingCache.open(None if cache is True else Path(cache), max_bytes=cache_max_bytes)
         super().__init__(
-            make_method(method, self.templates),
+            made,
             layers,
             multi,
             self.info.n_embd,

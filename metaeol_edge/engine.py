@@ -24,6 +24,11 @@ is what llama.cpp's LAST pooling returns) without paying for every token:
 * Layers: the eval callback also copies the last row of ``l_out-N`` (block N+1's
   output); below the last block these hold every token of the ubatch, and a
   prompt's last token is the last row.
+* Token Prepending (a prompt's ``rewrite``): the callback also asks for
+  ``l_out-(k-1)`` of each block k to rewrite, so the scheduler stops there, and
+  overwrites the placeholder's row with the last token's (:func:`copy_row`)
+  before the next block reads it (its K/V, its residual). It needs the placeholder
+  and the last token in one ubatch, and one prompt per decode.
 * The KV cache is F32 by default. With llama.cpp's F16 cache, Gemma 3's vectors
   move by up to 0.003 in cosine depending only on how a prompt is split across
   decodes (so prefix sharing would change them); with F32 every split gives the
@@ -80,6 +85,7 @@ GGML_LOG_LEVEL_WARN = 3
 GGML_LOG_LEVEL_ERROR = 4
 GGML_LOG_LEVEL_CONT = 5  # continues the previous message
 GGML_TYPE_F32 = 0
+ONE_AT_A_TIME = "one-at-a-time"
 DECODE_ABORTED = 2  # llama_decode's code when the eval callback stops the graph
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
@@ -233,6 +239,8 @@ class _Ggml:
         lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
         lib.ggml_backend_tensor_get.restype = None
         lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        lib.ggml_backend_tensor_set.restype = None
+        lib.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
         self.lib = lib
 
     @staticmethod
@@ -243,17 +251,33 @@ class _Ggml:
         return type_, ne[0], ne[1]
 
 
+def copy_row(ggml: _Ggml, tensor: int, src: int, dst: int, n_embd: int, n_rows: int) -> None:
+    """Overwrite row ``dst`` of an F32 (n_embd, n_rows) tensor with its row ``src``, wherever it lives (CPU, GPU)."""
+    type_, ne0, ne1 = ggml.shape(tensor)
+    if type_ != GGML_TYPE_F32 or ne0 != n_embd or ne1 != n_rows or ggml.lib.ggml_nbytes(tensor) != ne0 * ne1 * 4:
+        name = ggml.lib.ggml_get_name(tensor).decode()
+        raise RuntimeError(f"cannot rewrite {name}: type {type_}, shape ({ne0}, {ne1}), {n_rows} rows expected")
+    if not (0 <= src < n_rows and 0 <= dst < n_rows):
+        raise RuntimeError(f"rows {src} -> {dst} outside a tensor of {n_rows} rows")
+    row = np.empty(ne0, dtype=np.float32)
+    ggml.lib.ggml_backend_tensor_get(tensor, row.ctypes.data, src * ne0 * 4, ne0 * 4)
+    ggml.lib.ggml_backend_tensor_set(tensor, row.ctypes.data, dst * ne0 * 4, ne0 * 4)
+
+
 @dataclass
 class Prompt:
     """One prompt for the engine: its tokens, a template prefix it may share, and what to read.
 
     ``rows``: token positions ``[start, stop)`` whose states are averaged; None
-    reads the last token alone.
+    reads the last token alone. ``rewrite``: (row, start, stop), Token
+    Prepending: for each block k in ``[start, stop)``, block k's output row
+    ``row`` becomes the last token's row (see :class:`metaeol_edge.methods.Rewrite`).
     """
 
     tokens: Sequence[int]
     prefix: Sequence[int] | None = None
     rows: tuple[int, int] | None = None
+    rewrite: tuple[int, int, int] | None = None
 
 
 class Engine:
@@ -313,6 +337,10 @@ class Engine:
         self._n_read = 0
         self._may_stop = False
         self._callback_error: BaseException | None = None
+        # Token Prepending: tensor names to rewrite in this decode, (placeholder row, last row), those done.
+        self._rewrite_names: frozenset[bytes] = frozenset()
+        self._rewrite_rows: tuple[int, int] | None = None
+        self._rewritten: set[bytes] = set()
         self._cb = lc.ggml_backend_sched_eval_callback(self._eval_callback)
 
         cparams = lc.llama_context_default_params()
@@ -387,7 +415,12 @@ class Engine:
             name = self._ggml.lib.ggml_get_name(tensor)
             slot = self._wanted.get(name)
             if ask:
-                return slot is not None
+                return slot is not None or name in self._rewrite_names
+            if self._rewrite_rows is not None and name in self._rewrite_names:
+                # Before the read: as in the authors' code, a block's state is read after its rewrite.
+                n_tokens = self._read[2] if self._read is not None else self._rewrite_rows[1] + 1
+                copy_row(self._ggml, tensor, self._rewrite_rows[1], self._rewrite_rows[0], self.n_embd, n_tokens)
+                self._rewritten.add(name)
             if slot is None or self._read is None:
                 return True
             type_, ne0, ne1 = self._ggml.shape(tensor)
@@ -473,6 +506,7 @@ class Engine:
         if self._read is None:
             return None
         missing = [name.decode() for name, slot in self._wanted.items() if self._rows[slot] is None]
+        missing += sorted(name.decode() for name in self._rewrite_names - self._rewritten)
         if missing:
             raise RuntimeError(f"llama.cpp's graph for this model has no tensor {', '.join(missing)}")
         return self._rows  # type: ignore[return-value]
@@ -508,6 +542,8 @@ class Engine:
                 raise ValueError(f"prompt of {len(p.tokens)} tokens exceeds max_length {self.max_length}")
             if p.rows is not None and not 0 <= p.rows[0] < p.rows[1] <= len(p.tokens):
                 raise ValueError(f"rows {p.rows} to read lie outside a prompt of {len(p.tokens)} tokens")
+            if p.rewrite is not None:
+                self._check_rewrite(p)
         names = list(dict.fromkeys(_tensor_name(layer) for layer in wanted))
         self._wanted = {name: slot for slot, name in enumerate(names)}
         slots = [self._wanted[_tensor_name(layer)] for layer in wanted]
@@ -521,7 +557,7 @@ class Engine:
         for prefix, members in sorted(groups.items(), key=lambda g: g[0] != self._prefix):
             self._load_prefix(prefix)
             for i in members:
-                rows = self._embed_one(prompts[i].tokens, prefix, prompts[i].rows, progress)
+                rows = self._embed_one(prompts[i].tokens, prefix, prompts[i].rows, progress, prompts[i].rewrite, wanted)
                 for li, slot in enumerate(slots):
                     read = rows[slot]
                     # One row is copied as it is: a mean of one would still be exact, but why compute it.
@@ -557,6 +593,8 @@ class Engine:
         progress: Callable[[float], None] | None = None,
         prefix_seq: int = PREFIX_SEQ,
         work_seq: int = WORK_SEQ,
+        rewrite: tuple[int, int, int] | None = None,
+        layers: Sequence[int] = (FINAL,),
     ) -> list[np.ndarray]:
         """Each wanted tensor's rows (the last token's, or ``rows``) of one prompt.
 
@@ -564,6 +602,9 @@ class Engine:
         so a long prompt moves a progress bar while it runs."""
         start_row, stop_row = rows if rows is not None else (len(tokens) - 1, len(tokens))
         shared = self._shared(tokens, prefix, start_row)
+        if rewrite is not None:
+            shared = min(shared, rewrite[0])  # the placeholder is decoded with the last token
+            self._arm_rewrite(rewrite, shared, len(tokens), layers)
         step = self.n_batch - self.n_batch % self.align  # chunks keep the next one's cells aligned
         self._lc.llama_memory_seq_rm(self.mem, work_seq, -1, -1)
         try:
@@ -584,6 +625,7 @@ class Engine:
                 return parts[0]
             return [np.concatenate([p[slot] for p in parts]) for slot in range(len(self._wanted))]
         finally:
+            self._rewrite_names, self._rewrite_rows = frozenset(), None
             self._lc.llama_memory_seq_rm(self.mem, work_seq, -1, -1)
 
     # -- packed mode -----------------------------------------------------------
@@ -734,6 +776,42 @@ class Engine:
             for li, slot in enumerate(slots):
                 read = rows[slot]
                 out[li, i] = read[0] if len(read) == 1 else read.mean(axis=0, dtype=np.float32)
+
+    # -- Token Prepending ------------------------------------------------------
+
+    def _check_rewrite(self, p: Prompt) -> None:
+        """Refuse a rewrite this engine cannot do exactly, before anything runs."""
+        assert p.rewrite is not None
+        row, start, stop = p.rewrite
+        if self.mode != ONE_AT_A_TIME:
+            raise ValueError(
+                f"token prepending needs the {ONE_AT_A_TIME!r} engine mode (one prompt per decode), not {self.mode!r}"
+            )
+        if p.rows is not None:
+            raise ValueError("token prepending reads the last token only, not pooled rows")
+        if not 0 <= row < len(p.tokens) - 1:
+            raise ValueError(f"placeholder row {row} is not before the last token of a {len(p.tokens)}-token prompt")
+        if not 1 <= start <= stop:
+            raise ValueError(f"rewrite layers {start}:{stop} must satisfy 1 <= start <= stop")
+        if len(p.tokens) - row > self.n_batch:
+            raise ValueError(
+                f"token prepending needs the placeholder and the last token in one ubatch: {len(p.tokens) - row} "
+                f"tokens from the placeholder on, over n_batch {self.n_batch} (raise n_batch or shorten the sentence)"
+            )
+
+    def _arm_rewrite(self, rewrite: tuple[int, int, int], shared: int, n_tokens: int, layers: Sequence[int]) -> None:
+        """Ask the callback to rewrite block outputs ``start..stop-1`` in the next decode (the prompt's only one).
+
+        Blocks at or above the highest read one change nothing read, and the
+        last block's output holds the output rows only: neither is rewritten.
+        """
+        row, start, stop = rewrite
+        top = self.n_layer if FINAL in layers else max(layers)
+        if n_tokens - shared > self.n_batch:
+            raise ValueError(f"token prepending: {n_tokens - shared} tokens to decode, over n_batch {self.n_batch}")
+        self._rewrite_names = frozenset(f"l_out-{k - 1}".encode() for k in range(start, min(stop, top, self.n_layer)))
+        self._rewrite_rows = (row - shared, n_tokens - 1 - shared)
+        self._rewritten = set()
 
     def close(self) -> None:
         lc = self._lc

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import MetaEOLError
-from .prompts import TemplateSet
+from .prompts import Template, TemplateSet
 
 ENTRY_POINT_GROUP = "metaeol_edge.methods"
 
@@ -48,6 +48,8 @@ class Prompt:
     states are averaged; ``None`` reads the last token alone (the paper's
     read). ``key`` names the prompt within its method for the cache (the
     template's text), ``label`` for people (the template's task).
+    ``rewrite``: a hidden-state rewrite during the forward pass (Token
+    Prepending, :class:`Rewrite`); ``None`` for a plain forward pass.
     """
 
     text: str
@@ -55,6 +57,25 @@ class Prompt:
     label: str = ""
     prefix: str = ""
     pool: tuple[int, int] | None = None
+    rewrite: Rewrite | None = None
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """Token Prepending (Fu et al., arXiv 2412.11556): overwrite one token's state with the last token's.
+
+    ``span`` is the character span of the placeholder token in the prompt's
+    text (it must be exactly one token). For each ``k`` in ``[start, stop)``,
+    ``hidden_states[k]`` (the output of block k, the input of 0-based decoder
+    layer k; llama.cpp's ``l_out-(k-1)``) has the placeholder's row replaced by
+    the prompt's last token's row before the next block reads it. This is the
+    authors' ``tp_starting_index`` / ``tp_exiting_index`` (their decoder-layer
+    loop index, exit exclusive); ``start == stop`` rewrites nothing.
+    """
+
+    span: tuple[int, int]
+    start: int
+    stop: int
 
 
 @dataclass(frozen=True)
@@ -88,6 +109,9 @@ class Method(ABC):
     def description(self) -> str:
         return self.name
 
+    def check_depth(self, n_layer: int) -> None:  # noqa: B027 - most methods run on any model
+        """Refuse, with a clear error, a model of ``n_layer`` blocks this method cannot run on."""
+
 
 class TemplateMethod(Method):
     """MetaEOL, PromptEOL or a user's templates: the last token of each filled template, averaged."""
@@ -109,8 +133,98 @@ class TemplateMethod(Method):
         return self.templates.name
 
 
+TP_PLACEHOLDER = " X"
+"""Token Prepending's placeholder: one ordinary token, since a GGUF model cannot get a new one.
+
+The authors add a token ``<PST>`` with a random embedding; its embedding only
+matters in the blocks before the first rewrite. " X" (a letters-only word, so a
+pre-token of its own in byte-level BPE, between the template's " :" and the
+sentence's opening ' "') is one token in smollm2 (2273) and gemma3 (1684), never
+merged with a neighbour (checked for every prompt: :func:`placeholder_row`),
+and close to meaningless: a generic name for "something".
+"""
+TP_START, TP_STOP = 1, 4
+"""Default rewrite range: blocks 1..3. The authors' configs rewrite from layer 1 up to an exit of 3 to 7 on
+28- to 42-layer models (LLaMA-2-7B 7, LLaMA-3-8B 3, Qwen2-7B and Gemma-2-9B 6), 10-20% of the depth; 3 of
+30 blocks on smollm2-135m and 3 of 18 on gemma3-270m lie in that range. Not tuned here."""
+
+
+class TokenPrepending(TemplateMethod):
+    """Token Prepending (Fu et al., arXiv 2412.11556) over a template set: registered as ``tp``.
+
+    Each template gets a placeholder token just before the sentence's opening
+    quote (``this sentence : X "..." means in one word:"``, the authors'
+    ``this sentence : <PST> "..."``). In blocks ``start..stop-1`` the
+    placeholder's hidden state is replaced by the last token's (:class:`Rewrite`),
+    so the sentence's tokens can attend to a summary of the whole prompt. The
+    read (last token) and the combination (mean) are :class:`TemplateMethod`'s.
+    ``MetaEOL(..., method=TokenPrepending(load_templates("prompteol"), start=1, stop=7))``.
+    """
+
+    name = "tp"
+
+    def __init__(
+        self, templates: TemplateSet, start: int = TP_START, stop: int = TP_STOP, placeholder: str = TP_PLACEHOLDER
+    ) -> None:
+        for what, v in (("start", start), ("stop", stop)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise MetaEOLError(f"token prepending: {what} must be an integer block number, not {v!r}")
+        if not 1 <= start <= stop:
+            raise MetaEOLError(
+                f"token prepending: layers {start}:{stop} must satisfy 1 <= start <= stop (blocks start..stop-1 "
+                "are rewritten; start 0 would rewrite the input embedding, which the placeholder already is)"
+            )
+        if not placeholder.strip() or placeholder != placeholder.rstrip():
+            raise MetaEOLError(f"token prepending: placeholder {placeholder!r} must be a word without trailing space")
+        super().__init__(templates)
+        self.start, self.stop, self.placeholder = start, stop, placeholder
+        self.cache_name = f"tp/1:{start}-{stop}"
+        self._parts = [self._split(t) for t in templates.templates]
+
+    def _split(self, t: Template) -> tuple[Template, str]:
+        """(template with the placeholder inserted, its text before the placeholder)."""
+        before, after = t.text.split(t.placeholder, 1)
+        quote = before[-1] if before[-1:] in ('"', "'") else ""  # the sentence's opening quote
+        head = (before[:-1] if quote else before).rstrip()
+        text = head + self.placeholder + " " + quote + t.placeholder + after
+        return Template(t.task, text, t.placeholder, t.meta_task), head
+
+    def units(self) -> list[Unit]:
+        return [Unit(t.text, t.task) for t, _ in self._parts]
+
+    def prompts(self, sentence: str) -> list[Prompt]:
+        out = []
+        for t, head in self._parts:
+            text = t.render(sentence)
+            lead = len(t.text) - len(t.text.lstrip())  # render() strips the filled template
+            a = len(head) - lead
+            span = (a, a + len(self.placeholder))
+            assert text[span[0] : span[1]] == self.placeholder
+            rewrite = Rewrite(span, self.start, self.stop)
+            out.append(Prompt(text, key=t.text, label=t.task, prefix=text[: span[0]], rewrite=rewrite))
+        return out
+
+    def check_depth(self, n_layer: int) -> None:
+        if self.stop > n_layer:
+            raise MetaEOLError(
+                f"token prepending: stop {self.stop} is over the model's {n_layer} blocks (blocks "
+                f"start..stop-1 are rewritten, so stop can be at most {n_layer})"
+            )
+
+    @property
+    def description(self) -> str:
+        return f"{self.templates.name}+tp{self.start}:{self.stop}"
+
+    def __repr__(self) -> str:
+        # Stable across runs: a bulk job's identity (job.json) holds the method's str().
+        return (
+            f"TokenPrepending({self.templates.name!r} from {self.templates.source!r}, start={self.start}, "
+            f"stop={self.stop}, placeholder={self.placeholder!r})"
+        )
+
+
 MethodFactory = Callable[[TemplateSet], Method]
-_REGISTRY: dict[str, MethodFactory] = {"eol": TemplateMethod}
+_REGISTRY: dict[str, MethodFactory] = {"eol": TemplateMethod, "tp": TokenPrepending}
 _entry_points_loaded = False
 
 
@@ -124,8 +238,8 @@ def register_method(name: str, factory: MethodFactory, *, replace: bool = False)
 
 
 def unregister_method(name: str) -> None:
-    if name == "eol":
-        raise ValueError("the built-in method 'eol' cannot be removed")
+    if name in ("eol", "tp"):
+        raise ValueError(f"the built-in method {name!r} cannot be removed")
     _REGISTRY.pop(name, None)
 
 

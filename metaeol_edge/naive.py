@@ -64,6 +64,11 @@ class NaiveBackend(Backend):
         for k, p in enumerate(prompts):
             if p.pool is not None:
                 raise ValueError("the naive recipe reads the last token only")
+            if p.rewrite is not None:
+                raise ValueError(
+                    "the naive recipe (Llama.embed) cannot rewrite hidden states: token prepending needs "
+                    "the llama.cpp engine or the pytorch backend"
+                )
             out[0, k] = self.llm.embed(p.text)
             if progress:
                 progress(1)

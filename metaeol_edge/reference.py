@@ -11,6 +11,11 @@ Layers follow :mod:`metaeol_edge.layers`: ``-1`` is ``hidden_states[-1]``
 (after the final norm), ``k < n_layer`` is ``hidden_states[k]``, and
 ``k = n_layer`` is the last block's output before the final norm (Hugging
 Face's ``hidden_states[n_layer]`` has the norm applied, so it is read with a hook).
+
+Token Prepending (a prompt's ``rewrite``) is a forward pre-hook on decoder
+layers ``start..stop-1``: the placeholder's row of the layer's input becomes
+the last token's, in place, as the authors' ``hidden_states[b, pst] =
+hidden_states[:, -1]`` (left padding keeps the last token last).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import Backend, Progress, pool_rows
+from .backends import Backend, Progress, placeholder_row, pool_rows
 from .embedder import Embedder
 from .errors import MetaEOLError
 from .layers import FINAL, LayerSpec, check_resolved, resolve_layers
@@ -141,11 +146,16 @@ class TorchBackend(Backend):
                     mask = enc["attention_mask"].to(self.device)
                     positions = (mask.cumsum(-1) - 1).clamp(min=0)
                     captured.clear()
-                    hidden = self.model(
-                        input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
-                    ).hidden_states
                     width = ids.shape[1]
                     lengths = mask.sum(-1).tolist()
+                    rewrites = self._rewrite_hooks(batch, width, lengths)
+                    try:
+                        hidden = self.model(
+                            input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
+                        ).hidden_states
+                    finally:
+                        for handle in rewrites:
+                            handle.remove()
                     per_layer = []
                     for layer in layers:
                         if layer == FINAL:
@@ -162,6 +172,31 @@ class TorchBackend(Backend):
             if hook is not None:
                 hook.remove()
         return np.concatenate(result, axis=1)
+
+    def _rewrite_hooks(self, batch: list[Prompt], width: int, lengths: list[int]) -> list:
+        """Token Prepending: pre-hooks that overwrite each placeholder's row with its prompt's last row."""
+        targets = []  # (batch row, placeholder position, start, stop)
+        for b, p in enumerate(batch):
+            if p.rewrite is None:
+                continue
+            start, stop = p.rewrite.start, p.rewrite.stop
+            if not 1 <= start <= stop <= self.n_layer:
+                raise ValueError(f"rewrite layers {start}:{stop} must satisfy 1 <= start <= stop <= {self.n_layer}")
+            if p.pool is not None:
+                raise ValueError("token prepending reads the last token only, not pooled rows")
+            row = placeholder_row(self.tokenize, p.text, p.rewrite.span)
+            targets.append((b, width - int(lengths[b]) + row, start, stop))
+        handles = []
+        for k in sorted({k for *_, start, stop in targets for k in range(start, stop)}):
+            rows = [(b, pos) for b, pos, start, stop in targets if start <= k < stop]
+
+            def rewrite(module, args, kwargs, rows=rows):
+                h = args[0] if args else kwargs["hidden_states"]
+                for b, pos in rows:
+                    h[b, pos] = h[b, -1]
+
+            handles.append(self.model.layers[k].register_forward_pre_hook(rewrite, with_kwargs=True))
+        return handles
 
     def _read(self, h, batch: list[Prompt], width: int, lengths: list[int]) -> np.ndarray:
         """Each prompt's read from one layer's (B, width, dim) states; left padding: the last is real."""
@@ -216,6 +251,7 @@ class Reference(Embedder):
             preprocess=preprocess,
             max_length=max_length,
         )
+        self.method.check_depth(backend.n_layer)
         self.n_layer = backend.n_layer
         self.device = backend.device
         self.torch = backend.torch

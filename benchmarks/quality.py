@@ -3,13 +3,16 @@
     python benchmarks/quality.py dev  --model smollm2-135m --templates prompteol,pretcot,ke
     python benchmarks/quality.py test --model smollm2-135m --templates prompteol --tasks stsb,sickr
     python benchmarks/quality.py speed --model smollm2-135m --templates prompteol,metaeol
+    python benchmarks/quality.py ship --preset quality --model smollm2-135m
 
-``dev`` scores every (template set, layer or pair of layers, lever) on the dev
+A template set may carry Token Prepending: ``prompteol+tp:1:4`` rewrites blocks
+1..3. ``dev`` scores every (template set, layer or pair of layers, lever) on the dev
 data (a seeded sample of STS-B dev pairs) and names the best; ``test`` scores on
 the full test sets a fixed list of rows (the final layer with each lever) plus
 the dev choice of each template set, and never chooses anything itself;
 ``speed`` times each template set alone on a seeded random sample of STS-B
-test sentences, cache off.
+test sentences, cache off; ``ship`` fits a preset's post-processing on the
+generic corpus and writes it into ``presets/`` for the model.
 
 Levers are post-processing fits (:mod:`metaeol_edge.postprocess`) made on
 unlabeled text that shares no sentence with any evaluated pair:
@@ -43,11 +46,15 @@ import numpy as np
 from metaeol_edge import MetaEOL
 from metaeol_edge import postprocess as pp
 from metaeol_edge.evaluation import STS_YEARS, STSData, data_dir, load_sts, load_transfer, run_sts
+from metaeol_edge.methods import TokenPrepending
+from metaeol_edge.presets import get_preset
+from metaeol_edge.prompts import TemplateSet, load_templates
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import cell, table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
 LEVERS = (
     "raw",
     "center",
@@ -109,8 +116,10 @@ def dev_data(root: Path, pairs: int) -> STSData:
 class Vectors:
     """One template set's vectors at several layers, read in one pass and kept by sentence."""
 
-    def __init__(self, model: str, templates: str, layers: list[int], batch_size: int, threads: int | None) -> None:
-        self.embedder = MetaEOL(model, templates=templates, layer=layers, cache=True, n_threads=threads)
+    def __init__(self, model: str, spec: str, layers: list[int], batch_size: int, threads: int | None) -> None:
+        templates, method = parse_spec(spec)
+        self.embedder = MetaEOL(model, templates=templates, method=method, layer=layers, cache=True, n_threads=threads)
+        self.spec = spec
         self.layers = list(self.embedder.layers)
         self.batch_size = batch_size
         self.rows: dict[str, int] = {}
@@ -120,7 +129,7 @@ class Vectors:
         todo = [s for s in dict.fromkeys(sentences) if s not in self.rows]
         if not todo:
             return
-        print(f"  {self.embedder.templates.name}: {len(todo)} sentences of {label}", file=sys.stderr, flush=True)
+        print(f"  {self.spec}: {len(todo)} sentences of {label}", file=sys.stderr, flush=True)
         per_layer = self.embedder.encode(todo, batch_size=self.batch_size, show_progress_bar=True)
         start = len(self.rows)
         for i, s in enumerate(todo):
@@ -135,6 +144,21 @@ class Vectors:
             return parts[0]
         # Layers differ in scale (the final one is normed): weigh each equally.
         return np.mean([p / np.linalg.norm(p, axis=1).mean() for p in parts], axis=0).astype(np.float32)
+
+
+def parse_spec(spec: str) -> tuple[TemplateSet, TokenPrepending | None]:
+    """``prompteol`` -> the template set; ``ke&prompteol-icl-music`` -> both sets' templates, averaged
+    (their cache entries are each set's own); ``prompteol+tp:1:4`` -> Token Prepending over it, blocks 1..3."""
+    names, _, method = spec.partition("+")
+    parts = [load_templates(n) for n in names.split("&")]
+    templates = TemplateSet(names, tuple(t for p in parts for t in p.templates), parts[0].source)
+    if not method:
+        return templates, None
+    name, _, layers = method.partition(":")
+    if name != "tp":
+        raise SystemExit(f"unknown method in {spec!r}: only +tp:START:STOP")
+    start, stop = (int(x) for x in layers.split(":"))
+    return templates, TokenPrepending(templates, start, stop)
 
 
 def layer_name(option: tuple[int, ...]) -> str:
@@ -174,50 +198,63 @@ def row_dir(base: Path | None, *parts: str) -> Path | None:
 
 def run_dev(args, root: Path, exclude: set[str]) -> list[dict]:
     dev = dev_data(root, args.dev_pairs)
-    generic = fit_corpus("generic", root, args.dev_fit, exclude)
+    corpora = {"generic": fit_corpus("generic", root, args.dev_fit, exclude)}
+    if args.dev_in_domain:  # STS-B train: the in-domain corpus of the test stage (as many sentences)
+        corpora["in-domain"] = fit_corpus("stsb", root, args.fit_sentences, exclude)
     rows = []
     for templates in args.templates:
         vec = Vectors(args.model, templates, args.layers, args.batch_size, args.threads)
         vec.need(dev.sentences(), "STS-B dev")
-        vec.need(generic, "the generic corpus")
+        for name, corpus in corpora.items():
+            vec.need(corpus, f"the {name} corpus")
         singles = [(layer,) for layer in vec.layers]
         options = singles + list(combinations(vec.layers, 2))
         for option in options:
             for lever in LEVERS:
-                fit_on = "none" if lever == "raw" else "generic"
-                try:
-                    s = score(dev, vec, option, lever, generic, None, None)
-                except ValueError as exc:  # e.g. whitening with fewer sentences than dimensions
-                    print(f"  skipped {lever} at {layer_name(option)}: {exc}", file=sys.stderr)
-                    continue
-                rows.append(
-                    dict(
-                        model=args.model,
-                        method=templates,
-                        lever=lever,
-                        fit_on=fit_on,
-                        layer=layer_name(option),
-                        split="dev",
-                        task="stsb",
-                        pairs=len(dev),
-                        spearman=round(s, 2),
-                        fit_sentences=0 if lever == "raw" else len(generic),
+                for fit_on, corpus in [("none", None)] if lever == "raw" else corpora.items():
+                    try:
+                        s = score(dev, vec, option, lever, corpus, None, None)
+                    except ValueError as exc:  # e.g. whitening with fewer sentences than dimensions
+                        print(f"  skipped {lever} at {layer_name(option)}: {exc}", file=sys.stderr)
+                        continue
+                    rows.append(
+                        dict(
+                            model=args.model,
+                            method=templates,
+                            lever=lever,
+                            fit_on=fit_on,
+                            layer=layer_name(option),
+                            split="dev",
+                            task="stsb",
+                            pairs=len(dev),
+                            spearman=round(s, 2),
+                            fit_sentences=len(corpus) if corpus else 0,
+                        )
                     )
-                )
-    best = {}
+    # Per template set: one choice of a single layer (what a preset can name) and one of a pair of
+    # layers, with the generic fit or none; and, with --dev-in-domain, one with the in-domain fit.
+    best: dict[tuple[str, str], dict] = {}
     for r in rows:
-        key = r["method"]
-        if r["fit_on"] != "in-domain" and (key not in best or r["spearman"] > best[key]["spearman"]):
+        kind = "in-domain" if r["fit_on"] == "in-domain" else "pair" if "+" in r["layer"] else "single"
+        key = (r["method"], kind)
+        if key not in best or r["spearman"] > best[key]["spearman"]:
             best[key] = r
-    for r in best.values():
-        r["dev_choice"] = True
-        print(f"dev choice for {r['method']}: layer {r['layer']}, {r['lever']} -> {r['spearman']:.2f}")
+    for (method, kind), r in sorted(best.items()):
+        r["dev_choice"] = kind
+        print(
+            f"dev choice for {method} ({kind}): layer {r['layer']}, {r['lever']}, fit on {r['fit_on']} "
+            f"-> {r['spearman']:.2f}"
+        )
     return rows
 
 
-def dev_choices(rows: list[dict], model: str) -> dict[str, tuple[str, str]]:
-    """template set -> (layer, lever) chosen on dev, from earlier dev rows."""
-    return {r["method"]: (r["layer"], r["lever"]) for r in rows if r.get("dev_choice") and r["model"] == model}
+def dev_choices(rows: list[dict], model: str) -> dict[str, list[tuple[str, str, str]]]:
+    """template set -> [(layer, lever, kind of choice)] chosen on dev, from earlier dev rows."""
+    chosen: dict[str, list[tuple[str, str, str]]] = {}
+    for r in rows:
+        if r["split"] == "dev" and r.get("dev_choice") and r["model"] == model:
+            chosen.setdefault(r["method"], []).append((r["layer"], r["lever"], r["dev_choice"]))
+    return chosen
 
 
 def parse_layer_name(name: str) -> tuple[int, ...]:
@@ -228,44 +265,73 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
     choices = dev_choices(previous, args.model)
     rows = []
     fits = {"generic": fit_corpus("generic", root, args.fit_sentences, exclude)}
-    for task in args.tasks:
-        if task in IN_DOMAIN:
-            fits[task] = fit_corpus(IN_DOMAIN[task], root, args.fit_sentences, exclude)
+    in_domain = [t for t in args.tasks if t in IN_DOMAIN and not args.generic_only]
+    for task in in_domain:
+        fits[task] = fit_corpus(IN_DOMAIN[task], root, args.fit_sentences, exclude)
     for templates in args.templates:
         vec = Vectors(args.model, templates, args.layers, args.batch_size, args.threads)
         for name, corpus in fits.items():
             vec.need(corpus, f"the {name} fitting corpus")
-        plan = [((-1,), lever, False) for lever in args.levers]
-        if templates in choices:
-            layer, lever = choices[templates]
-            plan.append((parse_layer_name(layer), lever, True))
+        # (layers, lever, fit, dev choice or None): the final layer with every lever, and the dev choices.
+        plan: list[tuple[tuple[int, ...], str, str, str | None]] = []
+        for lever in args.levers:
+            plan += [((-1,), lever, f, None) for f in (["none"] if lever == "raw" else ["generic", "in-domain"])]
+        for layer, lever, kind in choices.get(templates, []):
+            option = parse_layer_name(layer)
+            fits_of = ["none"] if lever == "raw" else ["in-domain"] if kind == "in-domain" else ["generic"]
+            plan = [p for p in plan if p[:3] not in [(option, lever, f) for f in fits_of]]
+            plan += [(option, lever, f, kind) for f in fits_of]
         for task in args.tasks:
             data = load_sts(task, root, "test")
             vec.need(data.sentences(), f"{task} test")
-            for option, lever, chosen in plan:
-                fit_ons = ["none"] if lever == "raw" else ["generic"] + (["in-domain"] if task in IN_DOMAIN else [])
-                for fit_on in fit_ons:
-                    corpus = None if fit_on == "none" else fits["generic" if fit_on == "generic" else task]
-                    where = row_dir(args.save_dir, args.model, templates, layer_name(option), lever, fit_on)
-                    fits_dir = row_dir(args.save_fits, args.model, templates, layer_name(option), lever, fit_on)
+            for option, lever, fit_on, chosen in plan:
+                if fit_on == "in-domain" and task not in in_domain:
+                    continue
+                corpus = None if fit_on == "none" else fits["generic" if fit_on == "generic" else task]
+                where = row_dir(args.save_dir, args.model, templates, layer_name(option), lever, fit_on)
+                fits_dir = row_dir(args.save_fits, args.model, templates, layer_name(option), lever, fit_on)
+                try:
                     s = score(data, vec, option, lever, corpus, where and where / task, fits_dir)
-                    rows.append(
-                        dict(
-                            model=args.model,
-                            method=templates,
-                            lever=lever,
-                            fit_on=fit_on,
-                            layer=layer_name(option),
-                            split="test",
-                            task=task,
-                            pairs=len(data),
-                            spearman=round(s, 2),
-                            fit_sentences=len(corpus) if corpus else 0,
-                            dev_choice=chosen,
-                        )
+                except ValueError as exc:  # e.g. whitening with fewer sentences than dimensions
+                    print(f"  skipped {lever} fitted on {fit_on} for {task}: {exc}", file=sys.stderr)
+                    continue
+                rows.append(
+                    dict(
+                        model=args.model,
+                        method=templates,
+                        lever=lever,
+                        fit_on=fit_on,
+                        layer=layer_name(option),
+                        split="test",
+                        task=task,
+                        pairs=len(data),
+                        spearman=round(s, 2),
+                        fit_sentences=len(corpus) if corpus else 0,
+                        dev_choice=chosen,
                     )
-                    print(f"{templates:>24} {task:>6} {layer_name(option):>8} {lever:>11} {fit_on:>9} {s:6.2f}")
+                )
+                print(f"{templates:>24} {task:>6} {layer_name(option):>8} {lever:>11} {fit_on:>9} {s:6.2f}")
     return rows
+
+
+def run_ship(args, root: Path, exclude: set[str]) -> None:
+    """Fit a preset's post-processing on the generic corpus and ship it (``presets/``) for this model."""
+    preset = get_preset(args.preset)
+    corpus = fit_corpus("generic", root, args.fit_sentences, exclude)
+    model = MetaEOL(args.model, templates=preset.templates, layer=preset.layer, cache=True, n_threads=args.threads)
+    fitted = pp.fit(model.encode(corpus, batch_size=args.batch_size, show_progress_bar=True), preset.postprocess)
+    name = f"{args.model}.{preset.name}.npz"
+    fit_on = f"generic: {len(corpus)} sentences of the transfer sets MR, CR, MPQA, SST-2, TREC, MRPC (seed {SEED})"
+    meta = {"model": args.model, "templates": preset.templates, "layer": preset.layer, "fit_on": fit_on}
+    pp.save(fitted, PRESETS / name, meta)
+    data = json.loads((PRESETS / "presets.json").read_text())
+    data["presets"][preset.name].setdefault("fits", {})[args.model] = {
+        "file": name,
+        "sha256": model.fingerprint,
+        "fit_on": fit_on,
+    }
+    (PRESETS / "presets.json").write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {PRESETS / name} ({preset.postprocess}, fitted on {len(corpus)} sentences)")
 
 
 def run_speed(args, root: Path) -> list[dict]:
@@ -274,7 +340,10 @@ def run_speed(args, root: Path) -> list[dict]:
     rows = []
     for templates in args.templates:
         for layer in args.speed_layers:
-            model = MetaEOL(args.model, templates=templates, layer=layer, cache=False, n_threads=args.threads)
+            names, method = parse_spec(templates)
+            model = MetaEOL(
+                args.model, templates=names, method=method, layer=layer, cache=False, n_threads=args.threads
+            )
             model.encode(sample[:4], show_progress_bar=False)  # load, and warm the template prefixes
             t0 = time.perf_counter()
             model.encode(sample, batch_size=args.batch_size, show_progress_bar=False)
@@ -330,8 +399,9 @@ def write_md(rows: list[dict], path: Path) -> None:
         "",
         "Spearman x100 of cosine against gold on the full test sets (SentEval 'all' setting).",
         "lever: post-processing fitted on `fit_on` text that shares no sentence with any evaluated pair",
-        "(generic: the transfer sets' sentences; in-domain: the task's train split). `dev` marks the",
-        "layer and lever each template set's dev run chose (seeded sample of STS-B dev pairs).",
+        "(generic: the transfer sets' sentences; in-domain: the task's train split). `dev, single` and",
+        "`dev, pair` mark the layer (or pair of layers) and lever each template set's dev run chose",
+        "(seeded sample of STS-B dev pairs, generic fit); every other row is the final layer with each lever.",
         "sent/s: `python benchmarks/quality.py speed`, cache off, 2 cores, seeded random STS-B test sentences.",
         "",
     ]
@@ -343,8 +413,8 @@ def write_md(rows: list[dict], path: Path) -> None:
     for (model, method, layer, lever, fit_on), tasks in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         years = [tasks[t]["spearman"] for t in (*STS_YEARS, "stsb", "sickr") if t in tasks]
         avg = sum(years) / 7 if len(years) == 7 else None
-        chosen = any(r.get("dev_choice") for r in tasks.values())
-        spd = rate.get((model, method, layer if "+" not in layer else "final"))
+        chosen = next((r["dev_choice"] for r in tasks.values() if r.get("dev_choice")), "")
+        spd = rate.get((model, method, layer), rate.get((model, method, "final")))
         table_rows.append(
             [
                 model,
@@ -352,7 +422,7 @@ def write_md(rows: list[dict], path: Path) -> None:
                 layer,
                 lever,
                 fit_on,
-                "dev" if chosen else "",
+                f"dev, {chosen}" if chosen else "",
                 cell(tasks.get("stsb", {}).get("spearman")),
                 cell(tasks.get("sickr", {}).get("spearman")),
                 cell(avg),
@@ -405,7 +475,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["dev", "test", "speed", "report"])
+    ap.add_argument("stage", choices=["dev", "test", "speed", "ship", "report"])
+    ap.add_argument("--preset", default="quality", help="the preset whose fit `ship` makes")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--templates", default="prompteol", help="comma-separated template sets")
     ap.add_argument("--layers", default="-1,30,29,24,20,16", help="layers read in one pass (-1: final)")
@@ -413,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levers", default="raw,center,standardize,whiten,whiten:128,abtt:10")
     ap.add_argument("--dev-pairs", type=int, default=500)
     ap.add_argument("--dev-fit", type=int, default=1000, help="generic sentences fitted on in the dev stage")
+    ap.add_argument("--dev-in-domain", action="store_true", help="dev: also fit on STS-B train, and choose with it")
     ap.add_argument("--fit-sentences", type=int, default=3000, help="sentences per fitting corpus (test stage)")
+    ap.add_argument("--generic-only", action="store_true", help="test: no in-domain fits")
     ap.add_argument("--speed-n", type=int, default=128)
     ap.add_argument("--speed-layers", default="-1")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -435,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(out.read_text()) if out.is_file() else []
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     root = data_dir(args.data)
+    if args.stage == "ship":
+        run_ship(args, root, evaluated_sentences(root))
+        return 0
     if args.stage == "report":
         new = []
     elif args.stage == "speed":
@@ -444,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         new = run_dev(args, root, exclude) if args.stage == "dev" else run_test(args, root, exclude, previous)
     for r in new:
         r["command"] = command
-    rows = merge(previous, new)
+    # Read the file again: another run may have added rows since this one started.
+    rows = merge(json.loads(out.read_text()) if out.is_file() else [], new)
     args.output.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1) + "\n")
     write_md(rows, args.output / "quality.md")

@@ -327,6 +327,8 @@ def _method(args: argparse.Namespace):
         return args.method
     if args.method != "tp":
         raise InputError("--tp-layers needs --method tp")
+    if getattr(args, "preset", None):
+        raise InputError("--tp-layers does not combine with --preset (a preset fixes its templates and fit)")
     from .methods import TokenPrepending
     from .prompts import load_templates
 
@@ -334,7 +336,7 @@ def _method(args: argparse.Namespace):
         start, stop = (int(x) for x in args.tp_layers.split(":"))
     except ValueError:
         raise InputError(f"--tp-layers must be START:STOP, two block numbers, not {args.tp_layers!r}") from None
-    return TokenPrepending(load_templates(args.templates), start, stop)
+    return TokenPrepending(load_templates(args.templates or "metaeol"), start, stop)
 
 
 def _model_options(args: argparse.Namespace) -> dict:

@@ -557,7 +557,9 @@ class Engine:
         for prefix, members in sorted(groups.items(), key=lambda g: g[0] != self._prefix):
             self._load_prefix(prefix)
             for i in members:
-                rows = self._embed_one(prompts[i].tokens, prefix, prompts[i].rows, progress, prompts[i].rewrite, wanted)
+                rows = self._embed_one(
+                    prompts[i].tokens, prefix, prompts[i].rows, progress, rewrite=prompts[i].rewrite, layers=wanted
+                )
                 for li, slot in enumerate(slots):
                     read = rows[slot]
                     # One row is copied as it is: a mean of one would still be exact, but why compute it.

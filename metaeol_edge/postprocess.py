@@ -93,10 +93,12 @@ def fit(vectors: np.ndarray, kind: str = "standardize") -> Postprocess:
         std = x.std(axis=0)
         transform = 1.0 / np.maximum(std, 1e-6 * max(float(std.max()), 1e-30))
     else:
-        if family == "whiten" and len(x) <= dim:
-            raise ValueError(f"whitening {dim} dimensions needs more than {dim} sentences, got {len(x)}")
-        if family == "abtt" and len(x) <= k:
-            raise ValueError(f"removing {k} directions needs more than {k} sentences, got {len(x)}")
+        # The top K directions of a covariance are well defined from more than K sentences; all of
+        # them (plain whiten) need more sentences than dimensions.
+        need = k or dim
+        if len(x) <= need:
+            what = f"whitening {dim} dimensions" if family == "whiten" and k is None else f"{kind}"
+            raise ValueError(f"{what} needs more than {need} sentences, got {len(x)}")
         cov = np.cov(x - mean, rowvar=False)
         u, s, _ = np.linalg.svd(cov)
         if family == "whiten":

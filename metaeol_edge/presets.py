@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .errors import MetaEOLError
 from .files import package_data
+from .layers import LayerSpec
 from .postprocess import parse_kind
 
 
@@ -40,7 +41,7 @@ class Preset:
     name: str
     description: str
     templates: str
-    layer: int
+    layer: LayerSpec  # a spec every model resolves (1.0: the last block's output), not one model's block number
     postprocess: str
     fits: dict[str, ShippedFit] = field(default_factory=dict)  # registry id -> its fit
 
@@ -68,7 +69,7 @@ def load_presets() -> dict[str, Preset]:
     for name, p in raw["presets"].items():
         parse_kind(p["postprocess"])  # a typo in the data file fails here, not at the first encode
         fits = {model: ShippedFit(f["file"], f["sha256"], f["fit_on"]) for model, f in p.get("fits", {}).items()}
-        presets[name] = Preset(name, p["description"], p["templates"], int(p["layer"]), p["postprocess"], fits)
+        presets[name] = Preset(name, p["description"], p["templates"], p["layer"], p["postprocess"], fits)
     return presets
 
 

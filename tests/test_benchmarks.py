@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +84,35 @@ def test_gpu_benchmark_writes_its_rows_on_a_machine_without_a_gpu(tmp_path, smol
     for r in rows:
         assert {"model", "method", "device", "n", "sentences_per_s", "cos_min_to_cpu", "gpu_mem_mb"} <= set(r)
         assert r["n"] == 2 and r["sentences_per_s"] > 0 and r["cos_min_to_cpu"] >= 0.999
+
+
+def test_quality_chooses_on_dev_and_every_test_score_is_recomputable_from_saved_files(tmp_path, smollm2):
+    """benchmarks/quality.py on a tiny SentEval tree: the dev stage names a choice, the test stage scores
+    it and the fixed rows, and rescore.py gives back each test row's score from the saved vectors alone."""
+    from tiny_senteval import write
+
+    root = write(tmp_path / "senteval", n=24)
+    common = ["--data", root, "--output", tmp_path / "out", "--templates", "prompteol", "--layers=-1,20"]
+    dev = script("quality.py", "dev", *common, "--dev-pairs", 12, "--dev-fit", 30, "--threads", 1)
+    assert dev.returncode == 0, dev.stderr
+    assert "dev choice for prompteol (single)" in dev.stdout
+    test = script(
+        "quality.py", "test", *common, "--tasks", "stsb", "--levers", "raw,standardize,abtt:2",
+        "--fit-sentences", 40, "--save-dir", tmp_path / "saved", "--threads", 1,
+    )  # fmt: skip
+    assert test.returncode == 0, test.stderr
+    rows = json.loads((tmp_path / "out" / "quality.json").read_text())
+    tested = [r for r in rows if r["split"] == "test"]
+    assert {r["fit_on"] for r in tested} == {"none", "generic", "in-domain"}
+    assert any(r["dev_choice"] == "single" for r in tested)  # the dev run's choice was scored on test
+    assert all(r["command"].startswith("python benchmarks/quality.py") for r in rows)
+    assert "| dev, single |" in (tmp_path / "out" / "quality.md").read_text()
+    rescored = script("rescore.py", tmp_path / "saved")
+    assert rescored.returncode == 0, rescored.stderr
+    scores = {tuple(Path(folder).relative_to(tmp_path / "saved").parts): float(score)
+              for folder, _, score in (ln.split("\t") for ln in rescored.stdout.splitlines())}  # fmt: skip
+    assert len(scores) == len(tested)
+    for r in tested:
+        layer, lever = r["layer"].replace("+", "_"), r["lever"].replace(":", "-")  # as folder names
+        parts = (r["model"], r["method"], layer, lever, r["fit_on"], r["task"])
+        assert scores[parts] == pytest.approx(r["spearman"], abs=0.006)

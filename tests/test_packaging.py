@@ -19,14 +19,18 @@ def test_wheel_carries_the_data_and_finds_it(tmp_path):
         "metaeol_edge/prompt_sets/metaeol.json",
         "metaeol_edge/prompt_sets/prompteol.json",
         "metaeol_edge/model_registry/registry.json",
+        "metaeol_edge/preset_data/presets.json",
+        "metaeol_edge/preset_data/smollm2-135m.quality.npz",
     ):
         assert data in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (
-        "import metaeol_edge, metaeol_edge.prompts as p, metaeol_edge.registry as r;"
+        "import metaeol_edge, metaeol_edge.prompts as p, metaeol_edge.registry as r, metaeol_edge.presets as s;"
         f"assert metaeol_edge.__file__.startswith({str(site)!r}), metaeol_edge.__file__;"
-        "print(p.builtin_names(), len(p.load_templates('metaeol')), r.default_model_id())"
+        "q = s.get_preset('quality'); f = q.fits['smollm2-135m'];"
+        "print('metaeol' in p.builtin_names() and 'prompteol' in p.builtin_names(), len(p.load_templates('metaeol')),"
+        " r.default_model_id(), q.shipped_fit(f.sha256) is not None)"
     )
     r = subprocess.run(
         [sys.executable, "-c", code],
@@ -36,4 +40,4 @@ def test_wheel_carries_the_data_and_finds_it(tmp_path):
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "['metaeol', 'prompteol'] 8 smollm2-135m"
+    assert r.stdout.strip() == "True 8 smollm2-135m True"

@@ -88,3 +88,9 @@ def test_abtt_removes_the_top_directions_and_keeps_the_rest(skewed):
 def test_bad_kinds_are_clear_errors(skewed, kind, message):
     with pytest.raises(ValueError, match=message):
         pp.fit(skewed, kind)
+
+
+def test_top_k_fits_need_more_sentences_than_k_only(skewed):
+    assert pp.fit(skewed[:5], "whiten:3").apply(skewed).shape == (400, 3)  # 5 sentences, 8 dimensions
+    with pytest.raises(ValueError, match="abtt:3 needs more than 3 sentences"):
+        pp.fit(skewed[:3], "abtt:3")

@@ -647,16 +647,15 @@ class MetaEOL(Embedder):
             if layer not in self._fits:
                 path = self.postprocess_source(layer)
                 if path is None:
-                    how = (
-                        f"--preset {self.preset.name}"
-                        if self.preset is not None
-                        else f"--templates {self.templates.name} --layer {layer}"
-                    )
-                    shipped = f" (preset {self.preset.name} ships fits for: {', '.join(self.preset.fits) or 'none'})"
+                    how, shipped = f"--templates {self.templates.name} --layer {layer}", ""
+                    if self.preset is not None:
+                        how = f"--preset {self.preset.name}"
+                        models = ", ".join(self.preset.fits) or "none"
+                        shipped = f" (preset {self.preset.name} ships fits for: {models})"
                     raise ModelError(
                         f"no post-processing fitted for {self.model_label}, templates {self.templates.name}, layer "
-                        f"{layer}{shipped if self.preset is not None else ''}; run: metaeol fit-postprocess --model "
-                        f"{self.model_label} {how} --input CORPUS.txt (unlabeled text of your domain, not test data)"
+                        f"{layer}{shipped}; run: metaeol fit-postprocess --model {self.model_label} {how} "
+                        "--input CORPUS.txt (unlabeled text of your domain, not test data)"
                     )
                 self._fits[layer] = pp.load(path)
             return self._fits[layer]

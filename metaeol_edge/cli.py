@@ -370,8 +370,9 @@ def _reference(args: argparse.Namespace):
     """The PyTorch reference for ``eval --reference``: a registry id becomes its GGUF file."""
     from .reference import Reference
 
-    if args.postprocess or args.preset:
-        raise InputError("--postprocess and --preset apply to the llama.cpp engine only, not to --reference")
+    for flag, given in (("--postprocess", args.postprocess), ("--preset", args.preset)):
+        if given:
+            raise InputError(f"{flag} applies to the llama.cpp engine only, not to --reference")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     label = args.model or registry.default_model_id()

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metaeol_edge import MetaEOL
+from metaeol_edge import MetaEOL, registry
 from metaeol_edge import postprocess as pp
 from metaeol_edge.evaluation import STS_YEARS, STSData, data_dir, load_sts, load_transfer, run_sts
 from metaeol_edge.methods import TokenPrepending
@@ -245,6 +245,13 @@ def run_dev(args, root: Path, exclude: set[str]) -> list[dict]:
             f"dev choice for {method} ({kind}): layer {r['layer']}, {r['lever']}, fit on {r['fit_on']} "
             f"-> {r['spearman']:.2f}"
         )
+    # Which template set to carry to test (a subset of MetaEOL's templates, say) is a dev choice too.
+    singles = [r for (_, kind), r in best.items() if kind == "single"]
+    if len(singles) > 1:
+        top = max(singles, key=lambda r: r["spearman"])
+        print(
+            f"best template set on dev: {top['method']} (layer {top['layer']}, {top['lever']}) -> {top['spearman']:.2f}"
+        )
     return rows
 
 
@@ -316,7 +323,10 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
 
 def run_ship(args, root: Path, exclude: set[str]) -> None:
     """Fit a preset's post-processing on the generic corpus and ship it (``presets/``) for this model."""
-    preset = get_preset(args.preset)
+    preset = get_preset(args.preset).for_model(registry.get_spec(args.model).sha256)
+    if preset.postprocess is None:
+        print(f"preset {preset.name} applies no post-processing to {args.model}: nothing to fit")
+        return
     corpus = fit_corpus("generic", root, args.fit_sentences, exclude)
     model = MetaEOL(args.model, templates=preset.templates, layer=preset.layer, cache=True, n_threads=args.threads)
     fitted = pp.fit(model.encode(corpus, batch_size=args.batch_size, show_progress_bar=True), preset.postprocess)

@@ -753,6 +753,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"  {p.description}")
         for model, fit in p.fits.items():
             print(f"  ships a fit for {model} (made on {fit.fit_on})")
+        for model, choice in p.models.items():
+            own = p.for_model(choice.sha256)
+            print(
+                f"  for {model}: templates {own.templates}, layer {own.layer}, post-processing "
+                f"{own.postprocess or 'none'} ({choice.chosen})"
+            )
     return 0
 
 

@@ -480,13 +480,21 @@ class MetaEOL(Embedder):
         postprocess: bool | None = None,
         verbose: bool = False,
     ) -> None:
-        self.preset = get_preset(preset) if preset is not None else None
-        if self.preset is not None:
-            templates, layer, postprocess = _apply_preset(self.preset, templates, layer, postprocess)
+        named = get_preset(preset) if preset is not None else None  # an unknown name fails before any load
         model = model or registry.default_model_id()
         label = str(model)
         self.model_path = registry.resolve_model(model, progress=pull_progress() if sys.stderr.isatty() else None)
         self.info = inspect_gguf(self.model_path)
+        self.preset: Preset | None = None
+        known_sha256 = None
+        if named is not None:
+            # A preset may hold another choice for this very file: it is looked up by SHA-256, known
+            # without hashing for registry, Ollama and hub files, hashed once otherwise.
+            known_sha256 = registry.known_sha256(label, self.model_path)
+            if known_sha256 is None and named.models:
+                known_sha256 = identity.fingerprint(self.model_path)
+            self.preset = named.for_model(known_sha256)
+            templates, layer, postprocess = _apply_preset(self.preset, templates, layer, postprocess)
         templates = "metaeol" if templates is None else templates
         layer = FINAL if layer is None else layer
         self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
@@ -519,7 +527,7 @@ class MetaEOL(Embedder):
         made.check_depth(self.info.n_layer)  # before the cache opens: nothing to close on a refusal
         self.postprocess = bool(postprocess)
         self._fits: dict[int, pp.Postprocess] = {}
-        self._fingerprint: str | None = None
+        self._fingerprint: str | None = known_sha256
         opened: EmbeddingCache | None
         if isinstance(cache, EmbeddingCache):
             opened = cache
@@ -611,7 +619,7 @@ class MetaEOL(Embedder):
         the stored files, one per layer.
         """
         if kind is None:
-            kind = self.preset.postprocess if self.preset is not None else "standardize"
+            kind = (self.preset.postprocess if self.preset is not None else None) or "standardize"
         pp.parse_kind(kind)
         batches = list(self.encode_batches(sentences, batch_size, show_progress_bar=show_progress_bar, raw=True))
         if not batches:
@@ -640,7 +648,9 @@ class MetaEOL(Embedder):
         path = self.postprocess_path(layer)
         if path.is_file():
             return path
-        return self.preset.shipped_fit(self.fingerprint) if self.preset is not None else None
+        if self.preset is None or self.preset.postprocess is None:  # a raw choice ships no fit for this file
+            return None
+        return self.preset.shipped_fit(self.fingerprint)
 
     def _fit_for(self, layer: int) -> pp.Postprocess:
         with self._lock:
@@ -667,11 +677,14 @@ def _apply_preset(
     layer: LayerSpec | Sequence[LayerSpec] | None,
     postprocess: bool | None,
 ) -> tuple[str, LayerSpec, bool]:
-    """The preset's templates, layer and post-processing; an explicit different choice is an error, not a mix."""
+    """The preset's templates, layer and post-processing (as resolved for the model); an explicit different
+    choice is an error, not a mix."""
     if templates is not None and templates != preset.templates:
         raise ValueError(f"preset {preset.name!r} sets templates={preset.templates!r}; do not pass templates too")
     if layer is not None and str(layer) != str(preset.layer):
         raise ValueError(f"preset {preset.name!r} sets layer={preset.layer}; do not pass layer too")
+    if preset.postprocess is None:  # this model's choice is the raw vectors; a fit of the user's on request
+        return preset.templates, preset.layer, postprocess
     if postprocess is False:
         raise ValueError(f"preset {preset.name!r} is its post-processing ({preset.postprocess}); it cannot be off")
     return preset.templates, preset.layer, True

@@ -11,6 +11,12 @@ model without a shipped fit, or to fit on text of the user's own domain::
 
 That fit is stored next to the model store and wins over the shipped one.
 
+A preset may differ per model: ``models`` in the data names, by the model
+file's SHA-256, the templates, layer or post-processing that model's own dev
+run chose (qwen2.5-coder-1.5b is best without post-processing, for one).
+:meth:`Preset.for_model` gives the configuration a file gets; any other file
+gets the preset's own.
+
 The presets are data: ``presets/presets.json`` at the top of the repository,
 installed as package data beside the fits it names.
 """
@@ -18,7 +24,7 @@ installed as package data beside the fits it names.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import MetaEOLError
@@ -37,13 +43,38 @@ class ShippedFit:
 
 
 @dataclass(frozen=True)
+class ModelChoice:
+    """What one model file (by SHA-256) gets instead of the preset's own settings, and why (``chosen``)."""
+
+    sha256: str
+    chosen: str
+    templates: str | None = None
+    layer: LayerSpec | None = None
+    postprocess: str | None = None
+    no_postprocess: bool = False  # the dev choice was the raw vectors
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     description: str
     templates: str
     layer: LayerSpec  # a spec every model resolves (1.0: the last block's output), not one model's block number
-    postprocess: str
+    postprocess: str | None  # None: no post-processing
     fits: dict[str, ShippedFit] = field(default_factory=dict)  # registry id -> its fit
+    models: dict[str, ModelChoice] = field(default_factory=dict)  # registry id -> its own choice
+
+    def for_model(self, fingerprint: str | None) -> Preset:
+        """The preset as the model file with this SHA-256 gets it (its own choice, if it has one)."""
+        for choice in self.models.values():
+            if choice.sha256 == fingerprint:
+                return replace(
+                    self,
+                    templates=choice.templates or self.templates,
+                    layer=self.layer if choice.layer is None else choice.layer,
+                    postprocess=None if choice.no_postprocess else choice.postprocess or self.postprocess,
+                )
+        return self
 
     def shipped_fit(self, fingerprint: str) -> Path | None:
         """The shipped fit made for the model file with this SHA-256, if one ships."""
@@ -67,9 +98,21 @@ def load_presets() -> dict[str, Preset]:
     raw = json.loads((folder / "presets.json").read_text(encoding="utf-8"))
     presets = {}
     for name, p in raw["presets"].items():
-        parse_kind(p["postprocess"])  # a typo in the data file fails here, not at the first encode
         fits = {model: ShippedFit(f["file"], f["sha256"], f["fit_on"]) for model, f in p.get("fits", {}).items()}
-        presets[name] = Preset(name, p["description"], p["templates"], p["layer"], p["postprocess"], fits)
+        models = {}
+        for model, m in p.get("models", {}).items():
+            models[model] = ModelChoice(
+                m["sha256"],
+                m["chosen"],
+                m.get("templates"),
+                m.get("layer"),
+                m.get("postprocess") or None,
+                "postprocess" in m and m["postprocess"] is None,
+            )
+        for kind in [p["postprocess"], *(m.postprocess for m in models.values())]:
+            if kind is not None:
+                parse_kind(kind)  # a typo in the data file fails here, not at the first encode
+        presets[name] = Preset(name, p["description"], p["templates"], p["layer"], p["postprocess"], fits, models)
     return presets
 
 

@@ -25,6 +25,46 @@ def test_every_preset_is_valid_and_its_fits_are_for_registry_files():
             assert path is not None and path.is_file()
             with np.load(path) as data:
                 assert data["mean"].ndim == 1 and np.isfinite(data["transform"]).all()
+            assert preset.for_model(fit.sha256).postprocess is not None, f"{model_id}'s fit is never applied"
+        for model_id, choice in preset.models.items():
+            assert choice.sha256 == registry.get_spec(model_id).sha256, f"{preset.name}'s choice for {model_id}"
+            assert choice.chosen, "a per-model choice says why"
+            load_templates(preset.for_model(choice.sha256).templates)
+
+
+def test_a_per_model_choice_applies_to_that_file_only():
+    preset = get_preset("quality")
+    qwen = registry.get_spec("qwen2.5-coder-1.5b").sha256
+    smollm2 = registry.get_spec("smollm2-135m").sha256
+    own = preset.for_model(qwen)
+    assert own.postprocess is None and preset.postprocess == "whiten:128"  # qwen's dev run: raw is best
+    assert (own.templates, own.layer) == (preset.templates, preset.layer)
+    assert preset.for_model(smollm2) == preset.for_model(None) == preset
+
+
+def test_a_model_whose_choice_is_raw_gets_raw_vectors(smollm2, sts_sentences, tmp_path, monkeypatch):
+    """The embedder resolves the preset for the file it loaded: here smollm2 is given qwen's kind of choice."""
+    import dataclasses
+
+    from metaeol_edge import embedder
+    from metaeol_edge.presets import ModelChoice
+
+    monkeypatch.setenv("METAEOL_HOME", str(tmp_path))
+    preset = get_preset("quality")
+    sha = registry.get_spec("smollm2-135m").sha256
+    raw_choice = ModelChoice(sha, "test", layer=0.5, no_postprocess=True)
+    patched = dataclasses.replace(preset, models={"smollm2-135m": raw_choice})
+    monkeypatch.setattr(embedder, "get_preset", lambda name: patched)
+    sentences = sts_sentences[:4]
+    with MetaEOL(smollm2, templates=preset.templates, layer=0.5, cache=False) as plain:
+        raw = plain.encode(sentences)
+    with MetaEOL(smollm2, preset="quality", cache=False) as model:
+        assert model.preset is not None and model.preset.postprocess is None
+        got = model.encode(sentences)
+        assert model.postprocess_source() is None and got.shape == raw.shape
+    assert np.allclose(got, raw, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sets layer"):  # the per-model layer is the one to match
+        MetaEOL(smollm2, preset="quality", layer=preset.layer)
 
 
 def test_the_quality_preset_is_its_templates_layer_and_shipped_fit(smollm2, sts_sentences, tmp_path, monkeypatch):

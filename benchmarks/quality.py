@@ -276,7 +276,10 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
     for task in in_domain:
         fits[task] = fit_corpus(IN_DOMAIN[task], root, args.fit_sentences, exclude)
     for templates in args.templates:
-        vec = Vectors(args.model, templates, args.layers, args.batch_size, args.threads)
+        # Read every layer a dev choice names too (a pair such as 28+24), in the same pass.
+        named = [x for layer, _, _ in choices.get(templates, []) for x in parse_layer_name(layer)]
+        layers = list(dict.fromkeys(args.layers + named))
+        vec = Vectors(args.model, templates, layers, args.batch_size, args.threads)
         for name, corpus in fits.items():
             vec.need(corpus, f"the {name} fitting corpus")
         # (layers, lever, fit, dev choice or None): the final layer with every lever, and the dev choices.

@@ -187,6 +187,32 @@ def score(
     return run_sts(data, lambda s: np.stack([lookup[t] for t in s]), save_dir=save, save_dtype=np.float16)["score"]
 
 
+def result_row(
+    model: str,
+    templates: str,
+    option: tuple[int, ...],
+    lever: str,
+    fit_on: str,
+    split: str,
+    data: STSData,
+    spearman: float,
+    corpus: list[str] | None,
+) -> dict:
+    """One scored row of quality.json (the keys the report, merge and rescore read)."""
+    return dict(
+        model=model,
+        method=templates,
+        lever=lever,
+        fit_on=fit_on,
+        layer=layer_name(option),
+        split=split,
+        task=data.name,
+        pairs=len(data),
+        spearman=round(spearman, 2),
+        fit_sentences=len(corpus) if corpus else 0,
+    )
+
+
 def row_dir(base: Path | None, *parts: str) -> Path | None:
     if base is None:
         return None
@@ -217,20 +243,7 @@ def run_dev(args, root: Path, exclude: set[str]) -> list[dict]:
                     except ValueError as exc:  # e.g. whitening with fewer sentences than dimensions
                         print(f"  skipped {lever} at {layer_name(option)}: {exc}", file=sys.stderr)
                         continue
-                    rows.append(
-                        dict(
-                            model=args.model,
-                            method=templates,
-                            lever=lever,
-                            fit_on=fit_on,
-                            layer=layer_name(option),
-                            split="dev",
-                            task="stsb",
-                            pairs=len(dev),
-                            spearman=round(s, 2),
-                            fit_sentences=len(corpus) if corpus else 0,
-                        )
-                    )
+                    rows.append(result_row(args.model, templates, option, lever, fit_on, "dev", dev, s, corpus))
     # Per template set: one choice of a single layer (what a preset can name) and one of a pair of
     # layers, with the generic fit or none; and, with --dev-in-domain, one with the in-domain fit.
     best: dict[tuple[str, str], dict] = {}
@@ -305,21 +318,8 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
                 except ValueError as exc:  # e.g. whitening with fewer sentences than dimensions
                     print(f"  skipped {lever} fitted on {fit_on} for {task}: {exc}", file=sys.stderr)
                     continue
-                rows.append(
-                    dict(
-                        model=args.model,
-                        method=templates,
-                        lever=lever,
-                        fit_on=fit_on,
-                        layer=layer_name(option),
-                        split="test",
-                        task=task,
-                        pairs=len(data),
-                        spearman=round(s, 2),
-                        fit_sentences=len(corpus) if corpus else 0,
-                        dev_choice=chosen,
-                    )
-                )
+                row = result_row(args.model, templates, option, lever, fit_on, "test", data, s, corpus)
+                rows.append(row | {"dev_choice": chosen})
                 print(f"{templates:>24} {task:>6} {layer_name(option):>8} {lever:>11} {fit_on:>9} {s:6.2f}")
     return rows
 

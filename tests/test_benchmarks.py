@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ from test_evaluation import _hashed_bag_of_words
 from metaeol_edge.evaluation import load_sts, load_transfer, run_sts, run_transfer
 
 
-def script(name: str, *args, cwd=None):
+def script(name: str, *args, cwd=None, env=None):
     cmd = [sys.executable, str(REPO / "benchmarks" / name), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
 
 
 def test_rescore_prints_every_saved_score_from_the_files_alone(tmp_path, senteval_root):
@@ -73,10 +74,21 @@ def test_merge_joins_pieces_and_refuses_runs_that_do_not_belong_together(tmp_pat
     assert quick.returncode != 0 and "differ in limit" in quick.stderr
 
 
-def test_gpu_benchmark_writes_its_rows_on_a_machine_without_a_gpu(tmp_path, smollm2):
+def test_gpu_benchmark_writes_its_rows_on_a_machine_without_a_gpu(tmp_path, smollm2, senteval_root):
     out = tmp_path / "g.json"
+    env = os.environ | {"METAEOL_DATA": str(senteval_root)}  # a bare clone: the tiny tree's sentences
     run = script(
-        "gpu.py", "--n", 2, "--models", "smollm2-135m", "--methods", "prompteol", "--skip-reference", "--out", out
+        "gpu.py",
+        "--n",
+        2,
+        "--models",
+        "smollm2-135m",
+        "--methods",
+        "prompteol",
+        "--skip-reference",
+        "--out",
+        out,
+        env=env,
     )
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())

@@ -1,5 +1,5 @@
 """The prompt-only template sets of issue 20 (Pretended CoT, Knowledge Enhancement, one-shot
-PromptEOL): each is data, and the engine's vectors for it agree with the naive recipe's."""
+PromptEOL, one-shot MetaEOL): each is data, and the engine's vectors for it agree with the naive recipe's."""
 
 import pytest
 from conftest import cosine
@@ -22,8 +22,24 @@ def test_each_set_is_one_template_ending_in_one_word(set_name):
         assert 'means in one word:"' in templates.templates[0].prefix
 
 
+def test_one_shot_metaeol_asks_each_task_of_the_demonstration_first():
+    metaeol = load_templates("metaeol")
+    shot = load_templates("metaeol-icl")
+    assert [t.task for t in shot.templates] == [t.task for t in metaeol.templates]
+    for plain, icl in zip(metaeol.templates, shot.templates, strict=True):
+        head, _, query = plain.text.partition('this sentence : "*sent 0*"')
+        # The instruction once, the task's own question asked of the demonstration, then of the input.
+        assert icl.text.startswith(head) and icl.text.count(head) == 1
+        assert icl.text.endswith('This sentence : "*sent 0*"' + query)
+        assert 'this sentence : "A man is playing on a guitar and singing."' + query in icl.text
+        assert icl.text.count("*sent 0*") == 1
+        # The demonstration sits in the shared prefix, so it costs about nothing per sentence.
+        assert "A man is playing on a guitar and singing." in icl.prefix
+
+
 @pytest.mark.parametrize(
-    "model_fixture, set_name", [("smollm2", s) for s in SETS] + [("gemma3", "pretcot"), ("gemma3", "ke")]
+    "model_fixture, set_name",
+    [("smollm2", s) for s in [*SETS, "metaeol-icl"]] + [("gemma3", "pretcot"), ("gemma3", "ke")],
 )
 def test_the_engine_agrees_with_the_naive_recipe(request, model_fixture, set_name, sts_sentences):
     path = request.getfixturevalue(model_fixture)

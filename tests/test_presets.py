@@ -1,5 +1,6 @@
 """Presets (issue 20): a measured configuration one option away, with the fit it ships."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -7,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from metaeol_edge import MetaEOL, registry
+from metaeol_edge import MetaEOL, embedder, registry
 from metaeol_edge.errors import MetaEOLError, ModelError
 from metaeol_edge.layers import resolve_layer
-from metaeol_edge.presets import get_preset, load_presets
+from metaeol_edge.presets import ModelChoice, get_preset, load_presets
 from metaeol_edge.prompts import load_templates
 
 
@@ -25,6 +26,8 @@ def test_every_preset_is_valid_and_its_fits_are_for_registry_files():
             assert path is not None and path.is_file()
             with np.load(path) as data:
                 assert data["mean"].ndim == 1 and np.isfinite(data["transform"]).all()
+                # A fit made on another model's vectors would fail only at the first encode.
+                assert data["mean"].shape == (registry.get_spec(model_id).n_embd,), f"{model_id}'s fit: wrong width"
             assert preset.for_model(fit.sha256).postprocess is not None, f"{model_id}'s fit is never applied"
         for model_id, choice in preset.models.items():
             assert choice.sha256 == registry.get_spec(model_id).sha256, f"{preset.name}'s choice for {model_id}"
@@ -44,11 +47,6 @@ def test_a_per_model_choice_applies_to_that_file_only():
 
 def test_a_model_whose_choice_is_raw_gets_raw_vectors(smollm2, sts_sentences, tmp_path, monkeypatch):
     """The embedder resolves the preset for the file it loaded: here smollm2 is given qwen's kind of choice."""
-    import dataclasses
-
-    from metaeol_edge import embedder
-    from metaeol_edge.presets import ModelChoice
-
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path))
     preset = get_preset("quality")
     sha = registry.get_spec("smollm2-135m").sha256
@@ -67,19 +65,25 @@ def test_a_model_whose_choice_is_raw_gets_raw_vectors(smollm2, sts_sentences, tm
         MetaEOL(smollm2, preset="quality", layer=preset.layer)
 
 
-def test_the_quality_preset_is_its_templates_layer_and_shipped_fit(smollm2, sts_sentences, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "preset_name, model_fixture", [("quality", "smollm2"), ("quality", "gemma3"), ("metaeol-icl", "smollm2")]
+)
+def test_a_preset_is_its_templates_layer_and_shipped_fit(
+    request, preset_name, model_fixture, sts_sentences, tmp_path, monkeypatch
+):
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path))  # no user fit in the way
-    preset = get_preset("quality")
+    path_to_model = request.getfixturevalue(model_fixture)
+    preset = get_preset(preset_name)
     sentences = sts_sentences[:5]
-    with MetaEOL(smollm2, templates=preset.templates, layer=preset.layer, cache=False) as plain:
+    with MetaEOL(path_to_model, templates=preset.templates, layer=preset.layer, cache=False) as plain:
         raw = plain.encode(sentences)
         fingerprint = plain.fingerprint
     path = preset.shipped_fit(fingerprint)
-    assert path is not None, "the default model's file has no shipped fit"
+    assert path is not None, f"{model_fixture}'s file has no shipped fit"
     with np.load(path) as data:  # the fit applied by hand: (x - mean) @ T, or * T per dimension
         mean, transform = data["mean"], data["transform"]
     expected = (raw - mean) @ transform if transform.ndim == 2 else (raw - mean) * transform
-    with MetaEOL(smollm2, preset="quality", cache=False) as model:
+    with MetaEOL(path_to_model, preset=preset_name, cache=False) as model:
         got = model.encode(sentences)
         assert model.dim == expected.shape[1] == got.shape[1]
         assert model.postprocess_source() == path
@@ -114,10 +118,12 @@ def test_a_preset_refuses_a_mix_and_names_what_to_do(smollm2, gemma3, tmp_path, 
         MetaEOL(smollm2, preset="quality", postprocess=False)
     with pytest.raises(MetaEOLError, match="unknown preset 'best'; known: .*quality"):
         MetaEOL(smollm2, preset="best")
-    if "gemma3-270m" not in preset.fits:  # a model without a shipped fit: the command that makes one
-        with MetaEOL(gemma3, preset="quality", cache=False) as model:
-            with pytest.raises(ModelError, match="fit-postprocess .*--preset quality"):
-                model.encode(["A sentence."])
+    # A model without a shipped fit (gemma3's is taken away here): the command that makes one.
+    without = dataclasses.replace(preset, fits={k: v for k, v in preset.fits.items() if k != "gemma3-270m"})
+    monkeypatch.setattr(embedder, "get_preset", lambda name: without)
+    with MetaEOL(gemma3, preset="quality", cache=False) as model:
+        with pytest.raises(ModelError, match="fit-postprocess .*--preset quality"):
+            model.encode(["A sentence."])
 
 
 def test_the_cli_lists_presets_and_embeds_with_one():

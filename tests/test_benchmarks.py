@@ -76,7 +76,7 @@ def test_merge_joins_pieces_and_refuses_runs_that_do_not_belong_together(tmp_pat
 
 def test_gpu_benchmark_writes_its_rows_on_a_machine_without_a_gpu(tmp_path, smollm2, senteval_root):
     out = tmp_path / "g.json"
-    env = os.environ | {"METAEOL_DATA": str(senteval_root)}  # a bare clone: the tiny tree's sentences
+    env = os.environ | {"METAEOL_DATA": str(senteval_root)}  # the real data, or in a bare clone the tiny tree
     run = script(
         "gpu.py",
         "--n",

@@ -107,6 +107,7 @@ class LlamaCppBackend(Backend):
         pack: int | None = None,
         n_batch: int = 512,
         align: int = 16,
+        lanes: int | None = None,
     ) -> None:
         from .engine import Engine
 
@@ -120,6 +121,7 @@ class LlamaCppBackend(Backend):
             pack=pack,
             n_batch=n_batch,
             align=align,
+            lanes=lanes,
         )
         self.cache_tag = llama_cpp_cache_tag({"mode": mode, "align": align})
         self.model_path = Path(model_path)

@@ -62,6 +62,7 @@ import ctypes
 import os
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ DECODE_ABORTED = 2  # llama_decode's code when the eval callback stops the graph
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
 SYS_ARCH_PRCTL = 158  # x86-64
+LANE_CHUNK = 8  # prompts a lane takes from the queue at a time
 
 
 def _llama():
@@ -216,6 +218,28 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def lane_plan(mode: str, n_threads: int | None, lanes: int | None) -> tuple[int, int]:
+    """(lanes, threads per lane).
+
+    One-at-a-time with neither set: one single-thread lane per usable core
+    (benchmarks/speed.py measures it against threads, idle and beside busy
+    processes). ``n_threads`` alone keeps 0.2's one context with that many
+    threads; ``lanes`` alone shares the cores among the lanes. Packed mode is one
+    context (its decodes are large enough to split among threads).
+    """
+    if lanes is not None and (not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1):
+        raise ValueError(f"lanes must be a whole number >= 1, not {lanes!r}")
+    if n_threads is not None and (not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 1):
+        raise ValueError(f"n_threads must be a whole number >= 1, not {n_threads!r}")
+    if mode != ONE_AT_A_TIME:
+        if lanes not in (None, 1):
+            raise ValueError(f"lanes apply to the {ONE_AT_A_TIME!r} engine mode, not {mode!r}")
+        return 1, n_threads or default_threads()
+    if lanes is None:
+        return (1, n_threads) if n_threads is not None else (default_threads(), 1)
+    return lanes, n_threads or max(1, default_threads() // lanes)
+
+
 class _Ggml:
     """The few ggml-base functions the eval callback needs (not bound by llama-cpp-python)."""
 
@@ -296,12 +320,20 @@ class Engine:
         mode: str = "one-at-a-time",
         pack: int | None = None,
         align: int = 16,
+        lanes: int | None = None,
+        _shared: Engine | None = None,
     ) -> None:
         """``mode``: ``"one-at-a-time"`` (one prompt per decode) or ``"packed"`` (up to
         ``pack`` prompts, default ``n_batch // 8``, and ``n_batch`` tokens per decode,
-        each prompt starting on a KV cell that is a multiple of ``align``)."""
+        each prompt starting on a KV cell that is a multiple of ``align``).
+
+        ``lanes``: one-at-a-time contexts over the one loaded model, each with
+        ``n_threads`` threads, that take a call's prompts from a shared queue in
+        parallel (see :func:`lane_plan` for the default). ``_shared``: the engine
+        whose model a lane uses (internal)."""
         check_engine_options(mode, align, pack)
-        self.info: GGUFInfo = inspect_gguf(model_path)
+        lanes, n_threads = lane_plan(mode, n_threads, lanes)
+        self.info: GGUFInfo = inspect_gguf(model_path) if _shared is None else _shared.info
         lc = _llama()
         init_backend(verbose)
         self._lc = lc
@@ -309,7 +341,7 @@ class Engine:
         self.model_path = Path(model_path)
         self.max_length = max_length
         self.n_batch = max(n_batch, 32)
-        self.n_threads = n_threads or default_threads()
+        self.n_threads = n_threads  # per lane
         self.mode = mode
         self.align = align if mode == "packed" else 1
         # Sequence ids: prefixes, one per prompt of a pack, then the two pad sequences (llama.cpp's cap is 256).
@@ -321,7 +353,11 @@ class Engine:
         # whole max_length prompt.
         self._prefix_room = max_length + MAX_PREFIXES * self.align
 
-        self.model = lc.llama_model_load_from_file(str(self.model_path).encode(), model_params(n_gpu_layers))
+        self._owns_model = _shared is None
+        if _shared is None:
+            self.model = lc.llama_model_load_from_file(str(self.model_path).encode(), model_params(n_gpu_layers))
+        else:
+            self.model = _shared.model  # llama.cpp shares one model's weights among contexts
         if not self.model:
             raise ModelError(f"llama.cpp could not load {self.model_path} (unsupported architecture or damaged file)")
         self.vocab = lc.llama_model_get_vocab(self.model)
@@ -369,17 +405,47 @@ class Engine:
         cparams.cb_eval_user_data = None
         self.ctx = lc.llama_init_from_model(self.model, cparams)
         if not self.ctx:
-            lc.llama_model_free(self.model)
+            if self._owns_model:
+                lc.llama_model_free(self.model)
             self.model = None
             raise ModelError(f"llama.cpp could not create a context for {self.model_path}")
         self.mem = lc.llama_get_memory(self.ctx)
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self._threads_now = n_threads
         self._prefix: tuple[int, ...] = ()  # the template prefix now in PREFIX_SEQ
         # Packed: the template prefixes now in sequences 0.., and the first cell after them.
         self._loaded: dict[tuple[int, ...], int] = {}
         self._work_start = 0
-        self.tokens_decoded = 0  # every token decoded, pads included
+        self._decoded = 0  # every token this context decoded, pads included
+        self._lanes: list[Engine] = [self]
+        try:
+            for _ in range(lanes - 1):
+                self._lanes.append(
+                    Engine(
+                        model_path,
+                        n_gpu_layers=n_gpu_layers,
+                        n_threads=n_threads,
+                        n_batch=n_batch,
+                        max_length=max_length,
+                        kv_f32=kv_f32,
+                        verbose=verbose,
+                        lanes=1,
+                        _shared=self,
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
+    @property
+    def tokens_decoded(self) -> int:
+        """Every token decoded by this engine's contexts, pads included."""
+        return sum(lane._decoded for lane in self._lanes)
 
     # -- tokens -------------------------------------------------------------
 
@@ -502,7 +568,7 @@ class Engine:
                 f"llama_decode failed with code {rc} ({n} tokens, KV cache of {self.n_ctx}): "
                 + ("no room in the KV cache" if rc == 1 else "see llama.cpp's log")
             )
-        self.tokens_decoded += n
+        self._decoded += n
         if self._read is None:
             return None
         missing = [name.decode() for name, slot in self._wanted.items() if self._rows[slot] is None]
@@ -544,17 +610,49 @@ class Engine:
                 raise ValueError(f"rows {p.rows} to read lie outside a prompt of {len(p.tokens)} tokens")
             if p.rewrite is not None:
                 self._check_rewrite(p)
-        names = list(dict.fromkeys(_tensor_name(layer) for layer in wanted))
-        self._wanted = {name: slot for slot, name in enumerate(names)}
-        slots = [self._wanted[_tensor_name(layer)] for layer in wanted]
         if self.mode == "packed":
+            slots = self._want(wanted)
             self._embed_packed(prompts, slots, out, progress)
             return out[0] if layers is None else out
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(tuple(p.prefix or ()), []).append(i)
-        # Start with the prefix the cache already holds: one prefix decode fewer.
-        for prefix, members in sorted(groups.items(), key=lambda g: g[0] != self._prefix):
+        if self.lanes == 1 or len(prompts) == 1:
+            # One prompt: one lane with every lane's threads (a vector does not depend on the thread count).
+            self._set_threads(self.n_threads * self.lanes)
+            try:
+                # Start with the prefix the cache already holds: one prefix decode fewer.
+                work = sorted(groups.items(), key=lambda g: g[0] != self._prefix)
+                self._embed_groups(prompts, work, wanted, out, progress)
+            finally:
+                self._set_threads(self.n_threads)
+        else:
+            self._embed_lanes(prompts, groups, wanted, out, progress)
+        return out[0] if layers is None else out
+
+    def _want(self, wanted: Sequence[int]) -> list[int]:
+        """Ask the callback for the layers ``wanted``; return each one's slot among the rows it reads."""
+        names = list(dict.fromkeys(_tensor_name(layer) for layer in wanted))
+        self._wanted = {name: slot for slot, name in enumerate(names)}
+        return [self._wanted[_tensor_name(layer)] for layer in wanted]
+
+    def _set_threads(self, n: int) -> None:
+        if n != self._threads_now:
+            self._lc.llama_set_n_threads(self.ctx, n, n)
+            self._threads_now = n
+
+    def _embed_groups(
+        self,
+        prompts: Sequence[Prompt],
+        work: Sequence[tuple[tuple[int, ...], Sequence[int]]],
+        wanted: Sequence[int],
+        out: np.ndarray,
+        progress: Callable[[float], None] | None,
+    ) -> None:
+        """One prompt per decode on this context: for each (prefix, prompt indices), load the prefix
+        and fill ``out`` (layers, prompts, dim) at those indices."""
+        slots = self._want(wanted)
+        for prefix, members in work:
             self._load_prefix(prefix)
             for i in members:
                 rows = self._embed_one(
@@ -564,7 +662,61 @@ class Engine:
                     read = rows[slot]
                     # One row is copied as it is: a mean of one would still be exact, but why compute it.
                     out[li, i] = read[0] if len(read) == 1 else read.mean(axis=0, dtype=np.float32)
-        return out[0] if layers is None else out
+
+    def _embed_lanes(
+        self,
+        prompts: Sequence[Prompt],
+        groups: dict[tuple[int, ...], list[int]],
+        wanted: Sequence[int],
+        out: np.ndarray,
+        progress: Callable[[float], None] | None,
+    ) -> None:
+        """Every lane takes chunks of one prefix's prompts from a shared queue until none are left.
+
+        Why lanes: on a small CPU a decode is ~18 tokens, too little work to split
+        among threads that wait for each other after every op, and one thread
+        descheduled by another process stalls them all. A lane is a context of its
+        own, so lanes never wait for each other, and a lane slowed by other work on
+        its core just takes fewer chunks. A lane keeps to the prefix it holds while
+        that prefix has chunks left (each prefix is decoded by few lanes). A prompt's
+        vector is the same bit for bit in any lane (see :meth:`embed`).
+        """
+        size = max(1, min(LANE_CHUNK, -(-max(len(m) for m in groups.values()) // (2 * self.lanes))))
+        queue = {
+            prefix: deque(members[i : i + size] for i in range(0, len(members), size))
+            for prefix, members in groups.items()
+        }
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def locked_progress(done: float) -> None:
+            assert progress is not None
+            with lock:
+                progress(done)
+
+        def work(lane: Engine) -> None:
+            try:
+                while True:
+                    with lock:
+                        if errors or not queue:
+                            return
+                        prefix = lane._prefix if lane._prefix in queue else max(queue, key=lambda k: len(queue[k]))
+                        chunk = queue[prefix].popleft()
+                        if not queue[prefix]:
+                            del queue[prefix]
+                    lane._embed_groups(prompts, [(prefix, chunk)], wanted, out, progress and locked_progress)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+                with lock:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(lane,), daemon=True) for lane in self._lanes[1:]]
+        for t in threads:
+            t.start()
+        work(self)
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
     def _load_prefix(self, prefix: tuple[int, ...]) -> None:
         """Empty the cache and decode a template prefix into PREFIX_SEQ (no-op if already there)."""
@@ -817,6 +969,8 @@ class Engine:
 
     def close(self) -> None:
         lc = self._lc
+        for lane in getattr(self, "_lanes", [])[1:]:
+            lane.close()
         if getattr(self, "batch", None) is not None:
             lc.llama_batch_free(self.batch)
             self.batch = None
@@ -824,7 +978,8 @@ class Engine:
             lc.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
-            lc.llama_model_free(self.model)
+            if self._owns_model:
+                lc.llama_model_free(self.model)
             self.model = None
 
     def __del__(self) -> None:

@@ -67,7 +67,8 @@ def test_prefix_sharing_changes_nothing(engine, sts_sentences):
     assert engine.embed(shared).shape == (16, 576)
 
 
-def test_only_new_tokens_are_decoded(engine, sts_sentences):
+def test_only_new_tokens_are_decoded(smollm2, sts_sentences):
+    engine = Engine(smollm2, lanes=1)  # one context: each lane holds a prefix of its own (test_lanes_*)
     t = load_templates("metaeol").templates[0]
     prompts = [Prompt(engine.tokenize(t.render(preprocess(s))), engine.tokenize(t.prefix)) for s in sts_sentences[:8]]
     engine.embed(prompts[:1])  # the template's prefix is now in the cache
@@ -79,6 +80,106 @@ def test_only_new_tokens_are_decoded(engine, sts_sentences):
     assert all(p.tokens[:n] == p.prefix[:n] for p, n in zip(prompts, common, strict=True))
     assert spent == total - sum(common)
     assert spent < 0.5 * total  # the instruction is most of each prompt
+
+
+@pytest.fixture(scope="module")
+def one_lane(smollm2):
+    e = Engine(smollm2, lanes=1, n_threads=1)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def three_lanes(smollm2):
+    e = Engine(smollm2, lanes=3, n_threads=1)
+    yield e
+    e.close()
+
+
+def test_lanes_give_the_same_bytes_as_one_context(one_lane, three_lanes, sts_sentences):
+    """Several prefixes, a pooled span and two layers: any lane computes a prompt's vector bit for bit
+    as one context does (each lane is its own one-at-a-time context over the same model)."""
+    prompts = _prompts(one_lane, sts_sentences[:6])
+    prompts.append(Prompt(prompts[0].tokens, prompts[0].prefix, rows=(3, len(prompts[0].tokens))))
+    assert three_lanes.lanes == 3 and three_lanes.model == three_lanes._lanes[2].model  # one model's weights
+    for layers in (None, [FINAL, 7]):
+        want = one_lane.embed(prompts, layers=layers)
+        got = three_lanes.embed(prompts, layers=layers)
+        assert got.tobytes() == want.tobytes()
+    assert all(lane.tokens_decoded > 0 for lane in three_lanes._lanes)  # every lane took work
+
+
+def test_lanes_count_their_tokens_and_report_progress(three_lanes, sts_sentences):
+    prompts = _prompts(three_lanes, sts_sentences[20:24])
+    done: list[float] = []
+    before = [lane._decoded for lane in three_lanes._lanes]
+    three_lanes.embed(prompts, progress=done.append)
+    spent = three_lanes.tokens_decoded - sum(before)
+    assert spent == sum(lane._decoded - b for lane, b in zip(three_lanes._lanes, before, strict=True))
+    own = sum(len(p.tokens) - min(len(p.prefix), len(p.tokens) - 1) for p in prompts)  # every prompt's own tokens
+    prefixes = sum(len(p) for p in {tuple(p.prefix) for p in prompts})
+    assert own <= spent <= own + three_lanes.lanes * prefixes  # each lane decodes a prefix at most once
+    assert sum(done) == pytest.approx(len(prompts))
+
+
+def test_a_single_prompt_runs_on_one_lane_with_every_thread(three_lanes, sts_sentences):
+    prompts = _prompts(three_lanes, sts_sentences[:1], "prompteol")
+    calls: list[int] = []
+    original = three_lanes._set_threads
+    three_lanes._set_threads = lambda n: (calls.append(n), original(n))  # type: ignore[method-assign]
+    try:
+        three_lanes.embed(prompts)
+    finally:
+        del three_lanes._set_threads
+    assert calls == [3, 1] and three_lanes._threads_now == 1
+
+
+def test_an_error_in_one_lane_reaches_the_caller(three_lanes, sts_sentences, monkeypatch):
+    prompts = _prompts(three_lanes, sts_sentences[:4])
+    lane = three_lanes._lanes[2]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("lane 2 failed")
+
+    monkeypatch.setattr(lane, "_embed_one", broken)
+    with pytest.raises(RuntimeError, match="lane 2 failed"):
+        three_lanes.embed(prompts)
+    monkeypatch.undo()
+    assert three_lanes.embed(prompts[:3]).shape == (3, 576)  # the engine still works
+
+
+@pytest.mark.parametrize(
+    "mode,n_threads,lanes,expected",
+    [
+        ("one-at-a-time", None, None, (4, 1)),  # a single-thread lane per core
+        ("one-at-a-time", 3, None, (1, 3)),  # n_threads alone: 0.2's one context
+        ("one-at-a-time", None, 2, (2, 2)),  # lanes alone share the cores
+        ("one-at-a-time", 2, 2, (2, 2)),
+        ("packed", None, None, (1, 4)),  # packed: one context with every core
+    ],
+)
+def test_lane_plan(monkeypatch, mode, n_threads, lanes, expected):
+    from metaeol_edge import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "default_threads", lambda: 4)
+    assert engine_module.lane_plan(mode, n_threads, lanes) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_lane_plan_refuses_nonsense(bad):
+    from metaeol_edge.engine import lane_plan
+
+    with pytest.raises(ValueError, match="lanes must be"):
+        lane_plan("one-at-a-time", None, bad)
+    with pytest.raises(ValueError, match="n_threads must be"):
+        lane_plan("one-at-a-time", bad, None)
+
+
+def test_lanes_are_for_the_one_at_a_time_mode():
+    from metaeol_edge.engine import lane_plan
+
+    with pytest.raises(ValueError, match="lanes apply to"):
+        lane_plan("packed", None, 2)
 
 
 def test_long_prompts_are_decoded_in_chunks(smollm2):

@@ -581,15 +581,17 @@ def embed_file(
             for i, group in enumerate(source.shards(shard_size))
             if i not in done
         )
+        # Workers run the level chosen here: `auto` decided on another machine could differ.
+        pinned = options | {"level": model.level}
         if ray is not None:
-            executor: Any = RayPool(options, encode, n_workers, max(1, cores // n_workers), ray)
+            executor: Any = RayPool(pinned, encode, n_workers, max(1, cores // n_workers), ray)
         elif n_workers > 1:
             model.close()
-            executor = ProcessPool(options, encode, n_workers, max(1, cores // n_workers))
+            executor = ProcessPool(pinned, encode, n_workers, max(1, cores // n_workers))
         else:
             if threads is not None:
                 model.close()
-                model = MetaEOL(**(options | {"n_threads": threads}))
+                model = MetaEOL(**(pinned | {"n_threads": threads}))
             executor = InProcess(model, encode)
         bar = _bar(rows, resumed, show_progress, executor.name)
         finished = False

@@ -65,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--level",
             default=None,
-            help="another quantization level of the model (f32, f16, q8_0, q4_k_m, ...), made once from its F32 "
-            "dequantization and kept in the store",
+            help="the model's quantization level: auto (default, or $METAEOL_LEVEL: the fastest that loses nothing "
+            "on this CPU, e.g. q8_0 for a Q4_1 file), shipped (the file as it is), or f32, f16, bf16, q8_0, q4_k_m, "
+            "..., made once from its F32 dequantization and kept in the store",
         )
         sp.add_argument(
             "--templates", "-t", default=None, help="metaeol (default), prompteol, another built-in set, or a file"
@@ -344,10 +345,9 @@ def _model_options(args: argparse.Namespace) -> dict:
     model = args.model
     if args.cache_max_mb is not None and not args.cache_max_mb > 0:
         raise InputError(f"--cache-max-mb must be a positive size in MB, not {args.cache_max_mb:g}")
-    if args.level and args.level.lower() != "shipped":
-        model = registry.quantized(model or registry.default_model_id(), args.level.lower())
     return dict(
         model=model,
+        level=args.level,
         templates=args.templates,
         preset=args.preset,
         method=_method(args),
@@ -466,7 +466,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model.backend  # noqa: B018 - load now: /health answers once every model is ready
             workers[name] = server.ModelWorker(name, model, limits, normalize=args.normalize)
             print(
-                f"loaded {name}: {model.model_path} ({model.dim} dimensions, {model.templates.name})", file=sys.stderr
+                f"loaded {name}: {model.model_path} ({model.level}, {model.dim} dimensions, {model.templates.name})",
+                file=sys.stderr,
             )
         server.serve(
             workers,
@@ -810,7 +811,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         about = {
             "model": args.model or registry.default_model_id(),
-            "level": (args.level or "shipped").lower(),
+            "level": (args.level or "shipped").lower() if args.reference else model.level,
             "model_file": model.model_path.name,
             "backend": f"pytorch {model.device} {args.dtype or 'float32'}" if args.reference else "llama.cpp",
             "templates": model.templates.name,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import identity, registry
+from . import identity, quantization, registry
 from . import postprocess as pp
 from .backends import Backend, open_backend, spec_for
 from .cache import EmbeddingCache
@@ -479,11 +479,14 @@ class MetaEOL(Embedder):
         early_exit: bool = True,
         postprocess: bool | None = None,
         verbose: bool = False,
+        level: str | None = None,
     ) -> None:
         named = get_preset(preset) if preset is not None else None  # an unknown name fails before any load
+        wanted_level = quantization.requested(level)
         model = model or registry.default_model_id()
         label = str(model)
         self.model_path = registry.resolve_model(model, progress=pull_progress() if sys.stderr.isatty() else None)
+        self.source_path = self.model_path
         self.info = inspect_gguf(self.model_path)
         self.preset: Preset | None = None
         known_sha256 = None
@@ -495,6 +498,22 @@ class MetaEOL(Embedder):
                 known_sha256 = identity.fingerprint(self.model_path)
             self.preset = named.for_model(known_sha256)
             templates, layer, postprocess = _apply_preset(self.preset, templates, layer, postprocess)
+        self._source_fingerprint: str | None = known_sha256
+        self.level, self.level_reason = self._choose_level(wanted_level, backend, label)
+        if self.level != quantization.SHIPPED:
+            self._source_fingerprint = self._source_fingerprint or registry.known_sha256(label, self.source_path)
+            if self._source_fingerprint is None:
+                self._source_fingerprint = identity.fingerprint(self.source_path)
+            note = (
+                f"metaeol: {label} runs at {self.level} here, not its shipped {self.info.quantization or 'file'}: "
+                f"{self.level_reason}. Writing it once into the model store (level='shipped', --level shipped or "
+                f"{quantization.ENV}=shipped keeps the shipped file)."
+            )
+            self.model_path = registry.quantized(
+                model, self.level, source_sha256=self._source_fingerprint, announce=note
+            )
+            self.info = inspect_gguf(self.model_path)
+            known_sha256 = registry.stamped_sha256(self.model_path)  # the derived file's own identity
         templates = "metaeol" if templates is None else templates
         layer = FINAL if layer is None else layer
         self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
@@ -550,6 +569,30 @@ class MetaEOL(Embedder):
 
     # -- the model -----------------------------------------------------------------
 
+    def _choose_level(self, wanted: str, backend: str, label: str) -> tuple[str, str]:
+        """(level, why). ``auto`` decides for the llama.cpp engine on a whole (unsplit) file; the PyTorch
+        reference and the naive recipe read the file as given unless a level is named."""
+        if wanted == quantization.SHIPPED:
+            return wanted, "asked for"
+        if self.info.split_count != 1:
+            if wanted == quantization.AUTO:
+                return quantization.SHIPPED, "a split model runs as shipped"
+            raise ValueError(f"{label} is split into {self.info.split_count} files: levels need a whole file")
+        if wanted != quantization.AUTO:
+            return wanted, "asked for"
+        if backend != "llama.cpp":
+            return quantization.SHIPPED, f"the {backend} backend reads the file as given"
+        choice = quantization.choose(self.info.quantization, quantization.system_info())
+        return choice.level, choice.reason
+
+    @property
+    def source_fingerprint(self) -> str:
+        """SHA-256 of the model file as given, before a level was derived from it: what presets and their
+        shipped fits are chosen by. The same as :attr:`fingerprint` at the shipped level."""
+        if self._source_fingerprint is None:
+            return self.fingerprint
+        return self._source_fingerprint
+
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the model file: one known without hashing (the registry's, an Ollama blob's, a hub pull's,
@@ -561,6 +604,7 @@ class MetaEOL(Embedder):
                     cache = self.cache
                     memo = lambda path: cache.file_sha256(path, identity.sha256_file)  # noqa: E731
                 known = registry.known_sha256(self.model_label, self.model_path)
+                known = known or registry.stamped_sha256(self.model_path)  # a level derived into the store
                 self._fingerprint = identity.fingerprint(self.model_path, known, memo)
             return self._fingerprint
 
@@ -650,7 +694,7 @@ class MetaEOL(Embedder):
             return path
         if self.preset is None or self.preset.postprocess is None:  # a raw choice ships no fit for this file
             return None
-        return self.preset.shipped_fit(self.fingerprint)
+        return self.preset.shipped_fit(self.source_fingerprint)
 
     def _fit_for(self, layer: int) -> pp.Postprocess:
         with self._lock:

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import sys
 import tempfile
 import urllib.request
 import zipfile
@@ -118,26 +119,42 @@ def known_sha256(model: str | os.PathLike[str], path: Path) -> str | None:
     return found.known_sha256(os.fspath(model), path)
 
 
-def quantized(model: str | os.PathLike[str], level: str, progress: Progress | None = None) -> Path:
+def quantized(
+    model: str | os.PathLike[str],
+    level: str,
+    progress: Progress | None = None,
+    *,
+    source_sha256: str | None = None,
+    announce: str | None = None,
+) -> Path:
     """A model at another quantization level, written once into the store and reused.
 
     ``f32`` is the shipped file dequantized; every other level is quantized from
-    that F32 file (as a ladder should be), not from the shipped quantization.
+    that F32 file (as a ladder should be), not from the shipped quantization. The
+    F32 file stays in the store only when it was asked for. ``source_sha256``:
+    the shipped file's, when the caller knows it. ``announce``: printed to stderr
+    before a file is written (once per model and level on a machine).
     """
     from .engine import QUANT_LEVELS, quantize_file
 
     if level not in QUANT_LEVELS:
         raise ValueError(f"unknown quantization level {level!r}; known: {', '.join(QUANT_LEVELS)}")
     source = resolve_model(model, progress=progress)
-    fingerprint = identity.fingerprint(source, known_sha256(model, source))
+    fingerprint = source_sha256 or identity.fingerprint(source, known_sha256(model, source))
     f32 = derived_path(source, fingerprint, "f32")
-    if not f32.is_file():
-        quantize_file(source, f32, "f32")
-    if level == "f32":
-        return f32
     target = derived_path(source, fingerprint, level)
-    if not target.is_file():
+    if target.is_file():
+        return target
+    if announce:
+        print(announce, file=sys.stderr, flush=True)
+    made_f32 = not f32.is_file()
+    if made_f32:
+        quantize_file(source, f32, "f32")
+    if level != "f32":
         quantize_file(f32, target, level)
+        if made_f32:
+            f32.unlink(missing_ok=True)
+    _stamp(target, identity.sha256_file(target))  # its identity, known from now on without hashing
     return target
 
 

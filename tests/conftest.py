@@ -22,6 +22,12 @@ from metaeol_edge import registry
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The suite runs the shipped files unless a test says otherwise: its golden vectors and its
+# comparisons with the naive recipe and the reference are of those files. `level="auto"` (the
+# default a user gets) is tested where it is named (tests/test_quantization.py, tests/test_golden.py).
+# Set here, before any test, so the CLI's and bulk's subprocesses inherit it too.
+os.environ["METAEOL_LEVEL"] = "shipped"
+
 
 def senteval_dir() -> Path:
     return Path(os.environ.get("METAEOL_DATA", REPO.parent / "shared" / "senteval"))

@@ -2,7 +2,11 @@
 
 Run once, on the code *before* a change that must not move any vector:
 
-    python tests/golden/make_golden.py tests/golden/vectors.npz
+    python tests/golden/make_golden.py tests/golden/vectors.npz                 # the shipped files
+    python tests/golden/make_golden.py tests/golden/vectors_q8_0.npz q8_0       # a derived level, made once
+
+A derived level is written for the models whose default (``level="auto"``) it is
+(:mod:`metaeol_edge.quantization`): smollm2-135m's Q4_1 runs at Q8_0.
 
 Each model's vectors, for MetaEOL and PromptEOL, at layers 1, n_layer // 2 and -1
 (each layer its own model object, so the lower two run with early exit, as a
@@ -33,17 +37,20 @@ def layers_of(model: str) -> list[int]:
     return [1, n // 2, -1]
 
 
-def main(out: str) -> None:
+DERIVED_MODELS = ("smollm2-135m",)
+
+
+def main(out: str, level: str = "shipped") -> None:
     arrays = {}
-    for model in MODELS:
+    for model in MODELS if level == "shipped" else DERIVED_MODELS:
         path = registry.resolve_model(model)
         for method in METHODS:
             for layer in layers_of(model):
-                with MetaEOL(path, templates=method, layer=layer, cache=False) as m:
+                with MetaEOL(path, templates=method, layer=layer, cache=False, level=level) as m:
                     arrays[golden_key(model, method, layer)] = m.encode(SENTENCES, show_progress_bar=False)
                 print(model, method, layer, file=sys.stderr)
     np.savez(out, **arrays)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

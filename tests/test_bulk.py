@@ -345,3 +345,34 @@ def test_ray_embed_dataset_and_cli(local_ray, tmp_path, smollm2):
     assert main([*argv, "--ray", "auto", "--workers", "2", "--shard-size", "8"]) == 0  # joins the running Ray
     assert np.array_equal(np.load(dst), want)
 
+
+
+def test_embed_from_a_program_without_a_file_stays_in_process(tmp_path, smollm2):
+    """`python - < job.py` (or a notebook): no file for a spawned worker to re-run. auto falls back to this
+    process and says so; an explicit --workers N is an error that says why, before any work."""
+    src = tmp_path / "in.txt"
+    src.write_text("a man plays guitar\na dog runs\nthe sky is blue\n", encoding="utf-8")
+    job = (
+        "import sys\nfrom metaeol_edge.cli import main\n"
+        f"sys.exit(main(['embed', '-i', {str(src)!r}, '-o', {str(tmp_path / 'out.npy')!r}, '-m', {str(smollm2)!r}, "
+        "'--workers', sys.argv[1], '--shard-size', '1', '-t', 'prompteol', '--no-cache', '-q']))\n"
+    )
+    run = [sys.executable, "-", "auto"]
+    auto = subprocess.run(run, input=job, capture_output=True, text=True, timeout=300)
+    assert auto.returncode == 0, auto.stderr
+    assert "embedding in this process, not" in auto.stderr and "'<stdin>' does not exist" in auto.stderr
+    assert np.load(tmp_path / "out.npy").shape == (3, 576)
+    (tmp_path / "out.npy").unlink()
+    two = subprocess.run([sys.executable, "-", "2"], input=job, capture_output=True, text=True, timeout=300)
+    assert two.returncode != 0 and "--workers 2 needs worker processes, which cannot start here" in two.stderr
+    assert "Traceback" not in two.stderr and not (tmp_path / "out.npy").exists()
+
+
+def test_spawn_blocker_names_the_reason():
+    from types import SimpleNamespace
+
+    from metaeol_edge.bulk import spawn_blocker
+
+    assert spawn_blocker(SimpleNamespace(__file__=__file__)) is None
+    assert "no file" in spawn_blocker(SimpleNamespace())
+    assert "does not exist" in spawn_blocker(SimpleNamespace(__file__="<stdin>"))

@@ -40,15 +40,17 @@ COMMANDS = {
         "python benchmarks/speed.py --models smollm2-135m,gemma3-270m "
         "--levels shipped,f32,f16,q8_0,q4_k_m,q4_1,q4_0 --no-naive"
     ),
-    "layers.json": "python benchmarks/layers.py (early exit: python benchmarks/layers.py --timing-only)",
+    "layers.json": "python benchmarks/layers.py",
     "checks.json": "python benchmarks/checks.py",
     "serve.json": "python benchmarks/serve.py",
     "bulk.json": "python benchmarks/bulk.py --modes 1x2,2x1,ray-data --other gemma3-270m --other-n 120",
     "memory.json": "python benchmarks/memory.py",
     "memory_parquet.json": (
-        "python benchmarks/memory.py --table --sizes 2000,20000 --workers 2 --out benchmarks/results/memory_parquet.json"
+        "python benchmarks/memory.py --table --sizes 2000,20000 --workers 2 "
+        "--out benchmarks/results/memory_parquet.json"
     ),
 }
+EARLY_EXIT = "python benchmarks/layers.py --timing-only"  # the early_exit rows of layers.json
 STS_SEVEN = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
 TASK_NAMES = {
     "sts12": "STS12",
@@ -274,12 +276,33 @@ def page_presets() -> str:
         ("`metaeol-icl` (one demonstration per template)", "smollm2-135m", "metaeol-icl", "final", "raw", "none"),
         ('**`preset="metaeol-icl"`**', "smollm2-135m", "metaeol-icl", "30", "whiten:128", "generic"),
         ("MetaEOL (paper-exact)", "gemma3-270m", "metaeol", "final", "raw", "none"),
-        ("MetaEOL's 2 information-extraction templates", "gemma3-270m", "metaeol-extraction", "final", "whiten:128", "generic"),
+        (
+            "MetaEOL's 2 information-extraction templates",
+            "gemma3-270m",
+            "metaeol-extraction",
+            "final",
+            "whiten:128",
+            "generic",
+        ),
         ("`prompteol-icl-music`", "gemma3-270m", "prompteol-icl-music", "final", "raw", "none"),
-        ('**`preset="quality"`** (its own dev choice)', "gemma3-270m", "prompteol-icl-music", "18", "whiten:128", "generic"),
+        (
+            '**`preset="quality"`** (its own dev choice)',
+            "gemma3-270m",
+            "prompteol-icl-music",
+            "18",
+            "whiten:128",
+            "generic",
+        ),
         ("`prompteol-icl-music`", "qwen2.5-coder-1.5b", "prompteol-icl-music", "final", "raw", "none"),
-        ('**`preset="quality"`** (its own dev choice: raw)', "qwen2.5-coder-1.5b", "prompteol-icl-music", "28", "raw", "none"),
-    ]  # fmt: skip
+        (
+            '**`preset="quality"`** (its own dev choice: raw)',
+            "qwen2.5-coder-1.5b",
+            "prompteol-icl-music",
+            "28",
+            "raw",
+            "none",
+        ),
+    ]
     body = []
     used: list[str] = []
     for label, model, method, layer, lever, fit_on in curated:
@@ -330,8 +353,9 @@ def page_presets() -> str:
         "Spearman x100 on the full test sets (SentEval 'all' setting); 7 STS avg: STS12-16, STS-B and SICK-R. "
         "Fits use no labels and no evaluated sentence: *generic* is "
         f"{counts(q.rows, 'fit_sentences', split='test', fit_on='generic')} seeded sentences of the transfer "
-        "sets (the run's `--fit-sentences`), *in-domain* the task's own train split. MetaEOL's and PromptEOL's cells that the quality runs did not score come from the "
-        "shipped file's rows of the accuracy runs. `-`: not measured.",
+        "sets (the run's `--fit-sentences`), *in-domain* the task's own train split. MetaEOL's and "
+        "PromptEOL's cells that the quality runs did not score come from the shipped file's "
+        "rows of the accuracy runs. `-`: not measured.",
         "",
     ]
     lines += table(["configuration", "model", "what it runs", "STS-B", "SICK-R", "7 STS avg", "sentences/s"], body, 3)
@@ -404,7 +428,13 @@ def accuracy_table(name: str, methods: tuple[str, ...] | None = None) -> list[st
         cos = "-" if r["cos_mean"] is None else f"{r['cos_mean']:.5f} / {r['cos_min']:.5f}"
         cells = [r["level"] if r["method"] != "sentence-transformers" else "-", method, cell(r["size_mb"], ".0f")]
         cells += [cell(r["scores"].get(t)) for t in tasks]
-        cells += [cell(r["average"]), cell(r["delta"], "+.2f"), cos, cell(r["sentences_per_s"]), cell(r["rss_mb"], ".0f")]
+        cells += [
+            cell(r["average"]),
+            cell(r["delta"], "+.2f"),
+            cos,
+            cell(r["sentences_per_s"]),
+            cell(r["rss_mb"], ".0f"),
+        ]
         rows.append(cells)
     return table(head, rows, 2) + made_by(data["command"])
 
@@ -579,14 +609,14 @@ def page_speed() -> str:
             ]
         )
     head = ["model", "templates", "final, raw", "best, raw", "final, standardized", "best, standardized"]
-    lines += table(head, body, 2)
+    lines += table(head, body, 2) + made_by(command_of("layers.json", data))
     for e in data["early_exit"]:
         lines += [
             "",
             f"Early exit, {e['model']} {e['templates']} at block {e['layer']}: {e['early_exit']:.2f} sentences/s "
-            f"against {e['final']:.2f} at the final layer ({e['early_exit'] / e['final']:.2f}x), in one run.",
+            f"against {e['final']:.2f} at the final layer ({e['early_exit'] / e['final']:.2f}x), in one run, "
+            f"made by `{EARLY_EXIT}`.",
         ]
-    lines += made_by(command_of("layers.json", data))
 
     data = load("checks.json")
     s, w = data["start_s"], data["warm_run_s"]
@@ -759,7 +789,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         stale.append(path)
         if args.check:
-            diff = difflib.unified_diff((old or "").splitlines(), text.splitlines(), str(path), "generated", lineterm="")
+            diff = difflib.unified_diff(
+                (old or "").splitlines(), text.splitlines(), str(path), "generated", lineterm=""
+            )
             print("\n".join(list(diff)[:40]), file=sys.stderr)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,9 @@ unlabeled text that shares no sentence with any evaluated pair:
 Every vector comes from the embedding cache, so a rerun re-encodes nothing.
 Rows are merged into ``OUT/quality.json`` (keyed by model, method, lever,
 fit_on, layer, split, task) and ``quality.md`` / ``quality.png`` are rewritten
-from it. ``--save-dir`` writes each row's post-processed vectors in
+from it. The file holds each run's command once: ``{"runs": [{"command": ...,
+"rows": [...]}, ...]}`` (:func:`load_rows` gives the rows back with their
+``command``). ``--save-dir`` writes each row's post-processed vectors in
 ``benchmarks/rescore.py``'s layout (float16), and ``--save-fits`` the fits, so
 every score can be recomputed from files alone.
 """
@@ -387,6 +389,29 @@ def run_speed(args, root: Path) -> list[dict]:
 KEY = ("model", "method", "lever", "fit_on", "layer", "split", "task")
 
 
+def load_rows(path: Path) -> list[dict]:
+    """quality.json's rows, each with the ``command`` of its run; [] if there is no file.
+
+    The file is ``{"runs": [{"command": ..., "rows": [...]}, ...]}``; a plain list of
+    rows (the format before the runs were grouped) is read too.
+    """
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if isinstance(data, list):
+        return data
+    return [row | {"command": run["command"]} for run in data["runs"] for row in run["rows"]]
+
+
+def save_rows(path: Path, rows: list[dict]) -> None:
+    """Write rows grouped by their run's command (in order of first appearance), the command once per run."""
+    runs: dict[str | None, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r.get("command"), []).append({k: v for k, v in r.items() if k != "command"})
+    data = {"runs": [{"command": command, "rows": group} for command, group in runs.items()]}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
     """New rows replace old ones with the same key; a new dev run replaces that template set's dev choice."""
     keys = {tuple(r[k] for k in KEY) for r in new}
@@ -518,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         if lever != "raw":
             pp.parse_kind(lever)
     out = args.output / "quality.json"
-    previous = json.loads(out.read_text()) if out.is_file() else []
+    previous = load_rows(out)
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     root = data_dir(args.data)
     if args.stage == "ship":
@@ -534,9 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in new:
         r["command"] = command
     # Read the file again: another run may have added rows since this one started.
-    rows = merge(json.loads(out.read_text()) if out.is_file() else [], new)
+    rows = merge(load_rows(out), new)
     args.output.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    save_rows(out, rows)
     write_md(rows, args.output / "quality.md")
     plot(rows, args.output / "quality.png")
     print(f"wrote {out} ({len(rows)} rows)", file=sys.stderr)

@@ -113,7 +113,9 @@ def test_quality_chooses_on_dev_and_every_test_score_is_recomputable_from_saved_
         "--fit-sentences", 40, "--save-dir", tmp_path / "saved", "--threads", 1,
     )  # fmt: skip
     assert test.returncode == 0, test.stderr
-    rows = json.loads((tmp_path / "out" / "quality.json").read_text())
+    runs = json.loads((tmp_path / "out" / "quality.json").read_text())["runs"]  # each run's command once
+    assert [run["command"].split()[2] for run in runs] == ["dev", "test"]
+    rows = [r | {"command": run["command"]} for run in runs for r in run["rows"]]
     tested = [r for r in rows if r["split"] == "test"]
     assert {r["fit_on"] for r in tested} == {"none", "generic", "in-domain"}
     assert any(r["dev_choice"] == "single" for r in tested)  # the dev run's choice was scored on test

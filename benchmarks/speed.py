@@ -370,6 +370,7 @@ def accuracy(args: argparse.Namespace) -> None:
                 with MetaEOL(model_id, **_method_kwargs(method), level=level) as m:
                     row[level] = run_sts(data, lambda s, m=m: m.encode(s, show_progress_bar=False))["score"]
                     row[f"{level}_file"] = m.model_path.name
+                    row[f"{level}_level"] = m.level
             if "shipped" in row and "auto" in row:
                 row["delta"] = row["auto"] - row["shipped"]
             rows.append(row)

@@ -896,7 +896,8 @@ def page_index() -> str:
         "- [Presets and quality levers](presets.md): what to use for what, the levers on the test sets, the dev runs",
         "- [Accuracy per quantization level](accuracy.md): every level against F32, the ablations, the baseline",
         "- [The full-precision reference on a GPU](reference.md): the PyTorch reference's own scores",
-        "- [Speed](speed.md): the engine against the naive recipe, levels, layers, the integrity checks",
+        "- [Speed](speed.md): the engine against the research code, levels and the CPU's ceiling, a busy machine, "
+        "the default level's accuracy, layers, the integrity checks",
         "- [Server, bulk jobs and memory](scale.md)",
         "",
         "Results files read: " + ", ".join(f"`{p.name}`" for p in sorted(RESULTS.glob("*.json"))) + ".",

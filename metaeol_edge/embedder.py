@@ -570,7 +570,7 @@ class MetaEOL(Embedder):
             return wanted, "asked for"
         if backend != "llama.cpp":
             return quantization.SHIPPED, f"the {backend} backend reads the file as given"
-        choice = quantization.choose(self.info.quantization, quantization.system_info())
+        choice = quantization.choose(self.info.quantization, quantization.system_info(), self.info.size)
         return choice.level, choice.reason
 
     def _derive_level(self, model: str | os.PathLike[str], label: str) -> str | None:

@@ -4,16 +4,21 @@ A level is ``shipped`` (the file as it is), ``auto`` (the default: decided
 here), or one of llama.cpp's levels (:data:`metaeol_edge.engine.QUANT_LEVELS`),
 derived once from the shipped file's F32 dequantization into the model store.
 
-Why ``auto`` picks Q8_0 for Q4_1 and Q5_1 files, and nothing else: llama.cpp's
-CPU matmuls are fast for the types its tiled kernels (llamafile's tinyBLAS) and
-its SIMD dot products cover, and the two legacy types with a per-block offset are
-not among the tiled ones. On this project's 2-core VMs the shipped Q4_1
-smollm2-135m ran MetaEOL at about 0.55x of its Q8_0 copy, while gemma3-270m's
-shipped Q4_K_M ran as fast as its Q8_0 copy (``python benchmarks/speed.py
---levels shipped,q8_0``). Q8_0 made from the F32 dequantization keeps each
-weight to 1/254 of its block's largest: the STS-B test score moves by less than
-0.1 (``python benchmarks/speed.py --accuracy``). F16 and BF16 lose nothing
-either, and measured no faster than Q8_0 at twice its size.
+Why ``auto`` picks F16 for Q4_1 and Q5_1 files, and nothing else:
+
+* llama.cpp's CPU matmuls are fast for the types its tiled kernels (llamafile's
+  tinyBLAS) and SIMD dot products cover, and the two legacy types with a
+  per-block offset are not among the tiled ones: the shipped Q4_1 smollm2-135m is
+  its slowest level here, while gemma3-270m's shipped Q4_K_M runs as fast as its
+  Q8_0 copy (``python benchmarks/speed.py``, section levels).
+* F16 keeps each weight of a Q4_1 or Q5_1 file (a half-precision scale times a
+  4- or 5-bit integer plus a half-precision offset) to 11 significant bits, far
+  finer than the file's own steps, so it loses nothing: on all STS-B test pairs
+  F16 scored within 0.03 of the F32 dequantization for MetaEOL and PromptEOL,
+  while Q8_0, faster on some CPUs, lost 0.19 (MetaEOL) and 1.31 (PromptEOL)
+  against F32 (benchmarks/results/accuracy_full_smollm2-135m.json; ``python
+  benchmarks/speed.py --accuracy`` compares ``auto`` with the shipped file).
+* A big Q4_1 file stays as it is: its F16 copy would be about 3.5 times larger.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ SHIPPED = "shipped"
 ENV = "METAEOL_LEVEL"
 # The shipped types whose CPU kernels are the slow ones, and the level that replaces them.
 SLOW_TYPES = ("Q4_1", "Q5_1")
-FAST_LEVEL = "q8_0"
-# llama.cpp's names (llama_print_system_info) for the SIMD its 8-bit kernels use.
-INT8_SIMD = ("AVX512_VNNI", "AVX_VNNI", "AVX2", "DOTPROD", "NEON")
+FAST_LEVEL = "f16"
+MAX_SHIPPED_BYTES = 600_000_000  # larger files stay as shipped: an F16 copy is ~3.5x the size
+# llama.cpp's names (llama_print_system_info) for the SIMD its F16 kernels use.
+F16_SIMD = ("AVX512", "AVX2", "F16C", "NEON")
 
 
 @dataclass(frozen=True)
@@ -52,22 +58,24 @@ def requested(level: str | None) -> str:
 
 
 def simd(system_info: str) -> list[str]:
-    """The 8-bit-capable SIMD that llama.cpp reports it was built for on this CPU, best first."""
-    return [name for name in INT8_SIMD if f"{name} = 1" in system_info]
+    """The SIMD for F16 that llama.cpp reports it was built for on this CPU, best first."""
+    return [name for name in F16_SIMD if f"{name} = 1" in system_info]
 
 
-def choose(quantization: str, system_info: str) -> LevelChoice:
-    """``auto``'s choice for a file of type ``quantization`` (``Q4_1``, ``Q4_K_M``, ...) on this CPU."""
+def choose(quantization: str, system_info: str, size: int = 0) -> LevelChoice:
+    """``auto``'s choice for a file of type ``quantization`` (``Q4_1``, ``Q4_K_M``, ...) and ``size`` bytes."""
     if quantization not in SLOW_TYPES:
         what = quantization or "its"
         return LevelChoice(SHIPPED, f"{what} weights already run on llama.cpp's fast CPU kernels")
+    if size > MAX_SHIPPED_BYTES:
+        return LevelChoice(SHIPPED, f"an F16 copy of this {size / 1e9:.1f} GB file would be about 3.5 times larger")
     found = simd(system_info)
     if not found:
-        return LevelChoice(SHIPPED, "this CPU reports no SIMD that llama.cpp's 8-bit kernels use")
+        return LevelChoice(SHIPPED, "this CPU reports no SIMD that llama.cpp's F16 kernels use")
     return LevelChoice(
         FAST_LEVEL,
-        f"{quantization} has no tiled CPU kernel in llama.cpp and this CPU has {found[0]}: Q8_0 ran about 1.8x "
-        "faster at the same STS-B score (benchmarks/speed.py)",
+        f"{quantization} has no tiled CPU kernel in llama.cpp, while F16 holds its weights exactly and runs on this "
+        f"CPU's {found[0]} (benchmarks/speed.py)",
     )
 
 

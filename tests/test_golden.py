@@ -49,18 +49,18 @@ def test_golden_vectors_through_the_cache_and_streaming(golden, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def golden_q8_0():
-    with np.load(GOLDEN / "vectors_q8_0.npz") as data:
+def golden_f16():
+    with np.load(GOLDEN / "vectors_f16.npz") as data:
         return {k: data[k] for k in data.files}
 
 
 @pytest.mark.parametrize("method", ["metaeol", "prompteol"])
 @pytest.mark.parametrize("layer", [1, 15, -1])
-def test_the_derived_q8_0_level_reproduces_its_own_golden_vectors(golden_q8_0, monkeypatch, method, layer):
-    """smollm2-135m's default level here (Q4_1 -> Q8_0, tests/test_quantization.py) has its own golden file,
+def test_the_derived_f16_level_reproduces_its_own_golden_vectors(golden_f16, method, layer):
+    """smollm2-135m's default level here (Q4_1 -> F16, tests/test_quantization.py) has its own golden file,
     written once by tests/golden/make_golden.py from the store's derived copy."""
-    expected = golden_q8_0[f"smollm2-135m|{method}|{layer}"]
-    with MetaEOL("smollm2-135m", templates=method, layer=layer, cache=False, level="q8_0") as m:
-        assert m.level == "q8_0" and m.model_path.name.endswith(".q8_0.gguf")
+    expected = golden_f16[f"smollm2-135m|{method}|{layer}"]
+    with MetaEOL("smollm2-135m", templates=method, layer=layer, cache=False, level="f16") as m:
+        assert m.level == "f16" and m.model_path.name.endswith(".f16.gguf")
         got = m.encode(SENTENCES, show_progress_bar=False)
     assert got.tobytes() == expected.tobytes()

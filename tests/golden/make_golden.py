@@ -3,10 +3,10 @@
 Run once, on the code *before* a change that must not move any vector:
 
     python tests/golden/make_golden.py tests/golden/vectors.npz                 # the shipped files
-    python tests/golden/make_golden.py tests/golden/vectors_q8_0.npz q8_0       # a derived level, made once
+    python tests/golden/make_golden.py tests/golden/vectors_f16.npz f16         # a derived level, made once
 
 A derived level is written for the models whose default (``level="auto"``) it is
-(:mod:`metaeol_edge.quantization`): smollm2-135m's Q4_1 runs at Q8_0.
+(:mod:`metaeol_edge.quantization`): smollm2-135m's Q4_1 runs at F16.
 
 Each model's vectors, for MetaEOL and PromptEOL, at layers 1, n_layer // 2 and -1
 (each layer its own model object, so the lower two run with early exit, as a

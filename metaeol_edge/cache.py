@@ -142,11 +142,22 @@ def _is_read_only(exc: sqlite3.OperationalError) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY or "readonly" in str(exc)
 
 
+_DAMAGE_CODES = (getattr(sqlite3, "SQLITE_CORRUPT", 11), getattr(sqlite3, "SQLITE_NOTADB", 26))
+
+
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:
-    """A damaged file (malformed image, not a database), not a busy lock, a full disk or a read-only file."""
-    if isinstance(exc, sqlite3.OperationalError):
-        return getattr(exc, "sqlite_errorcode", None) == getattr(sqlite3, "SQLITE_CORRUPT", 11)
-    return True
+    """A damaged file (malformed image, not a database), not a busy lock, a full disk or a read-only file.
+
+    Nor a closed connection, a bad parameter or a constraint (``ProgrammingError``,
+    ``IntegrityError``, ... are ``DatabaseError`` subclasses too): those say nothing
+    about the file, and moving a healthy file aside over them loses its vectors.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+, where SQLite raised it
+    if code is not None:
+        return code & 0xFF in _DAMAGE_CODES  # the primary code of an extended one (SQLITE_CORRUPT_INDEX...)
+    # No code: Python 3.10, or raised by the sqlite3 module itself. SQLite's damage codes
+    # come as a plain DatabaseError; every subclass is something else.
+    return type(exc) is sqlite3.DatabaseError
 
 
 class EmbeddingCache:
@@ -164,6 +175,7 @@ class EmbeddingCache:
         self._lock = threading.RLock()  # connections, recovery
         self._generation = 0  # bumped by a recovery: every thread reconnects to the new file
         self._closed = False
+        self._warned_closed = False
         self._checked = False
         try:
             self._open_with_retry()
@@ -301,6 +313,7 @@ class EmbeddingCache:
         if self.disabled or (write and self.read_only):
             return default
         for attempt in (1, 2):
+            generation = self._generation
             try:
                 return fn(self.db)
             except sqlite3.OperationalError as exc:
@@ -311,7 +324,17 @@ class EmbeddingCache:
                 if not _is_damage(exc) or attempt == 2:
                     raise
                 self._recover(exc)
+            except sqlite3.ProgrammingError:
+                # A closed connection: never damage, never a reason to move the file.
+                if self._closed:
+                    self._warn_closed()
+                    return default
+                if self._generation != generation and attempt == 1:
+                    continue  # another thread's recovery closed this thread's connection: use the new one
+                raise
             except sqlite3.DatabaseError as exc:
+                if not _is_damage(exc):
+                    raise
                 if attempt == 2:
                     self._disable(exc)
                     return default
@@ -340,6 +363,16 @@ class EmbeddingCache:
                 warnings.warn(
                     f"embedding cache {self.path} cannot be written ({exc}): serving the vectors it holds, "
                     "storing no new ones",
+                    stacklevel=4,
+                )
+
+    def _warn_closed(self) -> None:
+        with self._lock:
+            if not self._warned_closed:
+                self._warned_closed = True
+                warnings.warn(
+                    f"embedding cache {self.path} was used after close(): serving and storing nothing "
+                    "(a shared cache is closed by whoever opened it, after its last user)",
                     stacklevel=4,
                 )
 

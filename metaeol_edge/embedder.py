@@ -90,6 +90,7 @@ class Embedder:
         self.max_length = max_length
         self.truncate = truncate
         self.cache = cache
+        self._owns_cache = True  # False for a cache the caller opened and passed in: the caller closes it
         self.cache_dtype = cache_dtype
         self.units = method.units()
         self._backend: Backend | None = None
@@ -421,7 +422,8 @@ class Embedder:
                 self._backend.close()
                 self._backend = None
             if self.cache is not None:
-                self.cache.close()
+                if self._owns_cache:  # a shared cache may still serve other models
+                    self.cache.close()
                 self.cache = None
 
     def __enter__(self):
@@ -554,6 +556,7 @@ class MetaEOL(Embedder):
             cache=opened,
             cache_dtype=cache_dtype,
         )
+        self._owns_cache = not isinstance(cache, EmbeddingCache)
 
     # -- the model -----------------------------------------------------------------
 

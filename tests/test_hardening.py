@@ -1,0 +1,86 @@
+"""Issue 30's data-loss and bad-input items: each test failed before its fix.
+
+Most need no model; the one that builds ``MetaEOL`` objects never loads one
+(the backend is opened on the first ``encode``)."""
+
+from __future__ import annotations
+
+import sqlite3
+import warnings
+
+import numpy as np
+import pytest
+
+from metaeol_edge import MetaEOL
+from metaeol_edge.cache import CacheKey, EmbeddingCache
+
+
+def _key(sentence: str, model: str = "m" * 64) -> CacheKey:
+    return CacheKey(model, "T *sent 0*", -1, True, "float32", 512, sentence)
+
+
+def _leftovers(folder) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".unusable-" in p.name]
+
+
+# -- item 1: a closed cache is not a damaged one ------------------------------------------
+
+
+def test_closed_cache_is_not_moved_aside(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    cache = EmbeddingCache(path)
+    v = np.ones(8, dtype=np.float32)
+    cache.put_many([(_key("a"), "model", "task", v)])
+    cache.close()
+    with pytest.warns(UserWarning, match="used after close"):
+        assert cache.get_many([_key("a")]) == {}
+    cache.put_many([(_key("b"), "model", "task", v)])  # stores nothing, fails nothing
+    assert _leftovers(tmp_path) == []
+    again = EmbeddingCache(path)
+    assert np.array_equal(again.get_many([_key("a")])[_key("a")], v)
+    again.close()
+
+
+def test_closed_connection_of_an_open_cache_is_not_damage(tmp_path):
+    # The error a closed connection raises, met while the cache itself is open (a bug,
+    # not damage): it is raised, and the file stays where it is.
+    cache = EmbeddingCache(tmp_path / "c.sqlite3")
+    cache.db.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        cache.get_many([_key("a")])
+    assert _leftovers(tmp_path) == []
+    cache.close()
+
+
+def test_real_damage_is_still_moved_aside(tmp_path):
+    cache = EmbeddingCache(tmp_path / "c.sqlite3")
+
+    def damaged(db: sqlite3.Connection) -> None:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    with pytest.warns(UserWarning, match="is damaged"):
+        cache._run(damaged, None, write=False)
+    assert len(_leftovers(tmp_path)) == 1
+    cache.close()
+
+
+def test_shared_cache_outlives_the_first_model_closed(tmp_path, smollm2):
+    path = tmp_path / "shared.sqlite"
+    cache = EmbeddingCache(path)
+    first = MetaEOL(smollm2, cache=cache)
+    second = MetaEOL(smollm2, cache=cache)
+    first.close()
+    assert second.cache is cache
+    v = np.ones(8, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "used after close", no "damaged"
+        cache.put_many([(_key("a"), "model", "task", v)])
+        assert np.array_equal(cache.get_many([_key("a")])[_key("a")], v)
+    second.close()
+    assert not cache._closed  # its opener closes it
+    cache.close()
+    assert _leftovers(tmp_path) == []
+    own = MetaEOL(smollm2, cache=tmp_path / "own.sqlite")
+    opened = own.cache
+    own.close()
+    assert opened is not None and opened._closed  # a cache it opened itself it closes

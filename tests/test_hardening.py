@@ -84,3 +84,58 @@ def test_shared_cache_outlives_the_first_model_closed(tmp_path, smollm2):
     opened = own.cache
     own.close()
     assert opened is not None and opened._closed  # a cache it opened itself it closes
+
+
+# -- item 2: `cache clear --model` matches exactly -------------------------------------------
+
+
+def _two_models(path) -> EmbeddingCache:
+    cache = EmbeddingCache(path)
+    v = np.ones(4, dtype=np.float32)
+    cache.put_many(
+        [
+            (_key("a", model="ab" * 32), "m1", "task", v),
+            (_key("b", model="ab" * 32), "m1", "task", v),
+            (_key("a", model="f" * 64), "m2", "task", v),
+        ]
+    )
+    return cache
+
+
+@pytest.mark.parametrize("model", ["%", "m_", "m%", "ab", "abab", "ababab_", "fff"])
+def test_cache_clear_takes_no_wildcards_nor_short_prefixes(tmp_path, model):
+    from metaeol_edge.errors import InputError
+
+    cache = _two_models(tmp_path / "c.sqlite3")
+    with pytest.raises(InputError, match="no model in the cache is"):
+        cache.clear(model=model)
+    assert cache.stats()["entries"] == 3
+    cache.close()
+
+
+def test_cache_clear_by_label_or_long_prefix(tmp_path):
+    cache = _two_models(tmp_path / "c.sqlite3")
+    assert cache.clear_plan(model="FFFFFFFF") == [{"model": "m2", "fingerprint": "f" * 12, "entries": 1}]
+    assert cache.clear(model="FFFFFFFF") == 1
+    assert cache.clear_plan(model="m1") == [{"model": "m1", "fingerprint": "ab" * 6, "entries": 2}]
+    assert cache.clear(model="m1") == 2
+    assert cache.stats()["entries"] == 0
+    cache.close()
+
+
+def test_cli_cache_clear_says_what_goes(tmp_path, monkeypatch, capsys):
+    from metaeol_edge import cli
+
+    path = tmp_path / "c.sqlite3"
+    _two_models(path).close()
+    monkeypatch.setenv("METAEOL_CACHE", str(path))
+    with warnings.catch_warnings():  # main() installs its own warning printer
+        assert cli.main(["cache", "clear", "--model", "%"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no model in the cache is '%'" in err
+        assert cli.main(["cache", "clear", "--model", "m1"]) == 0
+    out = capsys.readouterr().out
+    assert "deleting 2 entries of m1 (fingerprint abababababab)" in out and "deleted 2 entries" in out
+    cache = EmbeddingCache(path)
+    assert cache.stats()["entries"] == 1
+    cache.close()

@@ -452,19 +452,39 @@ def job_identity(
     """Everything that decides a job's vectors and rows (not how fast or where they are made)."""
     units = hashlib.sha256("\x00".join(u.key for u in model.units).encode("utf-8")).hexdigest()
     kept = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items() if k not in NOT_IDENTITY}
-    return {
-        "version": JOB_VERSION,
-        "input": _file_identity(source.path)
-        | {"format": source.fmt, "text_column": source.text_column, "id_column": source.id_column},
-        "rows": rows,
-        "shard_size": shard_size,
-        "model": _file_identity(model.model_path) | {"label": model.model_label},
-        "prompts": units,
-        "method": model.method.name,
-        "layers": list(model.layers),
-        "options": json.loads(json.dumps(kept, default=str)),
-        "encode": asdict(encode),
-    }
+    return _decisive(
+        {
+            "version": JOB_VERSION,
+            "input": _file_identity(source.path)
+            | {"format": source.fmt, "text_column": source.text_column, "id_column": source.id_column},
+            "rows": rows,
+            "shard_size": shard_size,
+            "model": _file_identity(model.model_path) | {"label": model.model_label},
+            "prompts": units,
+            "method": model.method.name,
+            "layers": list(model.layers),
+            "options": json.loads(json.dumps(kept, default=str)),
+            "encode": asdict(encode),
+        }
+    )
+
+
+def _decisive(identity: dict[str, Any]) -> dict[str, Any]:
+    """A job identity less what does not decide a vector: the batch size (vectors do not depend on
+    what is batched with them), whether a cache is used and where. The cache's dtype stays where a
+    cache is on: a float16 cache hands out float16-rounded vectors.
+
+    Applied to a stored job.json too, so a job made by 0.2 (whose identity held these) continues."""
+    identity = json.loads(json.dumps(identity))  # a copy; the stored one is plain JSON already
+    encode = identity.get("encode")
+    if isinstance(encode, dict):
+        encode.pop("batch_size", None)
+    options = identity.get("options")
+    if isinstance(options, dict):
+        cache = options.pop("cache", True)
+        on = cache is not False and cache is not None
+        options["cache_dtype"] = (options.get("cache_dtype") or "float32") if on else "float32"  # no cache: no rounding
+    return identity
 
 
 def _prepare(folder: Path, identity: dict[str, Any]) -> set[int]:
@@ -474,8 +494,8 @@ def _prepare(folder: Path, identity: dict[str, Any]) -> set[int]:
         raise InputError(f"{folder} exists and is not an unfinished job's folder: move it away, or name another output")
     if folder.is_dir():
         try:
-            same = json.loads(stamp.read_text(encoding="utf-8")) == identity
-        except (OSError, ValueError):
+            same = _decisive(json.loads(stamp.read_text(encoding="utf-8"))) == identity
+        except (OSError, ValueError, TypeError, AttributeError):  # unreadable, or not a job.json
             same = False
         if not same:
             warnings.warn(

@@ -139,3 +139,66 @@ def test_cli_cache_clear_says_what_goes(tmp_path, monkeypatch, capsys):
     cache = EmbeddingCache(path)
     assert cache.stats()["entries"] == 1
     cache.close()
+
+
+# -- item 3: a rerun with another batch size keeps the finished shards -------------------------
+
+
+def _fake_job(tmp_path):
+    from types import SimpleNamespace
+
+    from metaeol_edge import bulk
+
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("a\nb\n", encoding="utf-8")
+    model_file = tmp_path / "m.gguf"
+    model_file.write_bytes(b"GGUF")
+    model = SimpleNamespace(
+        units=[SimpleNamespace(key="unit")],
+        model_path=model_file,
+        model_label="m",
+        method=SimpleNamespace(name="metaeol"),
+        layers=(-1,),
+    )
+    source = bulk.Source(source_file)
+
+    def identity(batch_size: int, **options) -> dict:
+        options = {"model": "m", "cache_dtype": "float32"} | options
+        return bulk.job_identity(source, 2, 1, model, options, bulk.EncodeOptions(batch_size=batch_size))
+
+    folder = tmp_path / "out.npy.shards"
+    return folder, identity
+
+
+def _start(folder, stamp: dict) -> None:
+    import json
+
+    folder.mkdir()
+    (folder / "job.json").write_text(json.dumps(stamp), encoding="utf-8")
+    np.save(folder / "00000000.npy", np.zeros((1, 1, 4), dtype=np.float32))
+
+
+def test_bulk_rerun_with_another_batch_size_resumes(tmp_path):
+    from metaeol_edge import bulk
+
+    folder, identity = _fake_job(tmp_path)
+    _start(folder, identity(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "starting over"
+        assert bulk._prepare(folder, identity(64)) == {0}
+        assert bulk._prepare(folder, identity(64, cache=False)) == {0}  # the cache on or off decides nothing
+    with pytest.warns(UserWarning, match="starting over"):
+        assert bulk._prepare(folder, identity(64, cache_dtype="float16")) == set()  # float16 rounding does
+
+
+def test_bulk_job_of_0_2_with_batch_size_in_its_identity_resumes(tmp_path):
+    from metaeol_edge import bulk
+
+    folder, identity = _fake_job(tmp_path)
+    old = identity(8, cache=True)
+    old["encode"]["batch_size"] = 8  # what 0.2 wrote
+    old["options"]["cache"] = True
+    _start(folder, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bulk._prepare(folder, identity(16)) == {0}

@@ -35,6 +35,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -569,9 +570,41 @@ def embed_file(
     address. The output appears only when complete; shards of an unfinished job
     wait in ``OUTPUT.shards/`` for the same command to continue them.
     """
+    output = check_output(output, (input,))
+    with job_lock(output):  # held until the output is in place and the shards are gone
+        return _embed_file(
+            input,
+            output,
+            options,
+            fmt=fmt,
+            text_column=text_column,
+            id_column=id_column,
+            encode=encode,
+            workers=workers,
+            threads=threads,
+            ray=ray,
+            shard_size=shard_size,
+            show_progress=show_progress,
+        )
+
+
+def _embed_file(
+    input: str | os.PathLike[str],
+    output: Path,
+    options: dict[str, Any],
+    *,
+    fmt: str | None,
+    text_column: str,
+    id_column: str | None,
+    encode: EncodeOptions,
+    workers: int | str,
+    threads: int | None,
+    ray: str | None,
+    shard_size: int,
+    show_progress: bool,
+) -> BulkReport:
     from .embedder import MetaEOL
 
-    output = check_output(output, (input,))
     source = Source(Path(input), fmt, text_column, id_column)
     if not isinstance(shard_size, int) or shard_size < 1:
         raise InputError(f"shard size must be a positive number of rows, not {shard_size!r}")
@@ -646,6 +679,49 @@ def embed_file(
         raise
     finally:
         model.close()
+
+
+@contextmanager
+def job_lock(output: Path) -> Iterator[None]:
+    """Hold the job of ``output`` alone: a second job of the same output (started while the first
+    runs) is refused at once, before it reads or writes anything. Two at once used to interleave
+    in one shards folder, and one's clean-up left a folder every later run refused.
+
+    An exclusive ``flock`` on ``.OUTPUT.lock`` beside the output; the kernel releases it when
+    the process dies, so a killed job never blocks the next. The holder removes the file before
+    letting go; a job that locked a file already removed tries again on the new one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; run one job per output there
+        yield
+        return
+    path = output.with_name(f".{output.name}.lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise InputError(f"cannot create the job's lock file {path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(
+                f"another job is writing {output} right now (it holds {path}): wait for it to finish, "
+                "or name another output"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file it locked was removed by a job that just finished: lock the new one
+    try:
+        yield
+    finally:
+        Path(path).unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _workers(workers: int | str, model: Any, ray: str | None = None) -> int:

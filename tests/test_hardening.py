@@ -202,3 +202,47 @@ def test_bulk_job_of_0_2_with_batch_size_in_its_identity_resumes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert bulk._prepare(folder, identity(16)) == {0}
+
+
+# -- item 4: two jobs of one output at once ------------------------------------------------
+
+
+def test_second_bulk_job_of_one_output_is_refused_at_once(tmp_path, monkeypatch, capsys):
+    from metaeol_edge import bulk, cli
+    from metaeol_edge.errors import InputError
+
+    source = tmp_path / "in.txt"
+    source.write_text("a\nb\n", encoding="utf-8")
+    out = tmp_path / "out.npy"
+    with bulk.job_lock(out):  # the first job, running
+        with pytest.raises(InputError, match="another job is writing"):
+            bulk.embed_file(source, out, {"model": "no-such-model"})  # refused before the model is looked up
+        with warnings.catch_warnings():
+            assert cli.main(["embed", "-i", str(source), "-o", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "another job is writing" in err
+    assert not (tmp_path / "out.npy.shards").exists()  # the refused job left nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]  # nor a lock file once the first is done
+    with bulk.job_lock(out):  # and the next job gets it
+        pass
+
+
+def test_job_lock_is_released_by_an_exception(tmp_path):
+    from metaeol_edge import bulk
+
+    out = tmp_path / "out.npy"
+    with pytest.raises(RuntimeError), bulk.job_lock(out):
+        raise RuntimeError("the job failed")
+    with bulk.job_lock(out):
+        pass
+
+
+def test_bulk_job_under_its_lock_writes_its_output_and_no_lock_file(tmp_path, smollm2):
+    from metaeol_edge import bulk
+
+    source = tmp_path / "in.txt"
+    source.write_text("A man plays a guitar.\nSomeone is making music.\n", encoding="utf-8")
+    out = tmp_path / "out.npy"
+    report = bulk.embed_file(source, out, {"model": str(smollm2), "cache": False}, workers=1, show_progress=False)
+    assert report.rows == 2 and np.load(out).shape[-2] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.npy"]

@@ -186,6 +186,12 @@ def parse_json(body: bytes, limits: Limits) -> dict[str, object]:
         raise ApiError(
             400, f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from exc
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ApiError(
+            400, f"request body holds an integer of over {sys.get_int_max_str_digits()} digits: send a smaller number"
+        ) from exc
+    except RecursionError as exc:  # [[[[... deeper than the parser's stack
+        raise ApiError(400, "request body nests arrays or objects too deeply to read") from exc
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     return data

@@ -246,3 +246,33 @@ def test_bulk_job_under_its_lock_writes_its_output_and_no_lock_file(tmp_path, sm
     report = bulk.embed_file(source, out, {"model": str(smollm2), "cache": False}, workers=1, show_progress=False)
     assert report.rows == 2 and np.load(out).shape[-2] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.npy"]
+
+
+# -- item 10 and 12: bad requests and keys of the server ---------------------------------------
+
+
+def _client(lines: list[str] | None = None, api_key: str | None = None):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from metaeol_edge.server import create_app
+
+    log = lines.append if lines is not None else (lambda line: None)
+    return TestClient(create_app({}, api_key=api_key, log=log), raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ('{"input": "a", "dimensions": ' + "7" * 5000 + "}", "over 4300 digits"),
+        ("[" * 100_000, "nests arrays or objects too deeply"),
+        ('{"input": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests arrays or objects too deeply"),
+    ],
+    ids=["5000-digit-dimensions", "nested-brackets", "nested-input"],
+)
+def test_server_answers_400_to_unreadable_json(body, says):
+    with _client() as client:
+        r = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert says in r.json()["error"]["message"]

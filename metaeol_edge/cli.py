@@ -449,7 +449,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be 0..65535, not {args.port}")
     if args.layer and "," in args.layer:
         raise InputError("the server reads one layer per model")
-    api_key = args.api_key or os.environ.get("METAEOL_API_KEY") or None
+    # Checked before any model loads: an empty key used to turn authentication off without a word.
+    if args.api_key is not None:
+        api_key: str | None = server.check_api_key(args.api_key, "--api-key")
+    elif "METAEOL_API_KEY" in os.environ:
+        api_key = server.check_api_key(os.environ["METAEOL_API_KEY"], "METAEOL_API_KEY")
+    else:
+        api_key = None
     if not server.is_loopback(args.host) and not api_key:
         print(
             f"warning: listening on {args.host} without an API key: anyone who can reach this machine can use it "

@@ -30,7 +30,7 @@ from . import postprocess as pp
 from .backends import Backend, open_backend, spec_for
 from .cache import EmbeddingCache
 from .engine import check_engine_options
-from .errors import InputError, ModelError
+from .errors import InputError, ModelError, kind_of
 from .identity import CacheKey
 from .layers import FINAL, LayerSpec, early_exit_blocks, resolve_layers
 from .methods import Method, make_method
@@ -300,7 +300,7 @@ class Embedder:
             if isinstance(s, bytes | bytearray):
                 raise InputError(f"sentence #{i} is bytes, not a string: decode it first")
             if not isinstance(s, str):
-                raise InputError(f"sentence #{i} is a {type(s).__name__}, not a string")
+                raise InputError(f"sentence #{i} is {kind_of(s)}, not a string")
             s = s.strip()
             if not s:
                 raise InputError(f"sentence #{i} is empty or whitespace only")

@@ -276,3 +276,66 @@ def test_server_answers_400_to_unreadable_json(body, says):
         r = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert says in r.json()["error"]["message"]
+
+
+def test_server_log_escapes_the_request_path():
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from metaeol_edge.server import create_app
+
+    lines: list[str] = []
+    app = create_app({}, log=lines.append)
+    # The scope uvicorn makes of "GET /a%0Aforged%22%1B": its path percent-decoded.
+    path = '/a\nforged"\x1b'
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": path, "raw_path": b"/a%0Aforged%22%1B", "query_string": b"", "root_path": "", "headers": [],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
+    }  # fmt: skip
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 404
+    assert len(lines) == 1 and "\n" not in lines[0] and "\x1b" not in lines[0]
+    assert '"GET /a\\nforged\\"\\x1b" 404' in lines[0]
+
+
+def test_error_messages_say_an_integer():
+    from metaeol_edge.errors import kind_of
+    from metaeol_edge.server import ApiError, Limits, parse_inputs
+
+    assert kind_of(3) == "an integer" and kind_of(object()) == "an object" and kind_of([]) == "a list"
+    with pytest.raises(ApiError, match=r"input\[1\] must be a string, not an integer"):
+        parse_inputs({"input": ["a", 1]}, Limits())
+
+
+@pytest.mark.parametrize("key", ["", "   ", "clé", "tab\tkey", " padded "])
+def test_unusable_api_keys_are_refused_at_start(key, monkeypatch, capsys):
+    from metaeol_edge import cli
+
+    # --model names nothing loadable: a refusal must come before any model is looked up.
+    with warnings.catch_warnings():
+        assert cli.main(["serve", "--model", "no-such-model", "--api-key", key]) == 2
+        first = capsys.readouterr().err
+        monkeypatch.setenv("METAEOL_API_KEY", key)
+        assert cli.main(["serve", "--model", "no-such-model"]) == 2
+        second = capsys.readouterr().err
+    assert first.count("\n") == 1 and first.startswith("error: --api-key ")
+    assert second.count("\n") == 1 and second.startswith("error: METAEOL_API_KEY ")
+
+
+def test_empty_api_key_is_refused_by_the_app_too():
+    from metaeol_edge.errors import InputError
+
+    with pytest.raises(InputError, match="is empty"):
+        _client(api_key="")
+    with _client(api_key="k") as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .corpus import Record, VectorWriter, check_output, count_sentences, iter_records
+from .corpus import Record, VectorWriter, check_output, count_sentences, id_arrow_type, iter_records
 from .errors import InputError
 
 JOB_VERSION = 1
@@ -776,7 +776,8 @@ def _assemble(folder: Path, output: Path, source: Source, rows: int, shard_size:
     """
     first = _load_shard(folder, 0, min(shard_size, rows))
     layers, shape = first.shape[0], first.shape[2:]
-    with VectorWriter(output, rows, shape, layers=layers, ids=source.id_column is not None) as writer:
+    id_type = id_arrow_type(source.path, source.fmt, source.id_column)  # a Parquet input's, kept exactly
+    with VectorWriter(output, rows, shape, layers=layers, ids=source.id_column is not None, id_type=id_type) as writer:
         if writer.kind == "npy":
             groups: Iterator[list[Record]] = (
                 [(None, "")] * min(shard_size, rows - start) for start in range(0, rows, shard_size)

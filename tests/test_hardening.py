@@ -339,3 +339,123 @@ def test_empty_api_key_is_refused_by_the_app_too():
     with _client(api_key="k") as client:
         assert client.get("/v1/models").status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+# -- items 13 and 14: Parquet ids and text columns --------------------------------------------
+
+
+def _parquet(path, **columns):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_text_columns_of_every_string_layout_are_read(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from metaeol_edge.corpus import count_sentences, iter_records
+
+    texts = ["A cat.", "A dog.", "A cat."]
+    layouts = {"dictionary": pa.array(texts).dictionary_encode(), "view": pa.array(texts, pa.string_view())}
+    for name, column in layouts.items():
+        path = _parquet(tmp_path / f"{name}.parquet", text=column, doc=pa.array(["a", "b", "c"]).dictionary_encode())
+        assert str(pq.ParquetFile(path).schema_arrow.field("text").type) == str(column.type)  # still that layout
+        assert [t for _, t in iter_records(path, id_column="doc")] == texts
+        assert [i for i, _ in iter_records(path, id_column="doc")] == ["a", "b", "c"]
+        assert count_sentences(path) == 3
+
+
+def test_unwritable_or_null_parquet_ids_are_refused_before_any_work(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    from metaeol_edge.corpus import count_sentences
+    from metaeol_edge.errors import InputError
+
+    texts = pa.array(["A cat.", "A dog."])
+    nested = _parquet(tmp_path / "nested.parquet", text=texts, doc=pa.array([[1], [2]]))
+    with pytest.raises(InputError, match="id column .doc. holds list<"):
+        count_sentences(nested, id_column="doc")
+    nulls = _parquet(tmp_path / "nulls.parquet", text=texts, doc=pa.array([1, None]))
+    with pytest.raises(InputError, match="row 2: the id 'doc' is null"):
+        count_sentences(nulls, id_column="doc")
+
+
+@pytest.mark.parametrize(
+    ("lines", "says"),
+    [
+        (['{"text": "a", "id": 1}', '{"text": "b", "id": "x"}'], "line 2: the id 'id' is a string, but the ids"),
+        (['{"text": "a", "id": null}'], "line 1: the id 'id' is null"),
+        (['{"text": "a", "id": [1]}'], "line 1: the id 'id' is an array"),
+        (['{"text": "a", "id": ' + str(2**64) + "}"], "does not fit in 64 bits"),
+    ],
+)
+def test_mixed_or_null_jsonl_ids_are_refused_before_any_work(tmp_path, lines, says):
+    from metaeol_edge.corpus import count_sentences
+    from metaeol_edge.errors import InputError
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=says):
+        count_sentences(path, id_column="id")
+
+
+def test_jsonl_output_writes_timestamp_decimal_and_binary_ids(tmp_path):
+    import datetime as dt
+    import decimal
+    import json
+
+    from metaeol_edge.corpus import VectorWriter
+
+    ids = [
+        dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.timezone.utc),
+        decimal.Decimal("12.50"),
+        b"\x00\xff",
+        dt.date(2024, 5, 1),
+    ]
+    out = tmp_path / "out.jsonl"
+    with VectorWriter(out, len(ids), (2,), ids=True) as writer:
+        writer.write(["a"] * len(ids), np.zeros((len(ids), 2), dtype=np.float32), ids)
+    got = [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert got == ["2024-05-01T12:30:00+00:00", "12.50", "AP8=", "2024-05-01"]
+
+
+def test_parquet_output_keeps_the_inputs_id_type(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import decimal
+
+    import pyarrow.parquet as pq
+
+    from metaeol_edge.corpus import VectorWriter
+
+    decimals = pa.decimal128(6, 2)
+    out = tmp_path / "out.parquet"
+    # The first batch alone would be inferred as decimal128(3, 2), and the second would not fit.
+    with VectorWriter(out, 2, (2,), ids=True, id_type=decimals) as writer:
+        writer.write(["a"], np.zeros((1, 2), dtype=np.float32), [decimal.Decimal("1.50")])
+        writer.write(["b"], np.zeros((1, 2), dtype=np.float32), [decimal.Decimal("1234.50")])
+    column = pq.read_table(out).column("id")
+    assert column.type == decimals and column.to_pylist() == [decimal.Decimal("1.50"), decimal.Decimal("1234.50")]
+
+
+def test_parquet_with_timestamp_ids_and_a_dictionary_text_column_to_jsonl(tmp_path, smollm2):
+    pa = pytest.importorskip("pyarrow")
+    import json
+
+    from metaeol_edge import bulk
+
+    stamps = pa.array([1_700_000_000_000_000_001, 1_700_000_000_000_000_002], pa.timestamp("ns", tz="UTC"))
+    texts = pa.array(["A man plays a guitar.", "Someone is making music."]).dictionary_encode()
+    source = _parquet(tmp_path / "in.parquet", body=texts, at=stamps)
+    for suffix in ("jsonl", "parquet"):
+        out = tmp_path / f"out.{suffix}"
+        options = {"model": str(smollm2), "cache": tmp_path / "c.sqlite3"}
+        bulk.embed_file(
+            source, out, options, text_column="body", id_column="at", workers=1, shard_size=1, show_progress=False
+        )
+    got = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert got == ["2023-11-14T22:13:20.000000001+00:00", "2023-11-14T22:13:20.000000002+00:00"]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "out.parquet").column("id").equals(pa.chunked_array([stamps]))

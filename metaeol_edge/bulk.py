@@ -8,8 +8,10 @@ order, under a temporary name, then renamed into place, and the shards removed.
 A job killed at any point (``kill -9``, power loss) and started again with the
 same command finds its finished shards and computes only the others, with the
 cache on or off. What decides the vectors (the input file, the model file, every
-option) is written to ``OUT.shards/job.json`` first: a rerun with anything
-changed starts over instead of mixing vectors of two settings.
+option that changes a vector; not the batch size, the threads or the cache) is
+written to ``OUT.shards/job.json`` first: a rerun with any of it changed starts
+over instead of mixing vectors of two settings. A job holds a lock beside its
+output, so a second job of the same output is refused while the first runs.
 
 The engine's vectors depend neither on what is batched with them nor on the
 number of threads (``tests/test_bulk.py`` checks it), so any split of the work

@@ -8,8 +8,10 @@ order, under a temporary name, then renamed into place, and the shards removed.
 A job killed at any point (``kill -9``, power loss) and started again with the
 same command finds its finished shards and computes only the others, with the
 cache on or off. What decides the vectors (the input file, the model file, every
-option) is written to ``OUT.shards/job.json`` first: a rerun with anything
-changed starts over instead of mixing vectors of two settings.
+option that changes a vector; not the batch size, the threads or the cache) is
+written to ``OUT.shards/job.json`` first: a rerun with any of it changed starts
+over instead of mixing vectors of two settings. A job holds a lock beside its
+output, so a second job of the same output is refused while the first runs.
 
 The engine's vectors depend neither on what is batched with them nor on the
 number of threads (``tests/test_bulk.py`` checks it), so any split of the work
@@ -35,13 +37,14 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .corpus import Record, VectorWriter, check_output, count_sentences, iter_records
+from .corpus import Record, VectorWriter, check_output, count_sentences, id_arrow_type, iter_records
 from .errors import InputError
 
 JOB_VERSION = 1
@@ -452,19 +455,39 @@ def job_identity(
     """Everything that decides a job's vectors and rows (not how fast or where they are made)."""
     units = hashlib.sha256("\x00".join(u.key for u in model.units).encode("utf-8")).hexdigest()
     kept = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items() if k not in NOT_IDENTITY}
-    return {
-        "version": JOB_VERSION,
-        "input": _file_identity(source.path)
-        | {"format": source.fmt, "text_column": source.text_column, "id_column": source.id_column},
-        "rows": rows,
-        "shard_size": shard_size,
-        "model": _file_identity(model.model_path) | {"label": model.model_label},
-        "prompts": units,
-        "method": model.method.name,
-        "layers": list(model.layers),
-        "options": json.loads(json.dumps(kept, default=str)),
-        "encode": asdict(encode),
-    }
+    return _decisive(
+        {
+            "version": JOB_VERSION,
+            "input": _file_identity(source.path)
+            | {"format": source.fmt, "text_column": source.text_column, "id_column": source.id_column},
+            "rows": rows,
+            "shard_size": shard_size,
+            "model": _file_identity(model.model_path) | {"label": model.model_label},
+            "prompts": units,
+            "method": model.method.name,
+            "layers": list(model.layers),
+            "options": json.loads(json.dumps(kept, default=str)),
+            "encode": asdict(encode),
+        }
+    )
+
+
+def _decisive(identity: dict[str, Any]) -> dict[str, Any]:
+    """A job identity less what does not decide a vector: the batch size (vectors do not depend on
+    what is batched with them), whether a cache is used and where. The cache's dtype stays where a
+    cache is on: a float16 cache hands out float16-rounded vectors.
+
+    Applied to a stored job.json too, so a job made by 0.2 (whose identity held these) continues."""
+    identity = json.loads(json.dumps(identity))  # a copy; the stored one is plain JSON already
+    encode = identity.get("encode")
+    if isinstance(encode, dict):
+        encode.pop("batch_size", None)
+    options = identity.get("options")
+    if isinstance(options, dict):
+        cache = options.pop("cache", True)
+        on = cache is not False and cache is not None
+        options["cache_dtype"] = (options.get("cache_dtype") or "float32") if on else "float32"  # no cache: no rounding
+    return identity
 
 
 def _prepare(folder: Path, identity: dict[str, Any]) -> set[int]:
@@ -474,8 +497,8 @@ def _prepare(folder: Path, identity: dict[str, Any]) -> set[int]:
         raise InputError(f"{folder} exists and is not an unfinished job's folder: move it away, or name another output")
     if folder.is_dir():
         try:
-            same = json.loads(stamp.read_text(encoding="utf-8")) == identity
-        except (OSError, ValueError):
+            same = _decisive(json.loads(stamp.read_text(encoding="utf-8"))) == identity
+        except (OSError, ValueError, TypeError, AttributeError):  # unreadable, or not a job.json
             same = False
         if not same:
             warnings.warn(
@@ -549,9 +572,41 @@ def embed_file(
     address. The output appears only when complete; shards of an unfinished job
     wait in ``OUTPUT.shards/`` for the same command to continue them.
     """
+    output = check_output(output, (input,))
+    with job_lock(output):  # held until the output is in place and the shards are gone
+        return _embed_file(
+            input,
+            output,
+            options,
+            fmt=fmt,
+            text_column=text_column,
+            id_column=id_column,
+            encode=encode,
+            workers=workers,
+            threads=threads,
+            ray=ray,
+            shard_size=shard_size,
+            show_progress=show_progress,
+        )
+
+
+def _embed_file(
+    input: str | os.PathLike[str],
+    output: Path,
+    options: dict[str, Any],
+    *,
+    fmt: str | None,
+    text_column: str,
+    id_column: str | None,
+    encode: EncodeOptions,
+    workers: int | str,
+    threads: int | None,
+    ray: str | None,
+    shard_size: int,
+    show_progress: bool,
+) -> BulkReport:
     from .embedder import MetaEOL
 
-    output = check_output(output, (input,))
     source = Source(Path(input), fmt, text_column, id_column)
     if not isinstance(shard_size, int) or shard_size < 1:
         raise InputError(f"shard size must be a positive number of rows, not {shard_size!r}")
@@ -628,6 +683,49 @@ def embed_file(
         model.close()
 
 
+@contextmanager
+def job_lock(output: Path) -> Iterator[None]:
+    """Hold the job of ``output`` alone: a second job of the same output (started while the first
+    runs) is refused at once, before it reads or writes anything. Two at once used to interleave
+    in one shards folder, and one's clean-up left a folder every later run refused.
+
+    An exclusive ``flock`` on ``.OUTPUT.lock`` beside the output; the kernel releases it when
+    the process dies, so a killed job never blocks the next. The holder removes the file before
+    letting go; a job that locked a file already removed tries again on the new one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; run one job per output there
+        yield
+        return
+    path = output.with_name(f".{output.name}.lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise InputError(f"cannot create the job's lock file {path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(
+                f"another job is writing {output} right now (it holds {path}): wait for it to finish, "
+                "or name another output"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file it locked was removed by a job that just finished: lock the new one
+    try:
+        yield
+    finally:
+        Path(path).unlink(missing_ok=True)
+        os.close(fd)
+
+
 def _workers(workers: int | str, model: Any, ray: str | None = None) -> int:
     if isinstance(workers, str) and workers != "auto":
         if not workers.isdigit():
@@ -680,7 +778,8 @@ def _assemble(folder: Path, output: Path, source: Source, rows: int, shard_size:
     """
     first = _load_shard(folder, 0, min(shard_size, rows))
     layers, shape = first.shape[0], first.shape[2:]
-    with VectorWriter(output, rows, shape, layers=layers, ids=source.id_column is not None) as writer:
+    id_type = id_arrow_type(source.path, source.fmt, source.id_column)  # a Parquet input's, kept exactly
+    with VectorWriter(output, rows, shape, layers=layers, ids=source.id_column is not None, id_type=id_type) as writer:
         if writer.kind == "npy":
             groups: Iterator[list[Record]] = (
                 [(None, "")] * min(shard_size, rows - start) for start in range(0, rows, shard_size)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import platformdirs
 
+from .errors import InputError
 from .identity import CacheKey, key_digest
 
 __all__ = [
@@ -52,6 +53,7 @@ BUSY_TIMEOUT_MS = 60_000
 PAGE_SIZE = 65536
 ENTRY_OVERHEAD = 48  # bytes of key and row bookkeeping per entry, for the size cap
 DTYPES = {"float32": np.float32, "float16": np.float16}
+FINGERPRINT_PREFIX = 8  # hex digits: the shortest fingerprint prefix `cache clear --model` takes
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
@@ -142,11 +144,22 @@ def _is_read_only(exc: sqlite3.OperationalError) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY or "readonly" in str(exc)
 
 
+_DAMAGE_CODES = (getattr(sqlite3, "SQLITE_CORRUPT", 11), getattr(sqlite3, "SQLITE_NOTADB", 26))
+
+
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:
-    """A damaged file (malformed image, not a database), not a busy lock, a full disk or a read-only file."""
-    if isinstance(exc, sqlite3.OperationalError):
-        return getattr(exc, "sqlite_errorcode", None) == getattr(sqlite3, "SQLITE_CORRUPT", 11)
-    return True
+    """A damaged file (malformed image, not a database), not a busy lock, a full disk or a read-only file.
+
+    Nor a closed connection, a bad parameter or a constraint (``ProgrammingError``,
+    ``IntegrityError``, ... are ``DatabaseError`` subclasses too): those say nothing
+    about the file, and moving a healthy file aside over them loses its vectors.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+, where SQLite raised it
+    if code is not None:
+        return code & 0xFF in _DAMAGE_CODES  # the primary code of an extended one (SQLITE_CORRUPT_INDEX...)
+    # No code: Python 3.10, or raised by the sqlite3 module itself. SQLite's damage codes
+    # come as a plain DatabaseError; every subclass is something else.
+    return type(exc) is sqlite3.DatabaseError
 
 
 class EmbeddingCache:
@@ -164,6 +177,7 @@ class EmbeddingCache:
         self._lock = threading.RLock()  # connections, recovery
         self._generation = 0  # bumped by a recovery: every thread reconnects to the new file
         self._closed = False
+        self._warned_closed = False
         self._checked = False
         try:
             self._open_with_retry()
@@ -301,6 +315,7 @@ class EmbeddingCache:
         if self.disabled or (write and self.read_only):
             return default
         for attempt in (1, 2):
+            generation = self._generation
             try:
                 return fn(self.db)
             except sqlite3.OperationalError as exc:
@@ -311,7 +326,17 @@ class EmbeddingCache:
                 if not _is_damage(exc) or attempt == 2:
                     raise
                 self._recover(exc)
+            except sqlite3.ProgrammingError:
+                # A closed connection: never damage, never a reason to move the file.
+                if self._closed:
+                    self._warn_closed()
+                    return default
+                if self._generation != generation and attempt == 1:
+                    continue  # another thread's recovery closed this thread's connection: use the new one
+                raise
             except sqlite3.DatabaseError as exc:
+                if not _is_damage(exc):
+                    raise
                 if attempt == 2:
                     self._disable(exc)
                     return default
@@ -340,6 +365,16 @@ class EmbeddingCache:
                 warnings.warn(
                     f"embedding cache {self.path} cannot be written ({exc}): serving the vectors it holds, "
                     "storing no new ones",
+                    stacklevel=4,
+                )
+
+    def _warn_closed(self) -> None:
+        with self._lock:
+            if not self._warned_closed:
+                self._warned_closed = True
+                warnings.warn(
+                    f"embedding cache {self.path} was used after close(): serving and storing nothing "
+                    "(a shared cache is closed by whoever opened it, after its last user)",
                     stacklevel=4,
                 )
 
@@ -544,29 +579,69 @@ class EmbeddingCache:
         entries = db.execute("SELECT count(*) FROM embeddings").fetchone()[0]
         return groups, runs, entries
 
-    def clear(self, model: str | None = None, template: str | None = None) -> int:
-        """Delete entries of a model (label or fingerprint prefix) and/or a template (task or text)."""
-        where, args = [], []
+    def _where(self, db: sqlite3.Connection, model: str | None, template: str | None) -> tuple[str, list]:
+        """The WHERE clause (or "") of entries of a model and/or a template, matched exactly.
+
+        A model is its label, or a prefix of at least 8 hex digits of its fingerprint:
+        no LIKE, so ``%`` and ``_`` are characters, and a short label cannot reach into
+        other models' fingerprints. A model that names nothing is an error, not "all".
+        """
+        where: list[str] = []
+        args: list = []
         if model:
-            where.append("model_id IN (SELECT id FROM models WHERE label = ? OR fingerprint LIKE ?)")
-            args += [model, f"{model}%"]
+            ids = [r[0] for r in db.execute("SELECT id FROM models WHERE label = ?", (model,))]
+            prefix = model.lower()
+            if len(prefix) >= FINGERPRINT_PREFIX and all(c in "0123456789abcdef" for c in prefix):
+                ids += [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT id FROM models WHERE substr(fingerprint, 1, ?) = ?", (len(prefix), prefix)
+                    )
+                ]
+            if not ids:
+                known = ", ".join(sorted({r[0] for r in db.execute("SELECT label FROM models")})) or "none"
+                raise InputError(
+                    f"no model in the cache is {model!r}: give a label exactly as `metaeol cache stats` shows it "
+                    f"(here: {known}) or at least {FINGERPRINT_PREFIX} hex digits of a fingerprint"
+                )
+            where.append(f"model_id IN ({','.join(str(int(i)) for i in sorted(set(ids)))})")
         if template:
             where.append("template_id IN (SELECT id FROM templates WHERE task = ? OR text = ?)")
             args += [template, template]
-        sql = "DELETE FROM embeddings" + (" WHERE " + " AND ".join(where) if where else "")
+        return (" WHERE " + " AND ".join(where) if where else ""), args
+
+    def clear_plan(self, model: str | None = None, template: str | None = None) -> list[dict]:
+        """What ``clear`` with these arguments would delete: entries per model (label, fingerprint)."""
+
+        def read(db: sqlite3.Connection) -> list[dict]:
+            where, args = self._where(db, model, template)
+            rows = db.execute(
+                "SELECT m.label, m.fingerprint, count(*) FROM embeddings JOIN models m ON m.id = model_id"
+                f"{where} GROUP BY model_id ORDER BY m.label",
+                args,
+            ).fetchall()
+            return [{"model": label, "fingerprint": fp[:12], "entries": n} for label, fp, n in rows]
+
+        return self._run(read, [], write=False)
+
+    def clear(self, model: str | None = None, template: str | None = None) -> int:
+        """Delete entries of a model (its label, or a fingerprint prefix of 8+ hex digits) and/or a template
+        (task or text); both matched exactly. Raises :class:`InputError` for a model that names none."""
         deleted = 0
+        everything = not model and not template
 
         def run(db: sqlite3.Connection) -> None:
             nonlocal deleted
-            deleted = db.execute(sql, args).rowcount
-            if not where:
+            where, args = self._where(db, model, template)
+            deleted = db.execute("DELETE FROM embeddings" + where, args).rowcount
+            if everything:
                 db.execute("DELETE FROM runs")
 
         self._write(run)
 
         def compact(db: sqlite3.Connection) -> None:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            if not where:
+            if everything:
                 db.execute("VACUUM")
 
         self._run(compact, None, write=True)

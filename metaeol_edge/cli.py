@@ -301,7 +301,9 @@ def _parser() -> argparse.ArgumentParser:
     cs.add_argument("--json", action="store_true")
     cs.set_defaults(func=cmd_cache_stats)
     cc = csub.add_parser("clear", help="delete entries (all, or of one model and/or template)")
-    cc.add_argument("--model", help="model id, path label or fingerprint prefix")
+    cc.add_argument(
+        "--model", help="a model's label exactly as `cache stats` shows it, or 8+ hex digits of its fingerprint"
+    )
     cc.add_argument("--template", help="task name (e.g. sentiment) or exact template text")
     cc.set_defaults(func=cmd_cache_clear)
     cp = csub.add_parser("path", help="print the cache file's path")
@@ -447,7 +449,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be 0..65535, not {args.port}")
     if args.layer and "," in args.layer:
         raise InputError("the server reads one layer per model")
-    api_key = args.api_key or os.environ.get("METAEOL_API_KEY") or None
+    # Checked before any model loads: an empty key used to turn authentication off without a word.
+    if args.api_key is not None:
+        api_key: str | None = server.check_api_key(args.api_key, "--api-key")
+    elif "METAEOL_API_KEY" in os.environ:
+        api_key = server.check_api_key(os.environ["METAEOL_API_KEY"], "METAEOL_API_KEY")
+    else:
+        api_key = None
     if not server.is_loopback(args.host) and not api_key:
         print(
             f"warning: listening on {args.host} without an API key: anyone who can reach this machine can use it "
@@ -698,8 +706,13 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
 
 def cmd_cache_clear(args: argparse.Namespace) -> int:
     cache = _open_cache()
-    n = cache.clear(model=args.model, template=args.template)
-    cache.close()
+    try:
+        # Say what will go, per model, before it goes: a model is matched exactly (label or fingerprint prefix).
+        for group in cache.clear_plan(model=args.model, template=args.template):
+            print(f"deleting {group['entries']} entries of {group['model']} (fingerprint {group['fingerprint']})")
+        n = cache.clear(model=args.model, template=args.template)
+    finally:
+        cache.close()
     print(f"deleted {n} entries")
     return 0
 

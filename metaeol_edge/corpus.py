@@ -111,7 +111,34 @@ def _text_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[
         yield None, line
 
 
+_JSON_ID_KINDS = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number with a fraction",
+                  "numbers with a fraction"), bool: ("a boolean", "booleans")}  # fmt: skip
+INT64 = range(-(2**63), 2**63)  # what a Parquet output's integer id column holds
+
+
+def _check_json_id(where: str, id_column: str, id_: object, kind: type | None) -> type:
+    """The type of a JSONL row's id, checked against the earlier rows' (``kind``).
+
+    On the counting pass, before any work: a null, a list or object, or a type
+    that changes from row to row used to fail only when the output was written.
+    """
+    if id_ is None:
+        raise InputError(f"{where}: the id {id_column!r} is null; every row needs an id")
+    if type(id_) not in _JSON_ID_KINDS:
+        raise InputError(f"{where}: the id {id_column!r} is {'an array' if isinstance(id_, list) else 'an object'}; "
+                         "an id is a string, a number or a boolean")  # fmt: skip
+    if kind is not None and type(id_) is not kind:
+        raise InputError(
+            f"{where}: the id {id_column!r} is {_JSON_ID_KINDS[type(id_)][0]}, but the ids before it are "
+            f"{_JSON_ID_KINDS[kind][1]}; an id column holds one type"
+        )
+    if type(id_) is int and id_ not in INT64:
+        raise InputError(f"{where}: the id {id_column!r} ({id_}) does not fit in 64 bits")
+    return type(id_)
+
+
 def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[Record]:
+    id_kind: type | None = None
     for n, line in _lines(path):
         if not line.strip():
             continue
@@ -124,9 +151,14 @@ def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator
         text = obj[text_column]
         if not text.strip():
             raise InputError(f"{path}, line {n}: empty or whitespace-only {text_column!r}")
-        if id_column is not None and id_column not in obj:
+        if id_column is None:
+            yield None, text
+            continue
+        if id_column not in obj:
             raise InputError(f"{path}, line {n}: no {id_column!r} field (the id column)")
-        yield (obj[id_column] if id_column is not None else None), text
+        id_ = obj[id_column]
+        id_kind = _check_json_id(f"{path}, line {n}", id_column, id_, id_kind)
+        yield id_, text
 
 
 def _csv_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[Record]:
@@ -146,7 +178,10 @@ def _csv_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[R
                     raise InputError(f"{path}, line {reader.line_num}: has no {text_column!r} value")
                 if not text.strip():
                     raise InputError(f"{path}, line {reader.line_num}: empty or whitespace-only {text_column!r}")
-                yield (row.get(id_column) if id_column is not None else None), text
+                id_ = row.get(id_column) if id_column is not None else None
+                if id_column is not None and id_ is None:  # a short row
+                    raise InputError(f"{path}, line {reader.line_num}: has no {id_column!r} value (the id column)")
+                yield id_, text
         except UnicodeDecodeError as exc:
             raise InputError(f"{path}: invalid UTF-8 near line {reader.line_num + 1} ({exc.reason})") from exc
         except csv.Error as exc:
@@ -174,8 +209,10 @@ def _parquet_rows(path: Path, text_column: str, id_column: str | None) -> Iterat
     schema = f.schema_arrow
     _check_columns(path, schema.names, text_column, id_column)
     text_type = schema.field(text_column).type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+    if not _is_text(_value_type(text_type)):
         raise InputError(f"{path}: column {text_column!r} holds {text_type}, not strings")
+    if id_column is not None:
+        _check_parquet_id_type(path, id_column, schema.field(id_column).type)
     columns = [text_column] + ([id_column] if id_column and id_column != text_column else [])
     row = 0
     try:
@@ -188,9 +225,79 @@ def _parquet_rows(path: Path, text_column: str, id_column: str | None) -> Iterat
                     raise InputError(
                         f"{path}, row {row}: {'null' if text is None else 'empty or whitespace-only'} {text_column!r}"
                     )
+                if id_ is None and id_column is not None:
+                    raise InputError(f"{path}, row {row}: the id {id_column!r} is null; every row needs an id")
                 yield id_, text
     except pa.ArrowException as exc:
         raise InputError(f"{path}: cannot read row group after row {row}: {exc}") from exc
+
+
+def _value_type(arrow_type: Any) -> Any:
+    """The type of a column's values: a dictionary-encoded column's dictionary type."""
+    import pyarrow as pa
+
+    return arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
+
+
+def _is_text(arrow_type: Any) -> bool:
+    import pyarrow as pa
+
+    is_view = getattr(pa.types, "is_string_view", lambda t: False)  # pyarrow 16+
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or is_view(arrow_type)
+
+
+def _check_parquet_id_type(path: Path, id_column: str, arrow_type: Any) -> None:
+    """Refuse, before any work, an id column that no output could carry as one value per row.
+
+    Scalars are kept: in a .parquet output as they are, in a .jsonl output as JSON
+    (timestamps, dates and times as ISO 8601 strings, decimals as strings, bytes
+    as base64: see :func:`json_id`).
+    """
+    import pyarrow as pa
+
+    t = _value_type(arrow_type)
+    binary = pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+    binary = binary or getattr(pa.types, "is_binary_view", lambda t: False)(t)
+    scalar = (
+        _is_text(t)
+        or binary
+        or pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+        or pa.types.is_timestamp(t)
+        or pa.types.is_date(t)
+        or pa.types.is_time(t)
+    )
+    if not scalar:
+        raise InputError(
+            f"{path}: the id column {id_column!r} holds {arrow_type}; an id is a string, number, boolean, "
+            "decimal, date, time, timestamp or bytes"
+        )
+
+
+def id_arrow_type(path: Path, fmt: str | None, id_column: str | None) -> Any:
+    """A Parquet input's id column type (its values' type, if dictionary-encoded), for a Parquet output
+    to keep exactly; None for other inputs (their ids' types are inferred from the values)."""
+    if id_column is None or input_format(path, fmt) != "parquet":
+        return None
+    return _value_type(_pyarrow_parquet().ParquetFile(path).schema_arrow.field(id_column).type)
+
+
+def json_id(value: Any) -> Any:
+    """An id that ``json`` cannot write, as JSON: ISO 8601 for a timestamp, date or time (with its time
+    zone, and nanoseconds where it has them), the exact digits of a decimal as a string, base64 of bytes."""
+    import base64
+    import datetime as dt
+    import decimal
+
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    raise TypeError(f"an id of type {type(value).__name__} cannot be written as JSON")
 
 
 def _pyarrow_parquet():
@@ -256,8 +363,11 @@ class VectorWriter:
     place of its text (a .npy holds vectors only: rows are in input order).
     """
 
-    def __init__(self, path: Path, n: int, shape: tuple[int, ...], layers: int = 1, ids: bool = False) -> None:
+    def __init__(
+        self, path: Path, n: int, shape: tuple[int, ...], layers: int = 1, ids: bool = False, id_type: Any = None
+    ) -> None:
         self.path, self.n, self.shape, self.layers, self.ids = path, n, shape, layers, ids
+        self.id_type = id_type  # the input's Arrow type of the ids, kept in a .parquet output; None: inferred
         self.kind = path.suffix.lower().lstrip(".")
         if ids and self.kind == "npy":
             raise InputError("a .npy output holds vectors only; write .jsonl or .parquet to keep the ids")
@@ -302,7 +412,7 @@ class VectorWriter:
             lines = []
             for i, value in enumerate(values):  # type: ignore[arg-type]
                 vec = [rows[i].tolist() for rows in per_layer] if self.layers > 1 else per_layer[0][i].tolist()
-                lines.append(json.dumps({name: value, "embedding": vec}) + "\n")
+                lines.append(json.dumps({name: value, "embedding": vec}, default=json_id) + "\n")
             self._f.write("".join(lines).encode("utf-8"))
         else:
             self._write_parquet(texts, per_layer, ids)
@@ -315,7 +425,7 @@ class VectorWriter:
         rows = np.stack(per_layer, axis=1) if self.layers > 1 else per_layer[0]  # (n, [layers,] *shape)
         embedding = _fixed_size_lists(np.ascontiguousarray(rows, dtype=np.float32))
         if self._parquet is None:
-            first = pa.array(ids) if self.ids else pa.array(texts, pa.string())
+            first = pa.array(ids, self.id_type) if self.ids else pa.array(texts, pa.string())
             if self.ids and pa.types.is_null(first.type):
                 raise InputError("the id column holds only nulls")
             schema = pa.schema([("id" if self.ids else "text", first.type), ("embedding", embedding.type)])

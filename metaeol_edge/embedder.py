@@ -30,7 +30,7 @@ from . import postprocess as pp
 from .backends import Backend, open_backend, spec_for
 from .cache import EmbeddingCache
 from .engine import check_engine_options
-from .errors import InputError, ModelError
+from .errors import InputError, ModelError, kind_of
 from .identity import CacheKey
 from .layers import FINAL, LayerSpec, early_exit_blocks, resolve_layers
 from .methods import Method, make_method
@@ -90,6 +90,7 @@ class Embedder:
         self.max_length = max_length
         self.truncate = truncate
         self.cache = cache
+        self._owns_cache = True  # False for a cache the caller opened and passed in: the caller closes it
         self.cache_dtype = cache_dtype
         self.units = method.units()
         self._backend: Backend | None = None
@@ -299,7 +300,7 @@ class Embedder:
             if isinstance(s, bytes | bytearray):
                 raise InputError(f"sentence #{i} is bytes, not a string: decode it first")
             if not isinstance(s, str):
-                raise InputError(f"sentence #{i} is a {type(s).__name__}, not a string")
+                raise InputError(f"sentence #{i} is {kind_of(s)}, not a string")
             s = s.strip()
             if not s:
                 raise InputError(f"sentence #{i} is empty or whitespace only")
@@ -421,7 +422,8 @@ class Embedder:
                 self._backend.close()
                 self._backend = None
             if self.cache is not None:
-                self.cache.close()
+                if self._owns_cache:  # a shared cache may still serve other models
+                    self.cache.close()
                 self.cache = None
 
     def __enter__(self):
@@ -554,6 +556,7 @@ class MetaEOL(Embedder):
             cache=opened,
             cache_dtype=cache_dtype,
         )
+        self._owns_cache = not isinstance(cache, EmbeddingCache)
 
     # -- the model -----------------------------------------------------------------
 

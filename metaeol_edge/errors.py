@@ -19,3 +19,15 @@ class ModelError(MetaEOLError):
 
 class DownloadError(ModelError):
     """A model could not be fetched from any of its sources."""
+
+
+# None stays "a NoneType" (the text tests and users already match); the server says "null".
+_KINDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", bytes: "bytes"}
+
+
+def kind_of(value: object) -> str:
+    """A value's type as an error message says it: "an integer", "a list", "an OrderedDict"."""
+    if type(value) in _KINDS:
+        return _KINDS[type(value)]
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"

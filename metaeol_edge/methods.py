@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MetaEOLError
+from .errors import MetaEOLError, kind_of
 from .prompts import Template, TemplateSet
 
 ENTRY_POINT_GROUP = "metaeol_edge.methods"
@@ -260,7 +260,7 @@ def make_method(method: str | Method | None, templates: TemplateSet) -> Method:
             raise MetaEOLError(f"unknown method {name!r}; registered: {', '.join(method_names())}")
         made = _REGISTRY[name](templates)
     if not isinstance(made, Method):
-        raise MetaEOLError(f"method factory {name!r} returned a {type(made).__name__}, not a Method")
+        raise MetaEOLError(f"method factory {name!r} returned {kind_of(made)}, not a Method")
     if made.cache_name == "" and type(made) is not TemplateMethod:
         # An empty cache name would hand this method the paper's vectors from the cache.
         raise MetaEOLError(f"method {name!r} must set a non-empty cache_name")

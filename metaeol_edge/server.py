@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .embedder import EncodeStats, MetaEOL
-from .errors import InputError, MetaEOLError
+from .errors import InputError, MetaEOLError, kind_of
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,12 @@ def parse_json(body: bytes, limits: Limits) -> dict[str, object]:
         raise ApiError(
             400, f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from exc
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ApiError(
+            400, f"request body holds an integer of over {sys.get_int_max_str_digits()} digits: send a smaller number"
+        ) from exc
+    except RecursionError as exc:  # [[[[... deeper than the parser's stack
+        raise ApiError(400, "request body nests arrays or objects too deeply to read") from exc
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     return data
@@ -225,9 +231,39 @@ def parse_inputs(data: dict[str, object], limits: Limits, key: str = "input") ->
 
 
 def _kind(value: object) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value)) or kind_of(value)  # JSON's names; "an integer", "a number" for the rest
+
+
+def check_api_key(key: str, where: str = "the API key") -> str:
+    """The key, or an :class:`InputError` for one that can never work as meant: empty (which turned
+    authentication off, silently), or one no client can send and match (not printable ASCII: an HTTP
+    header carries it; spaces at either end: the token read from the header is stripped)."""
+    if not key.strip():
+        raise InputError(f"{where} is empty, which would leave the server open: give a key, or none at all")
+    if not (key.isascii() and key.isprintable()):
+        bad = next(i for i, ch in enumerate(key) if not (ch.isascii() and ch.isprintable()))
+        raise InputError(
+            f"{where} has a character that is not printable ASCII (at position {bad + 1}): "
+            "an Authorization header cannot carry it, so no client could match it"
+        )
+    if key != key.strip():
+        raise InputError(f"{where} begins or ends with a space, which no client's Authorization header keeps")
+    return key
+
+
+def loggable(text: str) -> str:
+    """``text`` for one log line: unprintable characters (``\\n``, ``\\x1b``, ``\\u2028``), backslashes
+    and quotes escaped, so a client cannot end the line or forge the next one."""
+
+    def one(ch: str) -> str:
+        if ch == '"':
+            return '\\"'
+        if ch == "\\" or not ch.isprintable():
+            return ch.encode("unicode_escape").decode("ascii")
+        return ch
+
+    return "".join(map(one, text))
 
 
 def encode_base64(vector: np.ndarray) -> str:
@@ -256,6 +292,8 @@ def create_app(
             f"the server needs the [server] extra ({exc.name} is missing): pip install 'metaeol-edge[server]'"
         ) from exc
 
+    if api_key is not None:
+        check_api_key(api_key)  # an empty key must not turn authentication off
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     registry = CollectorRegistry()
     requests_total = Counter("metaeol_requests", "HTTP requests", ["route", "status"], registry=registry)
@@ -286,6 +324,9 @@ def create_app(
         t0 = time.perf_counter()
         path = request.url.path
         route = path if path in routes else "other"
+        # The path as routed (percent-decoded: %0A is a newline, %1B an escape), escaped so that it
+        # cannot end the log line or forge another; request.url drops some of these, the scope does not.
+        shown = loggable(request.scope.get("path", path))
         try:
             if api_key and path != "/health":
                 given = request.headers.get("authorization", "")
@@ -300,13 +341,13 @@ def create_app(
         except ApiError as err:
             response = error_response(err)
         except Exception as exc:  # never a bare 500 page: a JSON error, logged
-            log(f"error: {request.method} {path}: {type(exc).__name__}: {exc}")
+            log(f"error: {request.method} {shown}: {type(exc).__name__}: {loggable(str(exc))}")
             response = error_response(ApiError(500, "internal error", "server_error"))
         seconds = time.perf_counter() - t0
         requests_total.labels(route, str(response.status_code)).inc()
         latency.labels(route).observe(seconds)
         client = request.client.host if request.client else "-"
-        log(f'{client} "{request.method} {path}" {response.status_code} {seconds * 1000:.1f}ms')
+        log(f'{client} "{request.method} {shown}" {response.status_code} {seconds * 1000:.1f}ms')
         return response
 
     @app.exception_handler(ApiError)

@@ -400,7 +400,7 @@ def test_a_killed_pulls_part_file_is_removed_by_the_next_pull(tmp_path, monkeypa
     [
         (lambda m: m.encode(b"A cat."), InputError, "not bytes"),
         (lambda m: m.encode([b"A cat."]), InputError, "sentence #1 is bytes"),
-        (lambda m: m.encode(["A cat.", 3]), InputError, "sentence #2 is a int, not a string"),
+        (lambda m: m.encode(["A cat.", 3]), InputError, "sentence #2 is an integer, not a string"),
         (lambda m: m.encode([None]), InputError, "sentence #1 is a NoneType"),
         (lambda m: m.encode(""), InputError, "sentence #1 is empty or whitespace only"),
         (lambda m: m.encode(["ok", "   "]), InputError, "sentence #2 is empty"),

@@ -141,7 +141,7 @@ def _bad_cases(url):
         ("not UTF-8", "POST", "/v1/embeddings", b'{"input": "\xff\xfe"}', 400, "not UTF-8"),
         ("body not an object", "POST", "/v1/embeddings", b'["a"]', 400, "must be a JSON object"),
         ("input missing", "POST", "/v1/embeddings", {"model": "smollm2-135m"}, 400, "'input' is required"),
-        ("input a number", "POST", "/v1/embeddings", {"input": 5}, 400, "not a int"),
+        ("input a number", "POST", "/v1/embeddings", {"input": 5}, 400, "not an integer"),
         ("input an object", "POST", "/v1/embeddings", {"input": {"a": 1}}, 400, "not an object"),
         ("input empty list", "POST", "/v1/embeddings", {"input": []}, 400, "empty array"),
         ("input empty string", "POST", "/v1/embeddings", {"input": ""}, 400, "empty or whitespace"),

@@ -124,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
             "(default: one-at-a-time on the CPU, packed with --n-gpu-layers)",
         )
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+        sp.add_argument(
+            "--backend",
+            default=None,
+            help="where prompts become hidden states: llama.cpp (default), naive, pytorch, or fake "
+            "(hashed from the text, no model run: for tests)",
+        )
 
     e = sub.add_parser("embed", help="embed sentences from a file")
     model_options(e)
@@ -363,7 +369,7 @@ def _model_options(args: argparse.Namespace) -> dict:
         layer=[x.strip() for x in args.layer.split(",")] if args.layer and "," in args.layer else args.layer,
         early_exit=not args.no_early_exit,
         postprocess=args.postprocess or None,
-    )
+    ) | ({"backend": args.backend} if getattr(args, "backend", None) else {})  # absent by default: bulk job ids stay
 
 
 def _reference(args: argparse.Namespace):

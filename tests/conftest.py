@@ -92,6 +92,28 @@ def gemma3() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fake_model(tmp_path_factory) -> Path:
+    """A GGUF file of a few KB with smollm2-135m's header (30 blocks, 576 dimensions, 8192 tokens of context)
+    and no weights worth running: ``MetaEOL(fake_model, backend="fake")`` reads it as any model, hashes it
+    for its cache keys, and never loads it (:mod:`metaeol_edge.backends_fake`). For every test whose
+    subject is not the engine's numbers; each test that takes it still gets its own empty cache."""
+    from metaeol_edge.backends_fake import write_model
+
+    return write_model(tmp_path_factory.mktemp("fake-model") / "fake-smollm2-shape.gguf")
+
+
+FAKE = ("--backend", "fake")
+"""The CLI options that put a command on the fake backend (with ``--model`` the ``fake_model`` file)."""
+
+
+def fake(model: Path, *args, **kwargs):
+    """``MetaEOL`` over the fake backend: what a logic test builds instead of a real model."""
+    from metaeol_edge import MetaEOL
+
+    return MetaEOL(model, *args, backend="fake", **kwargs)
+
+
+@pytest.fixture(scope="session")
 def sts_sentences() -> list[str]:
     """STS-B test sentences (SentEval's, or the raw split of the test extra's package)."""
     path = senteval_dir() / "STS" / "STSBenchmark" / "sts-test.csv"

@@ -30,7 +30,9 @@ What it does not keep: the numbers. Vectors are no model's, and its cache tag
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,6 +54,10 @@ _PIECE = re.compile(r"\s*(?:\w+|[^\w\s])|\s+")
 # long bulk run keeps bounded memory.
 _MEMO_LIMIT = 200_000
 
+DELAY_VARIABLE = "METAEOL_FAKE_DELAY"
+"""Seconds each prompt takes, for tests that need work in flight (a kill or a SIGTERM mid-job): an
+environment variable, so that worker processes and ``metaeol`` subprocesses get it too."""
+
 
 def cache_tag(options: dict[str, object]) -> str:
     """``fake``, or ``fake-seedN`` for another seed: never "" (its vectors are no engine's)."""
@@ -64,9 +70,13 @@ class FakeBackend(Backend):
 
     name = "fake"
 
-    def __init__(self, model_path: str | Path, *, seed: int = 0, max_length: int | None = None) -> None:
+    def __init__(
+        self, model_path: str | Path, *, seed: int = 0, max_length: int | None = None, delay: float | None = None
+    ) -> None:
         """``seed`` gives another, equally deterministic, set of vectors (another "model"); ``max_length``
-        refuses longer prompts as the engine does (None: no limit, the embedder's own cut is the only one)."""
+        refuses longer prompts as the engine does (None: no limit, the embedder's own cut is the only one);
+        ``delay``: seconds per prompt (default ``$METAEOL_FAKE_DELAY``, else none). Neither ``max_length``
+        nor ``delay`` changes a vector."""
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"the fake backend's seed must be an integer, not {seed!r}")
         info = inspect_gguf(model_path)  # the same header checks as any backend: a bad file is a ModelError
@@ -76,6 +86,7 @@ class FakeBackend(Backend):
         self.n_ctx_train = info.n_ctx_train or None
         self.seed = seed
         self.max_length = max_length
+        self.delay = float(os.environ.get(DELAY_VARIABLE) or 0) if delay is None else delay
         self.cache_tag = cache_tag({"seed": seed})
         self._pieces: dict[int, str] = {}  # token id -> text, filled as texts are tokenized
         self._memo: dict[tuple[int, str], np.ndarray] = {}
@@ -120,6 +131,8 @@ class FakeBackend(Backend):
                 rewrite = (row, p.rewrite.start, p.rewrite.stop)
             for li, layer in enumerate(layers):
                 out[li, k] = self._read(pieces, layer, start, stop, rewrite)
+            if self.delay:
+                time.sleep(self.delay)
             if progress:
                 progress(1)  # one prompt done: what the engine's per-decode shares add up to
         return out

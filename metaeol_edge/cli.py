@@ -818,7 +818,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "model": args.model or registry.default_model_id(),
             "level": (args.level or "shipped").lower(),
             "model_file": model.model_path.name,
-            "backend": f"pytorch {model.device} {args.dtype or 'float32'}" if args.reference else "llama.cpp",
+            "backend": (
+                f"pytorch {model.device} {args.dtype or 'float32'}" if args.reference else args.backend or "llama.cpp"
+            ),
             "templates": model.templates.name,
             "method": model.method.name,
             "layer": model.layer,

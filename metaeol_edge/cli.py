@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
             "(default: one-at-a-time on the CPU, packed with --n-gpu-layers)",
         )
         sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+        sp.add_argument(
+            "--backend",
+            default=None,
+            help="where prompts become hidden states: llama.cpp (default), naive, pytorch, or fake "
+            "(hashed from the text, no model run: for tests)",
+        )
 
     e = sub.add_parser("embed", help="embed sentences from a file")
     model_options(e)
@@ -349,7 +355,6 @@ def _model_options(args: argparse.Namespace) -> dict:
         raise InputError(f"--cache-max-mb must be a positive size in MB, not {args.cache_max_mb:g}")
     return dict(
         model=model,
-        level=args.level,
         templates=args.templates,
         preset=args.preset,
         method=_method(args),
@@ -365,7 +370,9 @@ def _model_options(args: argparse.Namespace) -> dict:
         layer=[x.strip() for x in args.layer.split(",")] if args.layer and "," in args.layer else args.layer,
         early_exit=not args.no_early_exit,
         postprocess=args.postprocess or None,
-    )
+    ) | {  # absent by default: a bulk job's identity stays 0.2's
+        k: v for k, v in (("backend", getattr(args, "backend", None)), ("level", args.level)) if v
+    }
 
 
 def _reference(args: argparse.Namespace):
@@ -826,7 +833,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "model": args.model or registry.default_model_id(),
             "level": (args.level or "shipped").lower() if args.reference else model.level,
             "model_file": model.model_path.name,
-            "backend": f"pytorch {model.device} {args.dtype or 'float32'}" if args.reference else "llama.cpp",
+            "backend": (
+                f"pytorch {model.device} {args.dtype or 'float32'}" if args.reference else args.backend or "llama.cpp"
+            ),
             "templates": model.templates.name,
             "method": model.method.name,
             "layer": model.layer,

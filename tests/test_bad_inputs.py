@@ -2,6 +2,11 @@
 that names the problem, and either no output file or a correct one (and an input left untouched).
 
 The README's reliability section lists these cases.
+
+The subject is the handling, not the engine's numbers: every ``metaeol embed`` here runs the fake
+backend (``--backend fake``, conftest) over the registry's smollm2-135m file, whose header (and so its
+name, depth, width and context in the messages) is read as usual; llama.cpp is never loaded. The
+real engine's CLI is tested end to end in test_cli.py.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAKE, fake
 
 from metaeol_edge import MetaEOL, registry
 from metaeol_edge.cli import main
@@ -54,7 +60,7 @@ def _file(tmp: Path, content: bytes | str, name: str = "in.txt") -> Path:
 
 
 def _embed(tmp: Path, src: Path | str, *extra: str, out: str = "out.npy") -> list[str]:
-    return ["embed", "-t", "prompteol", "-q", "-i", str(src), "-o", str(tmp / out), *extra]
+    return ["embed", *FAKE, "-t", "prompteol", "-q", "-i", str(src), "-o", str(tmp / out), *extra]
 
 
 def _lines(*sentences: str) -> str:
@@ -82,7 +88,8 @@ def _same_file(link: str):
             out.symlink_to(src)
         else:
             os.link(src, out)
-        return Run(["embed", "-t", "prompteol", "-q", "-i", str(src), "-o", str(out)], untouched=list({src, out}))
+        argv = ["embed", *FAKE, "-t", "prompteol", "-q", "-i", str(src), "-o", str(out)]
+        return Run(argv, untouched=list({src, out}))
 
     return make
 
@@ -360,7 +367,7 @@ def test_bad_input_or_fault(case: Case, tmp_path, monkeypatch, capsys, smollm2, 
     if case.output == "none":
         assert out is None or not out.exists() or out in before or out.is_dir(), f"{out} was written"
     else:
-        with MetaEOL(smollm2, "prompteol", cache=False, max_length=run.max_length) as m:
+        with fake(smollm2, "prompteol", cache=False, max_length=run.max_length) as m:
             expected = m.encode(run.expect)
         assert np.array_equal(np.load(out), expected)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]
@@ -418,7 +425,9 @@ def test_a_killed_pulls_part_file_is_removed_by_the_next_pull(tmp_path, monkeypa
     ],
 )
 def test_bad_python_calls_are_clear_errors(call, error, message, smollm2):
-    with MetaEOL(smollm2, "prompteol", cache=False) as m, pytest.raises(error, match=message):
+    # The default backend's constructor refusals above come before any load; the encode refusals are the
+    # embedder's, the same over any backend.
+    with fake(smollm2, "prompteol", cache=False) as m, pytest.raises(error, match=message):
         call(m)
 
 

@@ -74,6 +74,7 @@ def test_merge_joins_pieces_and_refuses_runs_that_do_not_belong_together(tmp_pat
     assert quick.returncode != 0 and "differ in limit" in quick.stderr
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_writes_its_rows_on_a_machine_without_a_gpu(tmp_path, smollm2, senteval_root):
     out = tmp_path / "g.json"
     env = os.environ | {"METAEOL_DATA": str(senteval_root)}  # the real data, or in a bare clone the tiny tree
@@ -98,6 +99,7 @@ def test_gpu_benchmark_writes_its_rows_on_a_machine_without_a_gpu(tmp_path, smol
         assert r["n"] == 2 and r["sentences_per_s"] > 0 and r["cos_min_to_cpu"] >= 0.999
 
 
+@pytest.mark.slow
 def test_quality_chooses_on_dev_and_every_test_score_is_recomputable_from_saved_files(tmp_path, smollm2):
     """benchmarks/quality.py on a tiny SentEval tree: the dev stage names a choice, the test stage scores
     it and the fixed rows, and rescore.py gives back each test row's score from the saved vectors alone."""

@@ -1,5 +1,8 @@
 """Corpus-scale jobs: table input and output, several engine processes, resuming after kill -9,
-Ray, and merging caches. Every vector is checked against ``MetaEOL.encode`` bit for bit."""
+Ray, and merging caches. Every vector is checked against ``MetaEOL.encode`` bit for bit.
+
+Bulk's logic is the subject, not the engine's numbers: the jobs run the fake backend (conftest
+``fake_model``, ``--backend fake``), and one end-to-end test (several processes) runs smollm2-135m."""
 
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAKE, fake
 
 from metaeol_edge import MetaEOL
+from metaeol_edge.backends_fake import DELAY_VARIABLE
 from metaeol_edge.bulk import auto_workers, embed_file, shards_dir
 from metaeol_edge.cache import MergeConflictError, merge_caches
 from metaeol_edge.cli import main
@@ -39,8 +44,8 @@ LINES = [t for t in TEXTS if "\n" not in t]  # what a plain text file can hold
 
 
 @pytest.fixture(scope="module")
-def expected(smollm2):
-    with MetaEOL(smollm2, "prompteol", cache=False) as m:
+def expected(fake_model):
+    with fake(fake_model, "prompteol", cache=False) as m:
         return m.encode(TEXTS)
 
 
@@ -70,10 +75,11 @@ def _ids(path: Path) -> list:
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet"])
 @pytest.mark.parametrize("out", ["jsonl", "parquet"])
-def test_tables_in_and_out_keep_ids_and_vectors(kind, out, tmp_path, expected, smollm2):
+def test_tables_in_and_out_keep_ids_and_vectors(kind, out, tmp_path, expected, fake_model):
     src = _write_table(tmp_path, kind)
     dst = tmp_path / f"out.{out}"
-    argv = ["embed", "-q", "-t", "prompteol", "--no-cache", "-m", str(smollm2), "-i", str(src), "-o", str(dst)]
+    argv = ["embed", *FAKE, "-q", "-t", "prompteol", "--no-cache", "-m", str(fake_model), "-i", str(src)]
+    argv += ["-o", str(dst)]
     assert main([*argv, "--text-column", "body", "--id-column", "doc", "--workers", "1"]) == 0
     assert _ids(dst) == [f"doc-{i}" for i in range(len(TEXTS))]
     got = read_vectors(dst)
@@ -85,22 +91,23 @@ def test_tables_in_and_out_keep_ids_and_vectors(kind, out, tmp_path, expected, s
     assert not shards_dir(dst).exists()
 
 
-def test_parquet_output_of_several_layers_and_templates(tmp_path, smollm2):
+def test_parquet_output_of_several_layers_and_templates(tmp_path, fake_model):
     src = tmp_path / "in.txt"
     src.write_text("\n".join(LINES[3:]) + "\n")
     dst = tmp_path / "out.parquet"
-    argv = ["embed", "-q", "--no-cache", "-m", str(smollm2), "-i", str(src), "-o", str(dst), "--per-template"]
+    argv = ["embed", *FAKE, "-q", "--no-cache", "-m", str(fake_model), "-i", str(src), "-o", str(dst)]
+    argv += ["--per-template"]
     assert main([*argv, "--layer", "10,-1", "--workers", "1"]) == 0
-    with MetaEOL(smollm2, cache=False, layer=[10, -1]) as m:
+    with fake(fake_model, cache=False, layer=[10, -1]) as m:
         want = m.encode(LINES[3:], per_template=True)
     got = read_vectors(dst)  # (rows, layers, templates, dim)
     assert got.shape == (3, 2, 8, 576)
     assert np.array_equal(got, np.stack(want, axis=1))
 
 
-def test_bad_tables_are_clear_errors(tmp_path, capsys, smollm2):
+def test_bad_tables_are_clear_errors(tmp_path, capsys, fake_model):
     src = _write_table(tmp_path, "csv")
-    base = ["embed", "-q", "-t", "prompteol", "-m", str(smollm2), "-i", str(src)]
+    base = ["embed", *FAKE, "-q", "-t", "prompteol", "-m", str(fake_model), "-i", str(src)]
     cases = [
         ([*base, "-o", str(tmp_path / "o.npy")], "has no column 'text' (the text column, --text-column); its columns"),
         ([*base, "-o", str(tmp_path / "o.npy"), "--text-column", "body", "--id-column", "doc"], "holds vectors only"),
@@ -130,8 +137,11 @@ def test_bad_tables_are_clear_errors(tmp_path, capsys, smollm2):
         assert not (tmp_path / "o.npy").exists() and not shards_dir(tmp_path / "o.npy").exists()
 
 
+@pytest.mark.slow
 def test_several_processes_give_the_bytes_of_one(tmp_path, smollm2):
-    """MetaEOL through two one-thread processes, small shards: equal to one encode call bit for bit."""
+    """MetaEOL through two one-thread processes, small shards: equal to one encode call bit for bit.
+
+    The bulk face's end-to-end test on the real engine (two threads per process, as in the check)."""
     src = tmp_path / "in.txt"
     src.write_text("\n".join(LINES) + "\n")
     opts = dict(model=str(smollm2), cache=False)
@@ -142,13 +152,14 @@ def test_several_processes_give_the_bytes_of_one(tmp_path, smollm2):
     assert np.array_equal(np.load(tmp_path / "two.npy"), want)
 
 
-def test_messages_name_the_input_row_not_the_shard_row(tmp_path, smollm2, capsys):
+def test_messages_name_the_input_row_not_the_shard_row(tmp_path, fake_model, capsys):
     """Errors and warnings from a worker's shard number rows as the input does."""
     lines = list(LINES)
     lines[4] = " ".join(["word"] * 120)  # row 5: cut to fit --max-length 64
     src = tmp_path / "in.txt"
     src.write_text("\n".join(lines) + "\n")
-    base = ["embed", "-q", "-t", "prompteol", "--no-cache", "-m", str(smollm2), "-i", str(src), "--shard-size", "2"]
+    base = ["embed", *FAKE, "-q", "-t", "prompteol", "--no-cache", "-m", str(fake_model), "-i", str(src)]
+    base += ["--shard-size", "2"]
     assert main([*base, "-o", str(tmp_path / "o.npy"), "--workers", "2", "--max-length", "64"]) == 0
     err = capsys.readouterr().err
     assert "sentence #5 was truncated from " in err, err
@@ -179,12 +190,15 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def test_a_killed_job_resumes_to_the_same_bytes(tmp_path, smollm2):
+def test_a_killed_job_resumes_to_the_same_bytes(tmp_path, fake_model, monkeypatch):
     """kill -9 of `metaeol embed --workers 2` (cache off) partway; the same command again finishes the job,
     and its output equals an uninterrupted run's byte for byte."""
     src = tmp_path / "in.txt"
     src.write_text("\n".join(_sentences(60)) + "\n")
-    common = ["embed", "-t", "prompteol", "--no-cache", "-m", str(smollm2), "-i", str(src), "--shard-size", "4"]
+    common = ["embed", *FAKE, "-t", "prompteol", "--no-cache", "-m", str(fake_model), "-i", str(src)]
+    common += ["--shard-size", "4"]
+    # The fake takes 0.1 s a sentence in the job's processes (as smollm2 roughly does): a kill lands mid-job.
+    monkeypatch.setenv(DELAY_VARIABLE, "0.1")
     out = tmp_path / "out.npy"
     cmd = [sys.executable, "-m", "metaeol_edge", *common, "-o", str(out), "--workers", "2"]
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -207,12 +221,13 @@ def test_a_killed_job_resumes_to_the_same_bytes(tmp_path, smollm2):
     assert resumed.returncode == 0, resumed.stderr
     assert "rows from an earlier run" in resumed.stderr
     assert not folder.exists()
+    monkeypatch.delenv(DELAY_VARIABLE)  # the uninterrupted run needs no delay: it changes no vector
     whole = tmp_path / "whole.npy"
     assert main([*common, "-q", "-o", str(whole), "--workers", "1"]) == 0
     assert out.read_bytes() == whole.read_bytes()
 
 
-def test_a_changed_job_starts_over(tmp_path, smollm2, capsys):
+def test_a_changed_job_starts_over(tmp_path, fake_model, capsys):
     src = tmp_path / "in.txt"
     src.write_text("\n".join(LINES) + "\n")
     out = tmp_path / "out.npy"
@@ -220,22 +235,23 @@ def test_a_changed_job_starts_over(tmp_path, smollm2, capsys):
     folder.mkdir()
     (folder / "job.json").write_text('{"another": "job"}')
     np.save(folder / "00000000.npy", np.zeros((1, 4, 576), np.float32))  # vectors of another setting
-    argv = ["embed", "-q", "-t", "prompteol", "--no-cache", "-m", str(smollm2), "-i", str(src), "-o", str(out)]
+    argv = ["embed", *FAKE, "-q", "-t", "prompteol", "--no-cache", "-m", str(fake_model), "-i", str(src)]
+    argv += ["-o", str(out)]
     assert main([*argv, "--shard-size", "4"]) == 0
     assert "starting over" in capsys.readouterr().err
-    with MetaEOL(smollm2, "prompteol", cache=False) as m:
+    with fake(fake_model, "prompteol", cache=False) as m:
         assert np.array_equal(np.load(out), m.encode(LINES))
 
 
-def test_a_folder_that_is_not_a_jobs_is_never_deleted(tmp_path, smollm2, capsys):
+def test_a_folder_that_is_not_a_jobs_is_never_deleted(tmp_path, fake_model, capsys):
     src = tmp_path / "in.txt"
     src.write_text("\n".join(LINES) + "\n")
     out = tmp_path / "out.npy"
     mine = shards_dir(out)
     mine.mkdir()
     (mine / "notes.txt").write_text("the user's own file")
-    argv = ["embed", "-q", "-t", "prompteol", "--no-cache", "-m", str(smollm2), "-i", str(src), "-o", str(out)]
-    assert main(argv) == 2
+    argv = ["embed", *FAKE, "-q", "-t", "prompteol", "--no-cache", "-m", str(fake_model), "-i", str(src)]
+    assert main([*argv, "-o", str(out)]) == 2
     assert "is not an unfinished job's folder" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "the user's own file" and not out.exists()
 
@@ -249,8 +265,8 @@ def test_auto_workers_follow_the_measurement():
 # -- caches from several machines ----------------------------------------------------------
 
 
-def _fill(path: Path, smollm2: Path, sentences: list[str]) -> None:
-    with MetaEOL(smollm2, "prompteol", cache=path) as m:
+def _fill(path: Path, model: Path, sentences: list[str]) -> None:
+    with fake(model, "prompteol", cache=path) as m:
         m.encode(sentences)
 
 
@@ -268,21 +284,22 @@ def _dump(path: Path) -> list[str]:
         db.close()
 
 
-def test_cache_merge_is_a_union_and_refuses_conflicts(tmp_path, smollm2, capsys):
+def test_cache_merge_is_a_union_and_refuses_conflicts(tmp_path, fake_model, capsys):
+    # The merge's subject is the cache files: the fake backend's vectors do.
     a, b, c = tmp_path / "a.sqlite", tmp_path / "b.sqlite", tmp_path / "c.sqlite"
-    _fill(a, smollm2, TEXTS[:4])
-    _fill(b, smollm2, TEXTS[2:])  # two sentences in common: same key, same bytes
+    _fill(a, fake_model, TEXTS[:4])
+    _fill(b, fake_model, TEXTS[2:])  # two sentences in common: same key, same bytes
     want = _entries(a) | _entries(b)
     assert len(want) == len(TEXTS)
     assert main(["cache", "merge", str(b), "--into", str(a)]) == 0
     assert "3 added, 2 already present" in capsys.readouterr().out
     assert _entries(a) == want
-    with MetaEOL(smollm2, "prompteol", cache=a) as m:  # the merged cache serves every sentence
+    with fake(fake_model, "prompteol", cache=a) as m:  # the merged cache serves every sentence
         stats = __import__("metaeol_edge").EncodeStats()
         m.encode(TEXTS, stats=stats)
         assert (stats.hits, stats.misses) == (len(TEXTS), 0)
 
-    _fill(c, smollm2, TEXTS[:2])
+    _fill(c, fake_model, TEXTS[:2])
     with sqlite3.connect(c) as db:  # one entry's bytes differ (with a valid checksum: a real conflict)
         from metaeol_edge.cache import checksum
 
@@ -291,7 +308,7 @@ def test_cache_merge_is_a_union_and_refuses_conflicts(tmp_path, smollm2, capsys)
         db.execute("UPDATE embeddings SET vector = ?, checksum = ? WHERE key = ?", (bad, checksum(key, bad), key))
     before = _dump(a)
     d = tmp_path / "d.sqlite"
-    _fill(d, smollm2, ["A sentence only d has."])
+    _fill(d, fake_model, ["A sentence only d has."])
     assert main(["cache", "merge", str(d), str(c), "--into", str(a)]) == 2
     err = capsys.readouterr().err
     assert "1 entries of" in err and "different vector bytes" in err and "nothing was merged" in err
@@ -324,29 +341,33 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_embed_dataset_and_cli(local_ray, tmp_path, smollm2):
+def test_ray_embed_dataset_and_cli(local_ray, tmp_path, fake_model):
     from metaeol_edge.bulk import embed_dataset
 
     sentences = _sentences(30)
     ds = local_ray.data.from_items([{"id": i, "text": s, "extra": i * 2} for i, s in enumerate(sentences)])
-    out = embed_dataset(ds, smollm2, "prompteol", concurrency=2, num_cpus=1, batch_size=8, cache=False)
+    out = embed_dataset(
+        ds, fake_model, "prompteol", concurrency=2, num_cpus=1, batch_size=8, cache=False, backend="fake"
+    )
     rows = out.take_all()
     assert {"id", "text", "extra", "embedding"} <= set(rows[0])  # every column kept
     got = {r["id"]: np.asarray(r["embedding"], dtype=np.float32) for r in rows}
     assert all(r["extra"] == 2 * r["id"] for r in rows)
-    with MetaEOL(smollm2, "prompteol", cache=False) as m:
+    with fake(fake_model, "prompteol", cache=False) as m:
         want = m.encode(sentences)
     assert np.array_equal(np.stack([got[i] for i in range(len(sentences))]), want)
 
     src = tmp_path / "in.txt"
     src.write_text("\n".join(sentences) + "\n")
     dst = tmp_path / "out.npy"
-    argv = ["embed", "-q", "-t", "prompteol", "--no-cache", "-m", str(smollm2), "-i", str(src), "-o", str(dst)]
-    assert main([*argv, "--ray", "auto", "--workers", "2", "--shard-size", "8"]) == 0  # joins the running Ray
+    argv = ["embed", *FAKE, "-q", "-t", "prompteol", "--no-cache", "-m", str(fake_model), "-i", str(src)]
+    argv += ["-o", str(dst), "--ray", "auto", "--workers", "2", "--shard-size", "8"]
+    assert main(argv) == 0  # joins the running Ray
     assert np.array_equal(np.load(dst), want)
 
 
 
+@pytest.mark.slow
 def test_embed_from_a_program_without_a_file_stays_in_process(tmp_path, smollm2):
     """`python - < job.py` (or a notebook): no file for a spawned worker to re-run. auto falls back to this
     process and says so; an explicit --workers N is an error that says why, before any work."""

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import counted
+from conftest import counted, fake
 
-from metaeol_edge import MetaEOL
+from metaeol_edge.backends_fake import DELAY_VARIABLE
 from metaeol_edge.cache import SCHEMA_VERSION, CacheKey, EmbeddingCache
 from metaeol_edge.prompts import TemplateSet, load_templates
 
@@ -149,7 +149,11 @@ def test_clear_by_template_and_model(tmp_path):
     assert cache.clear() == 1
 
 
-# -- with a real model ----------------------------------------------------------------
+# -- through MetaEOL -------------------------------------------------------------------
+# The cache's logic is the subject, not the engine's numbers: these run the fake backend (conftest
+# ``fake_model``). That the engine gives a prompt the same bits whatever runs beside it, which makes a
+# warm run equal a cold one on a real model, is test_engine.py's
+# test_a_prompts_vector_does_not_depend_on_what_runs_beside_it (and test_golden.py's cache test).
 
 
 @pytest.fixture
@@ -157,11 +161,11 @@ def cache_path(tmp_path):
     return tmp_path / "cache.sqlite3"
 
 
-def test_partial_hits_equal_a_cold_run_bit_for_bit(smollm2, sts_sentences, cache_path):
+def test_partial_hits_equal_a_cold_run_bit_for_bit(fake_model, sts_sentences, cache_path):
     sentences = sts_sentences[:10]
-    with MetaEOL(smollm2, cache=False) as cold_model:
+    with fake(fake_model, cache=False) as cold_model:
         cold = cold_model.encode(sentences, per_template=True)
-    with MetaEOL(smollm2, cache=cache_path) as m:
+    with fake(fake_model, cache=cache_path) as m:
         _, st = counted(m, sentences[2:5] + sentences[8:9])  # warm a few sentences
         assert (st.hits, st.misses) == (0, 4 * 8)
         mixed, st = counted(m, sentences, per_template=True)
@@ -175,46 +179,46 @@ def test_partial_hits_equal_a_cold_run_bit_for_bit(smollm2, sts_sentences, cache
     assert stats["runs"][0]["hits"] == 80
 
 
-def test_float16_cache_gives_the_same_vectors_warm_and_cold(smollm2, sts_sentences, cache_path):
-    with MetaEOL(smollm2, templates="prompteol", cache=cache_path, cache_dtype="float16") as m:
+def test_float16_cache_gives_the_same_vectors_warm_and_cold(fake_model, sts_sentences, cache_path):
+    with fake(fake_model, templates="prompteol", cache=cache_path, cache_dtype="float16") as m:
         cold = m.encode(sts_sentences[:3])
         warm, st = counted(m, sts_sentences[:3])
         assert st.misses == 0 and np.array_equal(cold, warm)
 
 
-def test_template_sets_share_entries_and_a_changed_template_is_recomputed(smollm2, sts_sentences, cache_path):
+def test_template_sets_share_entries_and_a_changed_template_is_recomputed(fake_model, sts_sentences, cache_path):
     metaeol = load_templates("metaeol")
     custom = TemplateSet(
         "mine", (metaeol.templates[2], metaeol.templates[5]) + load_templates("prompteol").templates, "test"
     )
-    with MetaEOL(smollm2, cache=cache_path) as m:
+    with fake(fake_model, cache=cache_path) as m:
         full = m.encode(sts_sentences[:3], per_template=True)
-    with MetaEOL(smollm2, templates=custom, cache=cache_path) as m:
+    with fake(fake_model, templates=custom, cache=cache_path) as m:
         mine, st = counted(m, sts_sentences[:3], per_template=True)
         assert (st.hits, st.misses) == (3 * 2, 3 * 1)  # only the new template ran
     assert np.array_equal(mine[:, 0], full[:, 2]) and np.array_equal(mine[:, 1], full[:, 5])
 
 
-def test_the_model_file_is_part_of_the_key(smollm2, tmp_path, sts_sentences, cache_path):
+def test_the_model_file_is_part_of_the_key(fake_model, tmp_path, sts_sentences, cache_path):
     copy = tmp_path / "copy.gguf"
-    copy.write_bytes(smollm2.read_bytes())
-    with MetaEOL(smollm2, templates="prompteol", cache=cache_path) as a:
+    copy.write_bytes(fake_model.read_bytes())
+    with fake(fake_model, templates="prompteol", cache=cache_path) as a:
         a.encode(sts_sentences[:2])
         reg_fp = a.fingerprint
-    with MetaEOL(copy, templates="prompteol", cache=cache_path) as b:
+    with fake(copy, templates="prompteol", cache=cache_path) as b:
         _, st = counted(b, sts_sentences[:2])
         assert b.fingerprint == reg_fp and st.hits == 2  # same bytes, same key
     data = bytearray(copy.read_bytes())
     data[-1] ^= 0xFF  # the last byte is tensor data
     copy.write_bytes(bytes(data))
-    with MetaEOL(copy, templates="prompteol", cache=cache_path) as c:
+    with fake(copy, templates="prompteol", cache=cache_path) as c:
         _, st = counted(c, sts_sentences[:2])
         assert c.fingerprint != reg_fp and st.hits == 0
 
 
-def test_no_cache_means_no_file(smollm2, sts_sentences, tmp_path, monkeypatch):
+def test_no_cache_means_no_file(fake_model, sts_sentences, tmp_path, monkeypatch):
     monkeypatch.setenv("METAEOL_CACHE", str(tmp_path / "never.sqlite3"))
-    with MetaEOL(smollm2, templates="prompteol", cache=False) as m:
+    with fake(fake_model, templates="prompteol", cache=False) as m:
         m.encode(sts_sentences[:1])
     assert not (tmp_path / "never.sqlite3").exists()
 
@@ -225,19 +229,19 @@ WORKER = textwrap.dedent("""
     from metaeol_edge import EncodeStats, MetaEOL
     path, cache, start, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     sentences = json.load(open(sys.argv[5], encoding="utf-8"))[start:stop]
-    # One thread each: two processes spinning on every core of a small machine crawl.
-    with MetaEOL(path, templates="prompteol", cache=cache, n_threads=1) as m:
+    # The fake backend: the subject is the cache file shared by two processes, not the engine.
+    with MetaEOL(path, templates="prompteol", cache=cache, backend="fake") as m:
         stats = EncodeStats()
         m.encode(sentences, batch_size=1, stats=stats)
         print("done", stats.hits, stats.misses, flush=True)
 """)
 
 
-def _worker(tmp_path, smollm2, cache_path, start, stop, sts_file):
+def _worker(tmp_path, model, cache_path, start, stop, sts_file):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     return subprocess.Popen(
-        [sys.executable, str(script), str(smollm2), str(cache_path), str(start), str(stop), str(sts_file)],
+        [sys.executable, str(script), str(model), str(cache_path), str(start), str(stop), str(sts_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -255,24 +259,31 @@ def _distinct(sts_sentences, start, stop):
     return list(dict.fromkeys(s.strip() for s in sts_sentences[start:stop]))
 
 
-def test_two_processes_write_one_cache_without_errors_or_losses(smollm2, sts_sentences, tmp_path, cache_path, sts_file):
-    a = _worker(tmp_path, smollm2, cache_path, 0, 30, sts_file)
-    b = _worker(tmp_path, smollm2, cache_path, 15, 45, sts_file)  # overlapping sentences
+def test_two_processes_write_one_cache_without_errors_or_losses(
+    fake_model, sts_sentences, tmp_path, cache_path, sts_file, monkeypatch
+):
+    monkeypatch.setenv(DELAY_VARIABLE, "0.05")  # 1.5 s of work each, as smollm2's: the two runs overlap
+    a = _worker(tmp_path, fake_model, cache_path, 0, 30, sts_file)
+    b = _worker(tmp_path, fake_model, cache_path, 15, 45, sts_file)  # overlapping sentences
     for p in (a, b):
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
         assert out.startswith("done")
         assert "Warning" not in err, err  # e.g. one process moving the other's new cache aside
+    monkeypatch.delenv(DELAY_VARIABLE)
     expected = _distinct(sts_sentences, 0, 45)
-    with MetaEOL(smollm2, templates="prompteol", cache=cache_path) as m:
+    with fake(fake_model, templates="prompteol", cache=cache_path) as m:
         warm, st = counted(m, expected)
         assert (st.hits, st.misses) == (len(expected), 0)
-    with MetaEOL(smollm2, templates="prompteol", cache=False) as m:
+    with fake(fake_model, templates="prompteol", cache=False) as m:
         assert np.array_equal(warm, m.encode(expected))
 
 
-def test_sigkill_mid_run_keeps_every_committed_entry(smollm2, sts_sentences, tmp_path, cache_path, sts_file):
-    p = _worker(tmp_path, smollm2, cache_path, 0, 400, sts_file)
+def test_sigkill_mid_run_keeps_every_committed_entry(
+    fake_model, sts_sentences, tmp_path, cache_path, sts_file, monkeypatch
+):
+    monkeypatch.setenv(DELAY_VARIABLE, "0.02")  # 8 s for the 400 sentences: the kill lands mid-run
+    p = _worker(tmp_path, fake_model, cache_path, 0, 400, sts_file)
     deadline = time.time() + 300
     count = 0
     while time.time() < deadline and count < 15:
@@ -292,11 +303,12 @@ def test_sigkill_mid_run_keeps_every_committed_entry(smollm2, sts_sentences, tmp
     kept = db.execute("SELECT count(*) FROM embeddings").fetchone()[0]
     db.close()
     assert kept >= count
+    monkeypatch.delenv(DELAY_VARIABLE)
     done = _distinct(sts_sentences, 0, 400)[:kept]
-    with MetaEOL(smollm2, templates="prompteol", cache=cache_path) as m:
+    with fake(fake_model, templates="prompteol", cache=cache_path) as m:
         warm, st = counted(m, done)
         assert (st.hits, st.misses) == (kept, 0)
-    with MetaEOL(smollm2, templates="prompteol", cache=False) as m:
+    with fake(fake_model, templates="prompteol", cache=False) as m:
         assert np.array_equal(warm, m.encode(done))
 
 

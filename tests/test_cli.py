@@ -1,3 +1,6 @@
+"""The ``metaeol`` command. Its logic runs on the fake backend (``--backend fake``, conftest); the first
+test is the command's end-to-end test on the real engine."""
+
 import json
 import subprocess
 import sys
@@ -5,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAKE, fake
 from conftest import run_cli as run
 
 from metaeol_edge import MetaEOL
@@ -19,6 +23,7 @@ def sentences_file(tmp_path, sts_sentences):
     return path
 
 
+@pytest.mark.slow
 def test_embed_writes_npy_rows_in_input_order(tmp_path, sentences_file, sts_sentences, smollm2):
     out = tmp_path / "e.npy"
     r = run("embed", "--model", "smollm2-135m", "--input", sentences_file, "--output", out)
@@ -38,24 +43,25 @@ def test_embed_reads_jsonl_and_writes_jsonl(tmp_path, sts_sentences):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": s, "id": i}) + "\n" for i, s in enumerate(sts_sentences[:3])))
     out = tmp_path / "out.jsonl"
-    assert main(["embed", "-t", "prompteol", "-i", str(src), "-o", str(out), "-q"]) == 0
+    assert main(["embed", *FAKE, "-t", "prompteol", "-i", str(src), "-o", str(out), "-q"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == sts_sentences[:3] and len(rows[0]["embedding"]) == 576
 
 
 def test_similarity_prints_a_cosine():
-    r = run("similarity", "-t", "prompteol", "A man plays a guitar.", "Someone plays music.")
+    r = run("similarity", *FAKE, "-t", "prompteol", "A man plays a guitar.", "Someone plays music.")
     assert r.returncode == 0, r.stderr
     assert 0.0 < float(r.stdout.strip()) <= 1.0
 
 
 def test_bad_options_and_unwritable_output_are_errors(tmp_path, sentences_file, capsys):
-    assert main(["embed", "-i", str(sentences_file), "-o", str(tmp_path / "o.npy"), "--batch-size", "0"]) == 2
+    assert main(["embed", *FAKE, "-i", str(sentences_file), "-o", str(tmp_path / "o.npy"), "--batch-size", "0"]) == 2
     assert "batch_size must be a positive integer" in capsys.readouterr().err
-    assert main(["embed", "-i", str(sentences_file), "-o", str(tmp_path / "o.csv")]) == 2
+    assert main(["embed", *FAKE, "-i", str(sentences_file), "-o", str(tmp_path / "o.csv")]) == 2
     assert "must end in .npy, .jsonl or .parquet" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
-    assert main(["embed", "-t", "prompteol", "-i", str(sentences_file), "-o", str(tmp_path / "file" / "o.npy")]) == 2
+    argv = ["embed", *FAKE, "-t", "prompteol", "-i", str(sentences_file), "-o", str(tmp_path / "file" / "o.npy")]
+    assert main(argv) == 2
     assert "error: " in capsys.readouterr().err
 
 
@@ -99,9 +105,10 @@ def test_template_file_without_placeholder(tmp_path):
 def test_no_truncate_refuses_a_long_sentence(tmp_path):
     src = tmp_path / "long.txt"
     src.write_text(" ".join(["word"] * 600) + "\n")
-    r = run("embed", "-i", src, "-o", tmp_path / "o.npy", "-t", "prompteol", "--max-length", "128", "--no-truncate")
+    common = ["embed", *FAKE, "-i", src, "-o", tmp_path / "o.npy", "-t", "prompteol", "--max-length", "128"]
+    r = run(*common, "--no-truncate")
     assert r.returncode == 2 and "over max_length 128" in r.stderr
-    r = run("embed", "-i", src, "-o", tmp_path / "o.npy", "-t", "prompteol", "--max-length", "128")
+    r = run(*common)
     assert r.returncode == 0 and "warning: sentence #1 was truncated" in r.stderr
 
 
@@ -124,13 +131,13 @@ def test_console_script_is_installed():
 
 
 def test_embed_at_a_layer_and_with_a_fitted_postprocessing(
-    tmp_path, sentences_file, sts_sentences, smollm2, monkeypatch
+    tmp_path, sentences_file, sts_sentences, fake_model, monkeypatch
 ):
     # fits are written to the store; keep the user's clean (the model is given by path)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(sts_sentences[20:60]) + "\n", encoding="utf-8")
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path / "home"))
-    common = ["-m", smollm2, "-t", "prompteol", "--layer", "0.5"]
+    common = [*FAKE, "-m", fake_model, "-t", "prompteol", "--layer", "0.5"]
     r = run("embed", *common, "-i", sentences_file, "-o", tmp_path / "raw.npy", "--postprocess")
     assert r.returncode == 2 and "run: metaeol fit-postprocess" in r.stderr
     r = run("fit-postprocess", *common, "-i", corpus, "-q")
@@ -140,9 +147,9 @@ def test_embed_at_a_layer_and_with_a_fitted_postprocessing(
     assert run("embed", *common, "-i", sentences_file, "-o", tmp_path / "pp.npy", "-q", "--postprocess").returncode == 0
     raw, post = np.load(tmp_path / "raw.npy"), np.load(tmp_path / "pp.npy")
     assert raw.shape == post.shape == (5, 576) and not np.allclose(raw, post)
-    with MetaEOL(smollm2, "prompteol", layer=15, cache=False) as m:
+    with fake(fake_model, "prompteol", layer=15, cache=False) as m:
         assert np.array_equal(raw, m.encode(sts_sentences[:5]))
-    r = run("embed", "-m", smollm2, "--layer", "31", "-i", sentences_file, "-o", tmp_path / "x.npy")
+    r = run("embed", *FAKE, "-m", fake_model, "--layer", "31", "-i", sentences_file, "-o", tmp_path / "x.npy")
     assert r.returncode == 2 and "out of range" in r.stderr
 
 

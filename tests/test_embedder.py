@@ -1,6 +1,10 @@
+"""The recipe through ``MetaEOL``. The engine's numbers (against the naive official recipe, layers, early
+exit) are checked on the real models; the embedder's own logic (shapes, options, refusals, truncation,
+the cache key, post-processing) on the fake backend (conftest ``fake_model``)."""
+
 import numpy as np
 import pytest
-from conftest import cosine, counted
+from conftest import cosine, counted, fake
 
 from metaeol_edge import EncodeStats, MetaEOL
 from metaeol_edge.errors import InputError, ModelError
@@ -33,6 +37,7 @@ def _naive(path, set_name, sentences):
     return _naive_results[key]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
 @pytest.mark.parametrize("set_name", ["metaeol", "prompteol"])
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
@@ -47,8 +52,8 @@ def test_matches_the_naive_official_recipe(request, model_fixture, set_name, bat
 
 
 @pytest.fixture(scope="module")
-def model(smollm2):
-    with MetaEOL(smollm2, cache=False) as m:
+def model(fake_model):
+    with fake(fake_model, cache=False) as m:
         yield m
 
 
@@ -70,10 +75,10 @@ def test_batch_size_does_not_change_results(model, sentences):
     assert np.array_equal(model.encode(sentences, batch_size=1), model.encode(sentences, batch_size=7))
 
 
-def test_preprocessing_can_be_switched_off(smollm2):
+def test_preprocessing_can_be_switched_off(fake_model):
     with (
-        MetaEOL(smollm2, templates="prompteol", cache=False) as on,
-        MetaEOL(smollm2, templates="prompteol", cache=False, preprocess=False) as off,
+        fake(fake_model, templates="prompteol", cache=False) as on,
+        fake(fake_model, templates="prompteol", cache=False, preprocess=False) as off,
     ):
         assert np.array_equal(on.encode(["a cat sits."]), off.encode(["a cat sits."]))
         assert not np.array_equal(on.encode(["a cat sits"]), off.encode(["a cat sits"]))
@@ -88,20 +93,20 @@ def test_bad_sentences_are_refused(model, bad, message):
         model.encode(bad)
 
 
-def test_too_long_sentence_is_truncated_with_a_warning(smollm2):
+def test_too_long_sentence_is_truncated_with_a_warning(fake_model):
     long = " ".join(["word"] * 400)
-    with MetaEOL(smollm2, templates="prompteol", cache=False, max_length=64) as m:
+    with fake(fake_model, templates="prompteol", cache=False, max_length=64) as m:
         with pytest.warns(UserWarning, match="truncated"):
             vec = m.encode([long])
         assert vec.shape == (1, 576) and np.isfinite(vec).all()
-        engine = m.engine
+        backend = m.backend
         fitted = m._fit(long, 0, EncodeStats())
-        assert len(engine.tokenize(m.templates.templates[0].render(fitted))) <= 64
+        assert len(backend.tokenize(m.templates.templates[0].render(fitted))) <= 64
         assert m.templates.templates[0].render(fitted).endswith('means in one word:"')  # the template is whole
 
 
-def test_too_long_sentence_is_refused_without_truncation(smollm2):
-    with MetaEOL(smollm2, templates="prompteol", cache=False, max_length=64, truncate=False) as m:
+def test_too_long_sentence_is_refused_without_truncation(fake_model):
+    with fake(fake_model, templates="prompteol", cache=False, max_length=64, truncate=False) as m:
         with pytest.raises(InputError, match="sentence #5 needs .* over max_length 64"):
             m.encode(["short."] * 4 + [" ".join(["word"] * 400)], batch_size=2)
 
@@ -122,6 +127,7 @@ def test_a_non_finite_vector_is_an_error_not_a_result(model, monkeypatch):
         model.encode(["a cat sits."])
 
 
+@pytest.mark.slow
 def test_layer_choices_and_one_array_per_layer(smollm2, sts_sentences):
     with MetaEOL(smollm2, "prompteol", layer=0.5, cache=False) as half:
         assert half.layer == 15
@@ -137,6 +143,7 @@ def test_layer_choices_and_one_array_per_layer(smollm2, sts_sentences):
         MetaEOL(smollm2, layer=31)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
 def test_early_exit_gives_the_full_models_vectors(request, model_fixture, sentences):
     path = request.getfixturevalue(model_fixture)
@@ -152,10 +159,10 @@ def test_early_exit_gives_the_full_models_vectors(request, model_fixture, senten
         assert np.array_equal(got, expected)
 
 
-def test_the_layer_is_part_of_the_cache_key(smollm2, sts_sentences):
-    with MetaEOL(smollm2, "prompteol") as final:
+def test_the_layer_is_part_of_the_cache_key(fake_model, sts_sentences):
+    with fake(fake_model, "prompteol") as final:
         a = final.encode(sts_sentences[:4])
-    with MetaEOL(smollm2, "prompteol", layer=20) as mid:
+    with fake(fake_model, "prompteol", layer=20) as mid:
         b, st = counted(mid, sts_sentences[:4])
         assert (st.hits, st.misses) == (0, 4)
         again, st = counted(mid, sts_sentences[:4])
@@ -163,22 +170,22 @@ def test_the_layer_is_part_of_the_cache_key(smollm2, sts_sentences):
     assert np.array_equal(b, again) and cosine(a, b).max() < 0.99
 
 
-def test_postprocessing_is_fitted_on_a_corpus_stored_and_applied(smollm2, sts_sentences, tmp_path, monkeypatch):
+def test_postprocessing_is_fitted_on_a_corpus_stored_and_applied(fake_model, sts_sentences, tmp_path, monkeypatch):
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path))  # fits go to the store; keep the user's clean
     corpus, evaluation = sts_sentences[:40], sts_sentences[40:44]
-    with MetaEOL(smollm2, "prompteol", layer=15) as model:
+    with fake(fake_model, "prompteol", layer=15) as model:
         with pytest.raises(ModelError, match="fit-postprocess"):
-            MetaEOL(smollm2, "prompteol", layer=15, postprocess=True).encode(evaluation)
+            fake(fake_model, "prompteol", layer=15, postprocess=True).encode(evaluation)
         raw_corpus = model.encode(corpus)
         raw = model.encode(evaluation)
         (path,) = model.fit_postprocess(corpus)
         assert path.is_file() and path.parent == tmp_path / "models" / "postprocess"
     expected = (raw - raw_corpus.mean(0)) / raw_corpus.std(0)
-    with MetaEOL(smollm2, "prompteol", layer=15, postprocess=True) as fitted:
+    with fake(fake_model, "prompteol", layer=15, postprocess=True) as fitted:
         got = fitted.encode(evaluation)
         with pytest.raises(ValueError, match="per_template"):
             fitted.encode(evaluation, per_template=True)
     assert np.allclose(got, expected, rtol=1e-4, atol=1e-4)
-    with MetaEOL(smollm2, "prompteol", layer=16, postprocess=True) as other_layer:
+    with fake(fake_model, "prompteol", layer=16, postprocess=True) as other_layer:
         with pytest.raises(ModelError, match="layer 16"):
             other_layer.encode(evaluation)

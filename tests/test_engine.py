@@ -50,6 +50,7 @@ def _prompts(engine, sentences, set_name="metaeol"):
     ]
 
 
+@pytest.mark.slow
 def test_a_prompts_vector_does_not_depend_on_what_runs_beside_it(engine, sts_sentences):
     prompts = _prompts(engine, sts_sentences[:4])
     full = engine.embed(prompts)
@@ -58,6 +59,7 @@ def test_a_prompts_vector_does_not_depend_on_what_runs_beside_it(engine, sts_sen
     assert np.array_equal(engine.embed([prompts[7]])[0], full[7])
 
 
+@pytest.mark.slow
 def test_prefix_sharing_changes_nothing(engine, sts_sentences):
     shared = _prompts(engine, sts_sentences[10:12])
     alone = [Prompt(p.tokens) for p in shared]
@@ -67,6 +69,7 @@ def test_prefix_sharing_changes_nothing(engine, sts_sentences):
     assert engine.embed(shared).shape == (16, 576)
 
 
+@pytest.mark.slow
 def test_only_new_tokens_are_decoded(smollm2, sts_sentences):
     engine = Engine(smollm2, lanes=1)  # one context: each lane holds a prefix of its own (test_lanes_*)
     t = load_templates("metaeol").templates[0]
@@ -96,6 +99,7 @@ def three_lanes(smollm2):
     e.close()
 
 
+@pytest.mark.slow
 def test_lanes_give_the_same_bytes_as_one_context(one_lane, three_lanes, sts_sentences):
     """Several prefixes, a pooled span and two layers: any lane computes a prompt's vector bit for bit
     as one context does (each lane is its own one-at-a-time context over the same model)."""
@@ -109,6 +113,7 @@ def test_lanes_give_the_same_bytes_as_one_context(one_lane, three_lanes, sts_sen
     assert all(lane.tokens_decoded > 0 for lane in three_lanes._lanes)  # every lane took work
 
 
+@pytest.mark.slow
 def test_lanes_count_their_tokens_and_report_progress(three_lanes, sts_sentences):
     prompts = _prompts(three_lanes, sts_sentences[20:24])
     done: list[float] = []
@@ -122,6 +127,7 @@ def test_lanes_count_their_tokens_and_report_progress(three_lanes, sts_sentences
     assert sum(done) == pytest.approx(len(prompts))
 
 
+@pytest.mark.slow
 def test_a_single_prompt_runs_on_one_lane_with_every_thread(three_lanes, sts_sentences):
     prompts = _prompts(three_lanes, sts_sentences[:1], "prompteol")
     calls: list[int] = []
@@ -134,6 +140,7 @@ def test_a_single_prompt_runs_on_one_lane_with_every_thread(three_lanes, sts_sen
     assert calls == [3, 1] and three_lanes._threads_now == 1
 
 
+@pytest.mark.slow
 def test_an_error_in_one_lane_reaches_the_caller(three_lanes, sts_sentences, monkeypatch):
     prompts = _prompts(three_lanes, sts_sentences[:4])
     lane = three_lanes._lanes[2]
@@ -182,6 +189,7 @@ def test_lanes_are_for_the_one_at_a_time_mode():
         lane_plan("packed", None, 2)
 
 
+@pytest.mark.slow
 def test_long_prompts_are_decoded_in_chunks(smollm2):
     e = Engine(smollm2, max_length=1500, n_batch=256)
     try:
@@ -217,6 +225,7 @@ def test_impossible_layers_are_refused_with_the_range(bad):
         resolve_layer(bad, 30)
 
 
+@pytest.mark.slow
 def test_several_layers_are_read_in_one_pass(engine, sts_sentences):
     prompts = _prompts(engine, sts_sentences[:2])
     many = engine.embed(prompts, layers=[FINAL, 15, 30, 1])

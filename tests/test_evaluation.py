@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import needs_senteval, senteval_dir
+from conftest import FAKE, needs_senteval, senteval_dir
 from conftest import run_cli as run
 
 from metaeol_edge.errors import InputError
@@ -93,8 +93,11 @@ def test_a_score_can_be_recomputed_from_the_saved_embeddings(tmp_path, senteval_
 
 
 def test_eval_prints_json_scores(tmp_path, smollm2, senteval_root):
+    # The command's logic (tasks, JSON, saved vectors that rescore to the printed scores, refusals) on the
+    # fake backend over smollm2's file; eval on the real engine is test_reference.py's (and the benchmarks').
     r = run(
         "eval",
+        *FAKE,
         "--data",
         senteval_root,
         "-m",
@@ -115,9 +118,9 @@ def test_eval_prints_json_scores(tmp_path, smollm2, senteval_root):
     assert set(report["scores"]) == {"stsb", "sickr", "mrpc"} and report["details"]["stsb"]["pairs"] == 30
     for task, score in report["scores"].items():
         assert rescore_saved(tmp_path, task) == pytest.approx(score, abs=1e-6)
-    r = run("eval", "-m", smollm2, "--tasks", "stsb,sts99")
+    r = run("eval", *FAKE, "-m", smollm2, "--tasks", "stsb,sts99")
     assert r.returncode == 2 and "unknown task(s) sts99" in r.stderr
-    r = run("eval", "-m", smollm2, "--tasks", "mrpc", "--jobs", "0")
+    r = run("eval", *FAKE, "-m", smollm2, "--tasks", "mrpc", "--jobs", "0")
     assert r.returncode == 2 and "--jobs takes a number of processes" in r.stderr
 
 

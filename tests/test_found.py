@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import FAKE, run_cli
 from fake_stores import hf_cached_file, link_registry_model, ollama_model, sha256, write_gguf
 
 from metaeol_edge import EncodeStats, MetaEOL, found, identity, registry
@@ -134,22 +134,25 @@ def test_the_sha256_of_a_found_model_is_computed_once(machine, capsys, monkeypat
 
 
 def test_embed_with_an_ollama_name_matches_the_registry_id_and_shares_its_cache(machine, tmp_path, smollm2):
+    # Names, files and fingerprints are the subject: the fake backend reads these real files' headers and
+    # never loads them (that llama.cpp runs a found file is test_a_real_split_model_runs_as_its_whole's).
     link_registry_model(smollm2)
-    with MetaEOL("smollm2-135m", templates="prompteol", cache=False) as m:
+    with MetaEOL("smollm2-135m", templates="prompteol", cache=False, backend="fake") as m:
         expected = m.encode(SENTENCES)
     src = tmp_path / "s.txt"
     src.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
-    r = run_cli("embed", "--model", "ollama:smollm:135m", "-t", "prompteol", "-i", src, "-o", tmp_path / "a.npy", "-q")
+    common = ["embed", *FAKE, "--model", "ollama:smollm:135m", "-t", "prompteol", "-i", src, "-q"]
+    r = run_cli(*common, "-o", tmp_path / "a.npy")
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.load(tmp_path / "a.npy"), expected)  # bit-identical
-    r = run_cli("embed", "--model", "ollama:smollm:135m", "-t", "prompteol", "-i", src, "-o", tmp_path / "b.npy", "-q")
+    r = run_cli(*common, "-o", tmp_path / "b.npy")
     assert r.returncode == 0, r.stderr
     assert re.search(r"\b3 cached and 0 computed", r.stderr), r.stderr  # 3 sentences, 1 template
     assert np.array_equal(np.load(tmp_path / "b.npy"), expected)
     # The same file under every other name: the same fingerprint, so the same cached vectors.
     for name in ("smollm2-135m", "ollama:smollm", f"hf:{SMOL_REPO}/{SMOL_FILE}"):
         stats = EncodeStats()
-        with MetaEOL(name, templates="prompteol") as m:
+        with MetaEOL(name, templates="prompteol", backend="fake") as m:
             assert m.fingerprint == machine.smol_sha
             assert np.array_equal(m.encode(SENTENCES, stats=stats), expected)
         assert (stats.hits, stats.misses) == (3, 0), name
@@ -205,6 +208,7 @@ def test_a_split_model_is_one_model_and_all_its_parts(machine):
         inspect_gguf(first)
 
 
+@pytest.mark.slow
 def test_a_real_split_model_runs_as_its_whole(machine, smollm2, tmp_path):
     """smollm2 rewritten as two parts, the way gguf-split does: llama.cpp loads both, the vectors are the same."""
     import gguf

@@ -27,6 +27,7 @@ def _cases():
                 yield model, method, layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,method,layer", list(_cases()))
 def test_golden_vectors_reproduced_bit_for_bit(golden, model, method, layer):
     expected = golden[f"{model}|{method}|{layer}"]
@@ -37,6 +38,7 @@ def test_golden_vectors_reproduced_bit_for_bit(golden, model, method, layer):
     assert got.tobytes() == expected.tobytes()
 
 
+@pytest.mark.slow
 def test_golden_vectors_through_the_cache_and_streaming(golden, tmp_path):
     """Cold through the cache, warm from it, and streamed one by one: the same bytes."""
     expected = golden["smollm2-135m|prompteol|-1"]

@@ -263,10 +263,11 @@ def test_a_hub_pull_of_the_registry_file_shares_its_fingerprint_and_cache(env, s
     server.close()
     link_registry_model(smollm2)
     sentences = ["A man is playing a guitar.", "Someone is making music."]
-    with MetaEOL("smollm2-135m", templates="prompteol") as m:
+    # The pulled file's name, fingerprint and cache entries are the subject: the fake backend, no llama.cpp.
+    with MetaEOL("smollm2-135m", templates="prompteol", backend="fake") as m:
         expected = m.encode(sentences)
     stats = EncodeStats()
-    with MetaEOL(name, templates="prompteol") as m:
+    with MetaEOL(name, templates="prompteol", backend="fake") as m:
         assert m.model_path == path and m.fingerprint == registry.get_spec("smollm2-135m").sha256
         assert np.array_equal(m.encode(sentences, stats=stats), expected)
     assert (stats.hits, stats.misses) == (2, 0)

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from conftest import run_cli as run
 
 from metaeol_edge import measurements as ms
@@ -32,6 +33,7 @@ def test_a_new_run_replaces_the_old_record_and_a_damaged_file_is_ignored(tmp_pat
     assert ms.load(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_bench_measures_levels_and_models_list_gives_the_advice(tmp_path, smollm2, monkeypatch, senteval_root):
     home = tmp_path / "home"
     monkeypatch.setenv("METAEOL_HOME", str(home))

@@ -27,6 +27,7 @@ def sample(sts_sentences) -> list[str]:
     return [*random.Random(21).sample(sts_sentences, 6), "ok", "Zoë's café reopened in São Paulo."]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("templates", ["metaeol", "prompteol"])
 @pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
 def test_packed_agrees_with_the_naive_recipe_and_one_at_a_time(request, model_fixture, templates, sample):
@@ -59,6 +60,7 @@ def _prompts(engine: Engine, sentences: list[str], set_name: str = "metaeol") ->
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
 def test_a_packed_vector_does_not_depend_on_what_it_is_packed_with(request, model_fixture, sample):
     engine = Engine(request.getfixturevalue(model_fixture), mode="packed")
@@ -86,6 +88,7 @@ def test_a_packed_vector_does_not_depend_on_what_it_is_packed_with(request, mode
         engine.close()
 
 
+@pytest.mark.slow
 def test_packing_without_alignment_makes_a_vector_depend_on_its_pack_mates(smollm2, sample):
     """Why ``align`` exists: at align=1 the same prompt moves with what shares its decode."""
     engine = Engine(smollm2, mode="packed", align=1)
@@ -97,6 +100,7 @@ def test_packing_without_alignment_makes_a_vector_depend_on_its_pack_mates(smoll
         engine.close()
 
 
+@pytest.mark.slow
 def test_any_layer_and_a_long_prompt_in_packed_mode(smollm2, sample):
     packed, whole = Engine(smollm2, mode="packed", n_batch=64), Engine(smollm2)
     try:
@@ -114,6 +118,7 @@ def test_any_layer_and_a_long_prompt_in_packed_mode(smollm2, sample):
         whole.close()
 
 
+@pytest.mark.slow
 def test_early_exit_and_a_list_of_layers_in_packed_mode(smollm2, sample):
     with MetaEOL(smollm2, "prompteol", engine_mode="packed", layer=3, cache=False) as early:
         assert early.engine.n_layer == 3  # the truncated copy
@@ -125,6 +130,7 @@ def test_early_exit_and_a_list_of_layers_in_packed_mode(smollm2, sample):
         assert np.array_equal(top, final.encode(sample, show_progress_bar=False))
 
 
+@pytest.mark.slow
 def test_the_two_modes_never_share_cache_entries(smollm2, sample, tmp_path):
     cache = tmp_path / "c.sqlite3"
     with MetaEOL(smollm2, "prompteol", engine_mode="one-at-a-time", cache=cache) as one:

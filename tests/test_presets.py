@@ -1,17 +1,23 @@
-"""Presets (issue 20): a measured configuration one option away, with the fit it ships."""
+"""Presets (issue 20): a measured configuration one option away, with the fit it ships.
+
+A preset's logic (resolution per file, shipped fit vs the user's, refusals) runs on the fake backend
+(conftest ``fake_model``), with the preset data patched to name the fake file; the shipped data is
+checked as data, and applied on smollm2 once."""
 
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, fake
 
-from metaeol_edge import MetaEOL, embedder, registry
+from metaeol_edge import MetaEOL, embedder, identity, presets, registry
+from metaeol_edge import postprocess as pp
 from metaeol_edge.errors import MetaEOLError, ModelError
 from metaeol_edge.layers import resolve_layer
-from metaeol_edge.presets import ModelChoice, get_preset, load_presets
+from metaeol_edge.presets import ModelChoice, ShippedFit, get_preset, load_presets
 from metaeol_edge.prompts import load_templates
 
 
@@ -45,29 +51,76 @@ def test_a_per_model_choice_applies_to_that_file_only():
     assert preset.for_model(smollm2) == preset.for_model(None) == preset
 
 
-def test_a_model_whose_choice_is_raw_gets_raw_vectors(smollm2, sts_sentences, tmp_path, monkeypatch):
-    """The embedder resolves the preset for the file it loaded: here smollm2 is given qwen's kind of choice."""
+def test_a_model_whose_choice_is_raw_gets_raw_vectors(fake_model, sts_sentences, tmp_path, monkeypatch):
+    """The embedder resolves the preset for the file it loaded (found by hashing a path): here the fake model
+    is given qwen's kind of choice."""
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path))
     preset = get_preset("quality")
-    sha = registry.get_spec("smollm2-135m").sha256
+    sha = identity.sha256_file(fake_model)
     raw_choice = ModelChoice(sha, "test", layer=0.5, no_postprocess=True)
-    patched = dataclasses.replace(preset, models={"smollm2-135m": raw_choice})
+    patched = dataclasses.replace(preset, models={"fake": raw_choice})
     monkeypatch.setattr(embedder, "get_preset", lambda name: patched)
     sentences = sts_sentences[:4]
-    with MetaEOL(smollm2, templates=preset.templates, layer=0.5, cache=False) as plain:
+    with fake(fake_model, templates=preset.templates, layer=0.5, cache=False) as plain:
         raw = plain.encode(sentences)
-    with MetaEOL(smollm2, preset="quality", cache=False) as model:
+    with fake(fake_model, preset="quality", cache=False) as model:
         assert model.preset is not None and model.preset.postprocess is None
         got = model.encode(sentences)
         assert model.postprocess_source() is None and got.shape == raw.shape
     assert np.allclose(got, raw, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sets layer"):  # the per-model layer is the one to match
-        MetaEOL(smollm2, preset="quality", layer=preset.layer)
+        fake(fake_model, preset="quality", layer=preset.layer)
+
+
+def _ship_a_fit_for(model: Path, preset_name: str, folder: Path, monkeypatch) -> Path:
+    """The preset as if it shipped a fit for ``model`` (made on random vectors of its width): the fit's path.
+
+    Patches the presets' data folder: take any other preset with ``get_preset`` before calling this."""
+    preset = get_preset(preset_name)
+    sha = identity.sha256_file(model)
+    kind = preset.postprocess or "standardize"
+    fitted = pp.fit(np.random.default_rng(0).standard_normal((400, 576)).astype(np.float32), kind)
+    pp.save(fitted, folder / "fake.npz", {"model": "fake", "fit_on": "random"})
+    patched = dataclasses.replace(preset, fits={"fake": ShippedFit("fake.npz", sha, "random")})
+    monkeypatch.setattr(embedder, "get_preset", lambda name: patched)
+    monkeypatch.setattr(presets, "_data_dir", lambda: folder)
+    return folder / "fake.npz"
 
 
 @pytest.mark.parametrize(
-    "preset_name, model_fixture", [("quality", "smollm2"), ("quality", "gemma3"), ("metaeol-icl", "smollm2")]
+    "preset_name, model_id", [("quality", "smollm2-135m"), ("quality", "gemma3-270m"), ("metaeol-icl", "smollm2-135m")]
 )
+def test_the_shipped_fits_are_for_these_files_and_widths(preset_name, model_id):
+    """What the real-model test below relied on for each pair, as data: a fit ships for the registry's file."""
+    spec = registry.get_spec(model_id)
+    path = get_preset(preset_name).shipped_fit(spec.sha256)
+    assert path is not None, f"{model_id}'s file has no shipped fit for {preset_name}"
+    with np.load(path) as data:
+        assert data["mean"].shape == (spec.n_embd,) and data["transform"].shape[-1] > 0
+
+
+@pytest.mark.parametrize("preset_name", ["quality", "metaeol-icl"])
+def test_a_preset_is_its_templates_layer_and_shipped_fit_on_the_fake(
+    preset_name, fake_model, sts_sentences, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("METAEOL_HOME", str(tmp_path / "home"))  # no user fit in the way
+    preset = get_preset(preset_name)
+    shipped = _ship_a_fit_for(fake_model, preset_name, tmp_path, monkeypatch)
+    sentences = sts_sentences[:5]
+    with fake(fake_model, templates=preset.templates, layer=preset.layer, cache=False) as plain:
+        raw = plain.encode(sentences)
+    with np.load(shipped) as data:  # the fit applied by hand: (x - mean) @ T, or * T per dimension
+        mean, transform = data["mean"], data["transform"]
+    expected = (raw - mean) @ transform if transform.ndim == 2 else (raw - mean) * transform
+    with fake(fake_model, preset=preset_name, cache=False) as model:
+        got = model.encode(sentences)
+        assert model.dim == expected.shape[1] == got.shape[1]
+        assert model.postprocess_source() == shipped
+    assert np.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset_name, model_fixture", [("quality", "smollm2")])
 def test_a_preset_is_its_templates_layer_and_shipped_fit(
     request, preset_name, model_fixture, sts_sentences, tmp_path, monkeypatch
 ):
@@ -90,23 +143,24 @@ def test_a_preset_is_its_templates_layer_and_shipped_fit(
     assert np.allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_a_users_own_fit_wins_over_the_shipped_one(smollm2, sts_sentences, tmp_path, monkeypatch):
-    monkeypatch.setenv("METAEOL_HOME", str(tmp_path))
+def test_a_users_own_fit_wins_over_the_shipped_one(fake_model, sts_sentences, tmp_path, monkeypatch):
+    monkeypatch.setenv("METAEOL_HOME", str(tmp_path / "home"))
+    preset = get_preset("quality")  # before the data folder is patched
+    _ship_a_fit_for(fake_model, "quality", tmp_path, monkeypatch)
     corpus, evaluation = sts_sentences[:40], sts_sentences[40:43]
-    with MetaEOL(smollm2, preset="quality") as model:
+    with fake(fake_model, preset="quality") as model:
         shipped = model.encode(evaluation)
         (path,) = model.fit_postprocess(corpus, kind="standardize", show_progress_bar=False)
         assert model.postprocess_source() == path
-    preset = get_preset("quality")
-    with MetaEOL(smollm2, templates=preset.templates, layer=preset.layer) as plain:
+    with fake(fake_model, templates=preset.templates, layer=preset.layer) as plain:
         raw_corpus, raw = plain.encode(corpus), plain.encode(evaluation)
-    with MetaEOL(smollm2, preset="quality") as model:
+    with fake(fake_model, preset="quality") as model:
         own = model.encode(evaluation)
     assert np.allclose(own, (raw - raw_corpus.mean(0)) / raw_corpus.std(0), rtol=1e-4, atol=1e-4)
     assert own.shape != shipped.shape or not np.allclose(own, shipped)
 
 
-def test_a_preset_refuses_a_mix_and_names_what_to_do(smollm2, gemma3, tmp_path, monkeypatch):
+def test_a_preset_refuses_a_mix_and_names_what_to_do(smollm2, fake_model, tmp_path, monkeypatch):
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path))
     preset = get_preset("quality")
     other = "metaeol" if preset.templates != "metaeol" else "prompteol"
@@ -118,10 +172,9 @@ def test_a_preset_refuses_a_mix_and_names_what_to_do(smollm2, gemma3, tmp_path, 
         MetaEOL(smollm2, preset="quality", postprocess=False)
     with pytest.raises(MetaEOLError, match="unknown preset 'best'; known: .*quality"):
         MetaEOL(smollm2, preset="best")
-    # A model without a shipped fit (gemma3's is taken away here): the command that makes one.
-    without = dataclasses.replace(preset, fits={k: v for k, v in preset.fits.items() if k != "gemma3-270m"})
-    monkeypatch.setattr(embedder, "get_preset", lambda name: without)
-    with MetaEOL(gemma3, preset="quality", cache=False) as model:
+    # A model without a shipped fit (the fake model, which is no registry file): the command that makes one.
+    assert preset.shipped_fit(identity.sha256_file(fake_model)) is None
+    with fake(fake_model, preset="quality", cache=False) as model:
         with pytest.raises(ModelError, match="fit-postprocess .*--preset quality"):
             model.encode(["A sentence."])
 

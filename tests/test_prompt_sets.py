@@ -37,6 +37,7 @@ def test_one_shot_metaeol_asks_each_task_of_the_demonstration_first():
         assert "A man is playing on a guitar and singing." in icl.prefix
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model_fixture, set_name",
     [("smollm2", s) for s in [*SETS, "metaeol-icl"]] + [("gemma3", "pretcot"), ("gemma3", "ke")],

@@ -27,6 +27,7 @@ SENTENCES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model_id", "n_layer"), [("smollm2-135m", 30), ("gemma3-270m", 18)])
 def test_engine_layers_match_pytorch_hidden_states_on_the_f32_model(model_id, n_layer):
     path = registry.quantized(model_id, "f32")
@@ -41,6 +42,7 @@ def test_engine_layers_match_pytorch_hidden_states_on_the_f32_model(model_id, n_
         assert cos.min() >= 0.999, (layer, cos.min())
 
 
+@pytest.mark.slow
 def test_left_padding_changes_no_prompt(smollm2):
     path = registry.quantized("smollm2-135m", "f32")
     ref = Reference(path, "prompteol")
@@ -49,6 +51,7 @@ def test_left_padding_changes_no_prompt(smollm2):
     assert cosine(batched, alone).min() >= 0.9999
 
 
+@pytest.mark.slow
 def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path, monkeypatch, senteval_root):
     monkeypatch.setenv("METAEOL_DATA", str(senteval_root))
     args = ["-m", "smollm2-135m", "--level", "f32", "-t", "prompteol", "--tasks", "stsb", "--limit", "40", "--json"]

@@ -1,4 +1,8 @@
-"""The seams: one object from several threads, methods registered from outside, streaming, stats."""
+"""The seams: one object from several threads, methods registered from outside, streaming, stats.
+
+The embedder's side of each seam runs on the fake backend (conftest ``fake_model``); the engine's side
+(threads on one llama.cpp context, pooled reads against llama.cpp's own per-token states, pools across
+decodes) on smollm2."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import cosine, counted
+from conftest import cosine, counted, fake
 
 from metaeol_edge import EncodeStats, MetaEOL, Prompt, TemplateMethod, method_names, register_method
 from metaeol_edge.engine import init_backend, safe_model_params
@@ -32,17 +36,25 @@ SENTENCES = [
 ]
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_four_threads_on_one_object_give_the_single_threaded_vectors(smollm2, tmp_path, cache):
+@pytest.mark.parametrize(
+    ("backend", "cache"),
+    [
+        pytest.param("llama.cpp", False, marks=pytest.mark.slow, id="engine"),  # one llama.cpp context, 4 threads
+        pytest.param("fake", False, id="fake"),
+        pytest.param("fake", True, id="fake-cache"),  # the cache's connection per thread
+    ],
+)
+def test_four_threads_on_one_object_give_the_single_threaded_vectors(request, tmp_path, backend, cache):
     """Overlapping inputs from 4 threads at once: no error, no hang, the same bytes as one thread."""
+    path = request.getfixturevalue("smollm2" if backend == "llama.cpp" else "fake_model")
     # Each thread gets an overlapping window of the sentences, in its own order.
     inputs = [SENTENCES[k : k + 8] for k in (0, 2, 4)] + [SENTENCES[::-1][:8]]
-    with MetaEOL(smollm2, "prompteol", cache=False) as single:
+    with MetaEOL(path, "prompteol", cache=False, backend=backend) as single:
         expected = [single.encode(x) for x in inputs]
     results: list[np.ndarray | None] = [None] * 4
     errors: list[BaseException] = []
     start = threading.Barrier(4)
-    with MetaEOL(smollm2, "prompteol", cache=tmp_path / "c.sqlite3" if cache else False) as shared:
+    with MetaEOL(path, "prompteol", cache=tmp_path / "c.sqlite3" if cache else False, backend=backend) as shared:
 
         def work(k: int) -> None:
             try:
@@ -119,26 +131,35 @@ def _independent_sentence_mean(path, sentences: list[str]) -> np.ndarray:
         llm.close()
 
 
-def test_a_registered_non_template_method_runs_through_encode_and_the_cache(smollm2, tmp_path, sentence_mean):
+def test_a_registered_non_template_method_runs_through_encode_and_the_cache(fake_model, tmp_path, sentence_mean):
     assert sentence_mean in method_names()
     sentences = SENTENCES[:5]
     cache = tmp_path / "c.sqlite3"
-    with MetaEOL(smollm2, "prompteol", cache=cache, preprocess=False) as eol:
+    with fake(fake_model, "prompteol", cache=cache, preprocess=False) as eol:
         paper = eol.encode(sentences)
-    with MetaEOL(smollm2, "prompteol", method=sentence_mean, cache=cache, preprocess=False) as mine:
+    with fake(fake_model, "prompteol", method=sentence_mean, cache=cache, preprocess=False) as mine:
         cold, st = counted(mine, sentences)
         assert (st.hits, st.misses) == (0, 5)  # PromptEOL's entries for the same prompts are not its own
         warm, st = counted(mine, sentences)
         assert (st.hits, st.misses) == (5, 0)
     assert warm.tobytes() == cold.tobytes()
     assert cosine(cold, paper).max() < 0.99  # another read of the same prompt is another vector
-    with MetaEOL(smollm2, "prompteol", cache=cache, preprocess=False) as eol:
+    with fake(fake_model, "prompteol", cache=cache, preprocess=False) as eol:
         again, st = counted(eol, sentences)
         assert st.hits == 5 and again.tobytes() == paper.tobytes()  # and PromptEOL still gets its own
+
+
+@pytest.mark.slow
+def test_a_registered_pooled_method_reads_what_llama_cpp_gives_each_token(smollm2, sentence_mean):
+    """The engine's side of the method seam: its pooled read equals llama.cpp's own per-token states averaged."""
+    sentences = SENTENCES[:5]
+    with MetaEOL(smollm2, "prompteol", method=sentence_mean, cache=False, preprocess=False) as mine:
+        got = mine.encode(sentences)
     expected = _independent_sentence_mean(smollm2, sentences)
-    assert cosine(cold.astype(np.float64), expected).min() >= 0.999
+    assert cosine(got.astype(np.float64), expected).min() >= 0.999
 
 
+@pytest.mark.slow
 def test_a_method_reads_any_layer_and_pools_across_decodes(smollm2, sentence_mean):
     """A pooled span longer than one decode (n_batch) is read in pieces and still averages every row."""
     long = " ".join(f"word{i}" for i in range(60))
@@ -161,7 +182,7 @@ def test_a_method_with_the_papers_cache_name_is_refused():
         register_method("eol", SentenceMean)
 
 
-def test_encode_iter_streams_with_memory_bounded_by_the_batch(smollm2):
+def test_encode_iter_streams_with_memory_bounded_by_the_batch(fake_model):
     pulled = []
 
     def source():
@@ -169,7 +190,7 @@ def test_encode_iter_streams_with_memory_bounded_by_the_batch(smollm2):
             pulled.append(s)
             yield s
 
-    with MetaEOL(smollm2, "prompteol", cache=False) as m:
+    with fake(fake_model, "prompteol", cache=False) as m:
         expected = m.encode(SENTENCES)
         stream = m.encode_iter(source(), batch_size=4)
         first = next(stream)
@@ -178,9 +199,9 @@ def test_encode_iter_streams_with_memory_bounded_by_the_batch(smollm2):
     assert np.stack([first, *rest]).tobytes() == expected.tobytes()
 
 
-def test_statistics_and_truncations_go_to_the_caller(smollm2, tmp_path):
+def test_statistics_and_truncations_go_to_the_caller(fake_model, tmp_path):
     long = " ".join(["word"] * 400)
-    with MetaEOL(smollm2, "prompteol", cache=tmp_path / "c.sqlite3", max_length=64) as m:
+    with fake(fake_model, "prompteol", cache=tmp_path / "c.sqlite3", max_length=64) as m:
         with pytest.warns(UserWarning, match="truncated"):
             _, st = counted(m, ["short one.", long])
         assert (st.sentences, st.hits, st.misses) == (2, 0, 2)

@@ -1,5 +1,8 @@
 """`metaeol serve`: real clients against a real uvicorn server on 127.0.0.1, every vector bit-identical
-to ``MetaEOL.encode``; bad requests get a 4xx JSON error; a full queue a 503; SIGTERM loses nothing."""
+to ``MetaEOL.encode``; bad requests get a 4xx JSON error; a full queue a 503; SIGTERM loses nothing.
+
+The server's logic is the subject here, not the engine's numbers: the tests serve the fake backend
+(conftest ``fake_model``), and one end-to-end test serves the real smollm2-135m."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import counted
+from conftest import FAKE, counted, fake
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -29,8 +32,8 @@ KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
-def expected(smollm2):
-    with MetaEOL(smollm2, "prompteol", cache=False) as m:
+def expected(fake_model):
+    with fake(fake_model, "prompteol", cache=False) as m:
         return {s: v for s, v in zip(SENTENCES, m.encode(SENTENCES), strict=True)}
 
 
@@ -54,8 +57,8 @@ class _Running:
 
 
 @pytest.fixture(scope="module")
-def served(smollm2, tmp_path_factory):
-    model = MetaEOL(smollm2, "prompteol", cache=tmp_path_factory.mktemp("serve") / "c.sqlite3")
+def served(fake_model, tmp_path_factory):
+    model = fake(fake_model, "prompteol", cache=tmp_path_factory.mktemp("serve") / "c.sqlite3")
     limits = Limits(max_inputs=16, max_chars=2000)
     running = _Running({"smollm2-135m": ModelWorker("smollm2-135m", model, limits)}, limits)
     yield running
@@ -194,8 +197,8 @@ def test_every_bad_request_gets_its_4xx_and_the_server_stays_up(served, expected
             _same([ok.json()["data"][0]["embedding"]], expected, SENTENCES[:1])
 
 
-def test_an_api_key_guards_every_route_but_health(smollm2, expected):
-    running = _Running({"m": ModelWorker("m", MetaEOL(smollm2, "prompteol", cache=False), Limits())}, api_key=KEY)
+def test_an_api_key_guards_every_route_but_health(fake_model, expected):
+    running = _Running({"m": ModelWorker("m", fake(fake_model, "prompteol", cache=False), Limits())}, api_key=KEY)
     try:
         with httpx.Client(base_url=running.url, timeout=60) as c:
             assert c.get("/health").status_code == 200
@@ -210,8 +213,8 @@ def test_an_api_key_guards_every_route_but_health(smollm2, expected):
         running.stop()
 
 
-def test_a_full_queue_answers_503_with_retry_after_never_a_hang(smollm2):
-    model = MetaEOL(smollm2, "prompteol", cache=False)
+def test_a_full_queue_answers_503_with_retry_after_never_a_hang(fake_model):
+    model = fake(fake_model, "prompteol", cache=False)
     release = threading.Event()
     real = model.encode
     model.encode = lambda *a, **k: (release.wait(60), real(*a, **k))[1]  # the engine is busy
@@ -233,8 +236,8 @@ def test_a_full_queue_answers_503_with_retry_after_never_a_hang(smollm2):
         model.close()
 
 
-def test_one_bad_request_in_a_batch_does_not_fail_the_others(smollm2, expected):
-    model = MetaEOL(smollm2, "prompteol", cache=False)
+def test_one_bad_request_in_a_batch_does_not_fail_the_others(fake_model, expected):
+    model = fake(fake_model, "prompteol", cache=False)
     release = threading.Event()
     real = model.encode
     model.encode = lambda *a, **k: (release.wait(60), real(*a, **k))[1]
@@ -256,10 +259,11 @@ def test_one_bad_request_in_a_batch_does_not_fail_the_others(smollm2, expected):
         model.close()
 
 
-def test_sigterm_under_load_finishes_in_flight_requests_and_keeps_the_cache(tmp_path, smollm2):
+def test_sigterm_under_load_finishes_in_flight_requests_and_keeps_the_cache(tmp_path, fake_model):
     cache = tmp_path / "c.sqlite3"
     env = {**os.environ, "METAEOL_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "metaeol_edge", "serve", "-t", "prompteol", "--port", "0", "--model", str(smollm2)]
+    cmd = [sys.executable, "-m", "metaeol_edge", "serve", *FAKE, "-t", "prompteol", "--port", "0", "--model"]
+    cmd.append(str(fake_model))
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     url = None
     deadline = time.time() + 120
@@ -276,12 +280,14 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_keeps_the_cache(tmp_
     def client(k: int):
         done, errors = [], []
         with httpx.Client(base_url=url, timeout=60) as c:
-            for j in range(20):
+            # Until SIGTERM (the fake answers fast: a fixed count could all be done before it, with nothing in
+            # flight), with a cap so that a server that never stops cannot keep the test running.
+            for j in range(5000):
                 if stop_sending.is_set():
                     break
                 batch = sentences[(k * 3 + j) % 32 : (k * 3 + j) % 32 + 1 + j % 3]
                 try:
-                    r = c.post("/v1/embeddings", json={"model": smollm2.stem, "input": batch})
+                    r = c.post("/v1/embeddings", json={"model": fake_model.stem, "input": batch})
                 except httpx.TransportError as exc:  # refused or closed once the server stops: a clean error
                     errors.append(type(exc).__name__)
                     break
@@ -294,7 +300,7 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_keeps_the_cache(tmp_
 
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client, k) for k in range(6)]
-        time.sleep(4)
+        time.sleep(2)
         proc.send_signal(signal.SIGTERM)
         stop_sending.set()
         results = [f.result(timeout=120) for f in futures]
@@ -306,7 +312,7 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_keeps_the_cache(tmp_
     db = sqlite3.connect(cache)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
-    with MetaEOL(smollm2, "prompteol", cache=cache) as m:
+    with fake(fake_model, "prompteol", cache=cache) as m:
         _, stats = counted(m, completed)
     assert (stats.hits, stats.misses) == (len(completed), 0)  # every completed request's vectors were kept
 
@@ -322,10 +328,10 @@ def test_the_serve_command_refuses_bad_options_clearly(capsys):
     assert "same name" in capsys.readouterr().err
 
 
-def test_in_process_adapters_give_the_vectors_of_encode(smollm2, expected):
+def test_in_process_adapters_give_the_vectors_of_encode(fake_model, expected):
     lc = pytest.importorskip("metaeol_edge.integrations.langchain", exc_type=ImportError)
     li = pytest.importorskip("metaeol_edge.integrations.llama_index", exc_type=ImportError)
-    with MetaEOL(smollm2, "prompteol", cache=False) as model:
+    with fake(fake_model, "prompteol", cache=False) as model:
         emb = lc.MetaEOLEmbeddings(model)
         _same(emb.embed_documents(SENTENCES), expected, SENTENCES)
         _same([emb.embed_query("Hi")], expected, ["Hi"])
@@ -333,6 +339,26 @@ def test_in_process_adapters_give_the_vectors_of_encode(smollm2, expected):
         index = li.MetaEOLEmbedding(model)
         _same(index.get_text_embedding_batch(SENTENCES), expected, SENTENCES)
         _same([index.get_query_embedding("Hi")], expected, ["Hi"])
-    made = lc.MetaEOLEmbeddings("smollm2-135m", templates="prompteol", cache=False)
+    made = lc.MetaEOLEmbeddings(fake_model, templates="prompteol", cache=False, backend="fake")
     _same([made.embed_query("Hi")], expected, ["Hi"])
     made.model.close()
+
+
+@pytest.mark.slow
+def test_end_to_end_a_real_model_served_over_both_apis(smollm2):
+    """The server face on the real engine: what the fake-backend tests above check, once with llama.cpp."""
+    with MetaEOL(smollm2, "prompteol", cache=False) as m:
+        want = m.encode(SENTENCES)
+    model = MetaEOL(smollm2, "prompteol", cache=False)
+    running = _Running({"smollm2-135m": ModelWorker("smollm2-135m", model, Limits())})
+    try:
+        with httpx.Client(base_url=running.url, timeout=120) as c:
+            r = c.post("/v1/embeddings", json={"model": "smollm2-135m", "input": SENTENCES})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] > 0
+            assert _vectors([d["embedding"] for d in r.json()["data"]]).tobytes() == want.tobytes()
+            r = c.post("/api/embed", json={"model": "smollm2-135m", "input": SENTENCES[:2]})
+            assert r.status_code == 200 and _vectors(r.json()["embeddings"]).tobytes() == want[:2].tobytes()
+            assert c.get("/api/tags").json()["models"][0]["details"]["embedding_length"] == 576
+    finally:
+        running.stop()

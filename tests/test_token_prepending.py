@@ -63,6 +63,7 @@ def reference(f32_path):
     backend.close()
 
 
+@pytest.mark.slow
 def test_the_placeholder_is_one_token_before_the_sentence_and_outside_the_shared_prefix(smollm2, gemma3):
     method = TokenPrepending(_templates(), start=1, stop=7)
     p = method.prompts(preprocess("A man is playing a guitar."))[0]
@@ -80,6 +81,7 @@ def test_the_placeholder_is_one_token_before_the_sentence_and_outside_the_shared
             e.close()
 
 
+@pytest.mark.slow
 def test_engine_matches_pytorch_with_the_rewrite(engine, reference):
     method = TokenPrepending(_templates(), start=1, stop=7)
     prompts = _prompts(method)
@@ -96,6 +98,7 @@ def test_engine_matches_pytorch_with_the_rewrite(engine, reference):
         assert cosine(g, p).min() < 0.9999 and cosine(r, p).min() < 0.9999
 
 
+@pytest.mark.slow
 def test_an_empty_range_is_the_plain_prompt_with_the_placeholder(engine):
     tp = TokenPrepending(_templates(), start=3, stop=3)
     plain_set = TemplateSet("with-x", tuple(t for t, _ in tp._parts), "test")
@@ -106,6 +109,7 @@ def test_an_empty_range_is_the_plain_prompt_with_the_placeholder(engine):
     assert cosine(a, b).min() >= 0.99999
 
 
+@pytest.mark.slow
 def test_prefix_sharing_changes_no_rewritten_vector(engine):
     prompts = _prompts(TokenPrepending(_templates(), start=1, stop=7), SENTENCES[:3])
     shared = engine.states(prompts, [FINAL])
@@ -116,6 +120,7 @@ def test_prefix_sharing_changes_no_rewritten_vector(engine):
     assert cosine(shared, covering).min() >= 0.99999
 
 
+@pytest.mark.slow
 def test_early_exit_and_layer_reads_keep_the_rewrite(smollm2):
     method = TokenPrepending(load_templates("prompteol"), start=1, stop=7)
     with MetaEOL(smollm2, "prompteol", method=method, layer=12, cache=False, n_threads=1) as cut:
@@ -129,7 +134,7 @@ def test_early_exit_and_layer_reads_keep_the_rewrite(smollm2):
     assert cosine(a, b).min() >= 0.9999
 
 
-def test_cache_keys_of_tp_are_apart_from_eol_and_from_other_ranges(smollm2, tmp_path):
+def test_cache_keys_of_tp_are_apart_from_eol_and_from_other_ranges(fake_model, tmp_path):
     keys = {}
     for name, method in [
         ("eol", None),
@@ -137,7 +142,7 @@ def test_cache_keys_of_tp_are_apart_from_eol_and_from_other_ranges(smollm2, tmp_
         ("tp2", TokenPrepending(load_templates("metaeol"), start=1, stop=2)),
         ("tp-x", TokenPrepending(load_templates("metaeol"), start=1, stop=2, placeholder=" *")),
     ]:
-        with MetaEOL(smollm2, "metaeol", method=method, cache=tmp_path / "c.sqlite") as m:
+        with MetaEOL(fake_model, "metaeol", method=method, cache=tmp_path / "c.sqlite", backend="fake") as m:
             keys[name] = {k.digest() for k in m.cache_keys("A cat sleeps.")}
     assert all(len(v) == 8 for v in keys.values())
     names = list(keys)
@@ -154,13 +159,15 @@ def test_impossible_ranges_are_refused_at_construction(start, stop):
         TokenPrepending(load_templates("prompteol"), start=start, stop=stop)
 
 
-def test_a_range_past_the_model_is_refused_before_anything_runs(smollm2):
-    ts = load_templates("prompteol")
+def test_a_range_past_the_model_is_refused_before_anything_runs(fake_model):
+    ts = load_templates("prompteol")  # the fake model has smollm2's 30 blocks
     with pytest.raises(MetaEOLError, match="stop 31 is over the model's 30 blocks"):
-        MetaEOL(smollm2, ts, method=TokenPrepending(ts, start=1, stop=31), cache=False)
-    MetaEOL(smollm2, ts, method=TokenPrepending(ts, start=1, stop=30), cache=False).close()  # the last one's input
+        MetaEOL(fake_model, ts, method=TokenPrepending(ts, start=1, stop=31), cache=False, backend="fake")
+    with MetaEOL(fake_model, ts, method=TokenPrepending(ts, start=1, stop=30), cache=False, backend="fake") as m:
+        assert m.encode(["A cat sleeps."]).shape == (1, 576)  # the last block's input is rewritten, and runs
 
 
+@pytest.mark.slow
 def test_what_cannot_rewrite_says_so(smollm2):
     from metaeol_edge.naive import NaiveBackend
 
@@ -191,7 +198,7 @@ def test_what_cannot_rewrite_says_so(smollm2):
 
 
 def test_the_command_line_takes_the_method_and_its_layers(tmp_path):
-    from conftest import run_cli
+    from conftest import FAKE, run_cli
 
     from metaeol_edge.cli import _method, _parser
 
@@ -200,7 +207,8 @@ def test_the_command_line_takes_the_method_and_its_layers(tmp_path):
     method = _method(args)
     assert isinstance(method, TokenPrepending) and (method.start, method.stop) == (2, 5)
     assert repr(method) == repr(_method(args))  # a bulk job's identity holds it
-    bad = run_cli("similarity", "a", "b", "--method", "tp", "--tp-layers", "5:2", "--no-cache")
+    # The command's plumbing: the fake backend (placeholder checks and all); the rewrite's numbers are above.
+    bad = run_cli("similarity", *FAKE, "a", "b", "--method", "tp", "--tp-layers", "5:2", "--no-cache")
     assert bad.returncode == 2 and "1 <= start <= stop" in bad.stderr and "Traceback" not in bad.stderr
-    ok = run_cli("similarity", "A cat sleeps.", "A kitten naps.", "--method", "tp", "--threads", "1", "--no-cache")
+    ok = run_cli("similarity", *FAKE, "A cat sleeps.", "A kitten naps.", "--method", "tp", "--no-cache")
     assert ok.returncode == 0, ok.stderr

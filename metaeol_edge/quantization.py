@@ -52,8 +52,8 @@ def requested(level: str | None) -> str:
     chosen = (level or os.environ.get(ENV) or AUTO).strip().lower()
     known = (AUTO, SHIPPED, *QUANT_LEVELS)
     if chosen not in known:
-        source = "level" if level else f"${ENV}"
-        raise ValueError(f"unknown {source} {chosen!r}; known: {', '.join(known)}")
+        source = "" if level else f" in ${ENV}"
+        raise ValueError(f"unknown quantization level {chosen!r}{source}; known: {', '.join(known)}")
     return chosen
 
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from metaeol_edge.cache import EmbeddingCache
 
 from metaeol_edge import EncodeStats, MetaEOL
-from metaeol_edge.cache import EmbeddingCache
 from metaeol_edge.evaluation import data_dir, load_sts
 
 

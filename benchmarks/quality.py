@@ -44,13 +44,13 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+from metaeol_edge.presets import get_preset
+from metaeol_edge.prompts import TemplateSet, load_templates
 
 from metaeol_edge import MetaEOL, registry
 from metaeol_edge import postprocess as pp
 from metaeol_edge.evaluation import STS_YEARS, STSData, data_dir, load_sts, load_transfer, run_sts
 from metaeol_edge.methods import TokenPrepending
-from metaeol_edge.presets import get_preset
-from metaeol_edge.prompts import TemplateSet, load_templates
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import cell, table  # noqa: E402

@@ -194,10 +194,10 @@ def main() -> None:
 
     import torch
     import transformers
-
-    from metaeol_edge.files import atomic_write
     from metaeol_edge.prompts import load_templates
     from metaeol_edge.reference import Reference
+
+    from metaeol_edge.files import atomic_write
 
     t_start = time.perf_counter()
     tasks = {

@@ -221,7 +221,6 @@ def cos_min(a: np.ndarray, b: np.ndarray) -> float:
 
 def machine() -> dict:
     import llama_cpp
-
     from metaeol_edge.quantization import simd, system_info
 
     info: dict = {

@@ -1,16 +1,26 @@
 """metaeol-edge: MetaEOL sentence embeddings from quantized GGUF models, offline, on a CPU.
 
-The layers, each in its own module: ``methods`` (sentence -> prompts -> one
-vector) -> ``backends`` (prompts -> hidden states: ``engine`` for llama.cpp,
-``reference`` for PyTorch, ``naive``) -> ``cache`` (stored prompt vectors, keyed
-by ``identity``) -> ``embedder`` (the recipe that streams sentences through
-them) -> faces (``cli``).
+Packages by concern, each importing only from those below it (import-linter
+checks it: the ``[tool.importlinter]`` contract in pyproject.toml):
+
+* ``faces``: what users call: ``cli``, ``server``, ``bulk``, ``integrations``;
+* ``evaluation``: SentEval tasks and measurements;
+* ``core``: the recipe (``embedder``), its ``cache`` and ``identity``,
+  post-processing, presets, and the yardstick recipes;
+* ``backends``: prompts -> hidden states (``engine`` for llama.cpp, ``torch``,
+  ``naive``, ``fake``);
+* ``methods``: sentence -> prompts -> one vector (templates, layers);
+  ``models``: a model reference -> a local file (registry, found, hub, store);
+* ``errors``, ``files``, ``llamacpp``: the ground floor.
 """
 
-from .embedder import Embedder, EncodeStats, MetaEOL, Truncation
-from .errors import DownloadError, InputError, MetaEOLError, ModelError, TemplateError
-from .methods import Method, Prompt, TemplateMethod, Unit, method_names, register_method
-from .prompts import TemplateSet, load_templates, preprocess
+from metaeol_edge import _aliases
+from metaeol_edge.core.embedder import Embedder, EncodeStats, MetaEOL, Truncation
+from metaeol_edge.errors import DownloadError, InputError, MetaEOLError, ModelError, TemplateError
+from metaeol_edge.methods import Method, Prompt, TemplateMethod, Unit, method_names, register_method
+from metaeol_edge.methods.prompts import TemplateSet, load_templates, preprocess
+
+_aliases.install()  # 0.2's module names (metaeol_edge.embedder, ...) keep working
 
 __version__ = "0.2.0"
 __all__ = [

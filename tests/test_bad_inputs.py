@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FAKE, fake
+from metaeol_edge.cli import main
 
 from metaeol_edge import MetaEOL, registry
-from metaeol_edge.cli import main
 from metaeol_edge.errors import InputError, MetaEOLError, TemplateError
+from metaeol_edge.models import digest
 
 S = ["A cat sleeps.", "A kitten is napping.", "The market fell."]
 LONG = " ".join(["word"] * 600)
@@ -377,8 +378,8 @@ def test_bad_input_or_fault(case: Case, tmp_path, monkeypatch, capsys, smollm2, 
 def test_a_damaged_model_is_hashed_again_only_when_it_changed(tmp_path, monkeypatch):
     path = _private_store(tmp_path, monkeypatch)
     calls = []
-    real = registry.identity.sha256_file
-    monkeypatch.setattr(registry.identity, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = digest.sha256_file
+    monkeypatch.setattr(digest, "sha256_file", lambda p: calls.append(p) or real(p))
     registry.resolve_model("smollm2-135m")
     assert calls == []  # size and mtime as recorded: no hashing on a normal start
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FAKE, fake
-
-from metaeol_edge import MetaEOL
 from metaeol_edge.backends_fake import DELAY_VARIABLE
 from metaeol_edge.bulk import auto_workers, embed_file, shards_dir
 from metaeol_edge.cache import MergeConflictError, merge_caches
 from metaeol_edge.cli import main
 from metaeol_edge.corpus import read_vectors
+
+from metaeol_edge import MetaEOL
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

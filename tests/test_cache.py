@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 from conftest import counted, fake
-
 from metaeol_edge.backends_fake import DELAY_VARIABLE
 from metaeol_edge.cache import SCHEMA_VERSION, CacheKey, EmbeddingCache
 from metaeol_edge.prompts import TemplateSet, load_templates

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import FAKE, fake
 from conftest import run_cli as run
-
-from metaeol_edge import MetaEOL
 from metaeol_edge.cli import main
 from metaeol_edge.corpus import read_sentences
+
+from metaeol_edge import MetaEOL
 
 
 @pytest.fixture

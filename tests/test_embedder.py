@@ -5,11 +5,11 @@ the cache key, post-processing) on the fake backend (conftest ``fake_model``).""
 import numpy as np
 import pytest
 from conftest import cosine, counted, fake
+from metaeol_edge.naive import NaiveRecipe
+from metaeol_edge.prompts import load_templates
 
 from metaeol_edge import EncodeStats, MetaEOL
 from metaeol_edge.errors import InputError, ModelError
-from metaeol_edge.naive import NaiveRecipe
-from metaeol_edge.prompts import load_templates
 
 EXTRA = [
     "Is this a question?",

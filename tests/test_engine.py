@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from metaeol_edge.engine import Engine, LogFilter, Prompt, use_extra_bufts
 from metaeol_edge.layers import FINAL, resolve_layer
 from metaeol_edge.prompts import load_templates, preprocess
@@ -24,7 +23,6 @@ def test_asked_for_extra_buffers_still_avoid_amx_the_os_forbids(monkeypatch):
 
 def test_every_load_path_uses_the_safe_parameters(monkeypatch):
     import llama_cpp.llama as high
-
     from metaeol_edge.engine import model_params, safe_model_params
 
     monkeypatch.delenv("METAEOL_EXTRA_BUFTS", raising=False)

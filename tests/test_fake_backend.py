@@ -8,15 +8,15 @@ import sys
 import numpy as np
 import pytest
 from conftest import FAKE, counted, fake
+from metaeol_edge.backends_fake import BOS, FakeBackend, write_model
+from metaeol_edge.cli import main
+from metaeol_edge.layers import FINAL
+from metaeol_edge.modelfile import inspect_gguf
 
 from metaeol_edge import MetaEOL
 from metaeol_edge.backends import backend_names, open_backend, spec_for
-from metaeol_edge.backends_fake import BOS, FakeBackend, write_model
-from metaeol_edge.cli import main
 from metaeol_edge.errors import ModelError
-from metaeol_edge.layers import FINAL
 from metaeol_edge.methods import Prompt, Rewrite
-from metaeol_edge.modelfile import inspect_gguf
 
 
 @pytest.fixture

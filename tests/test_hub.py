@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_stores import link_registry_model, write_gguf
+from metaeol_edge.cli import main
+from metaeol_edge.modelfile import inspect_gguf
 
 from metaeol_edge import EncodeStats, MetaEOL, hub, identity, registry
-from metaeol_edge.cli import main
 from metaeol_edge.errors import DownloadError, ModelError
-from metaeol_edge.modelfile import inspect_gguf
 
 REPO = "acme/Tiny-GGUF"
 TOKEN = "hf_secret"

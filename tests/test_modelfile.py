@@ -1,7 +1,7 @@
 import pytest
+from metaeol_edge.modelfile import inspect_gguf, truncate_gguf
 
 from metaeol_edge.errors import ModelError
-from metaeol_edge.modelfile import inspect_gguf, truncate_gguf
 
 
 def test_reads_the_header_of_a_real_model(smollm2):

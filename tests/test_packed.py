@@ -12,13 +12,13 @@ import random
 import numpy as np
 import pytest
 from conftest import cosine, counted
-
-from metaeol_edge import MetaEOL
-from metaeol_edge.cli import _model_options, _parser
+from metaeol_edge.cli import _config, _parser
 from metaeol_edge.engine import Engine, Prompt
 from metaeol_edge.layers import FINAL
 from metaeol_edge.naive import NaiveRecipe
 from metaeol_edge.prompts import load_templates, preprocess
+
+from metaeol_edge import MetaEOL
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_bad_engine_options_are_clear_errors(smollm2):
     with pytest.raises(SystemExit):
         _parser().parse_args(["embed", "-i", "x", "-o", "y.npy", "--engine-mode", "fast"])
     args = _parser().parse_args(["embed", "-i", "x", "-o", "y.npy", "--engine-mode", "packed"])
-    assert _model_options(args)["engine_mode"] == "packed"
+    assert _config(args).engine_mode == "packed"
 
 
 def test_the_default_mode_follows_the_device(smollm2):

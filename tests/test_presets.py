@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, fake
+from metaeol_edge.layers import resolve_layer
+from metaeol_edge.presets import ModelChoice, ShippedFit, get_preset, load_presets
+from metaeol_edge.prompts import load_templates
 
 from metaeol_edge import MetaEOL, embedder, identity, presets, registry
 from metaeol_edge import postprocess as pp
 from metaeol_edge.errors import MetaEOLError, ModelError
-from metaeol_edge.layers import resolve_layer
-from metaeol_edge.presets import ModelChoice, ShippedFit, get_preset, load_presets
-from metaeol_edge.prompts import load_templates
 
 
 def test_every_preset_is_valid_and_its_fits_are_for_registry_files():

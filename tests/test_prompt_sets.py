@@ -3,10 +3,10 @@ PromptEOL, one-shot MetaEOL): each is data, and the engine's vectors for it agre
 
 import pytest
 from conftest import cosine
-
-from metaeol_edge import MetaEOL
 from metaeol_edge.naive import NaiveRecipe
 from metaeol_edge.prompts import load_templates
+
+from metaeol_edge import MetaEOL
 
 SETS = ["pretcot", "ke", "prompteol-icl-smoking", "prompteol-icl-music", "prompteol-icl-equestrian"]
 

@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from metaeol_edge.prompts import load_templates, preprocess
 
 from metaeol_edge.errors import TemplateError
-from metaeol_edge.prompts import load_templates, preprocess
 
 PAPER_TASKS = [
     "classification",

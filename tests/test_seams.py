@@ -13,12 +13,12 @@ import threading
 import numpy as np
 import pytest
 from conftest import cosine, counted, fake
+from metaeol_edge.engine import init_backend, safe_model_params
+from metaeol_edge.prompts import load_templates
 
 from metaeol_edge import EncodeStats, MetaEOL, Prompt, TemplateMethod, method_names, register_method
-from metaeol_edge.engine import init_backend, safe_model_params
 from metaeol_edge.errors import MetaEOLError
 from metaeol_edge.methods import make_method, unregister_method
-from metaeol_edge.prompts import load_templates
 
 SENTENCES = [
     "A man is playing a guitar.",

@@ -24,8 +24,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from metaeol_edge import MetaEOL  # noqa: E402
 from metaeol_edge.server import ApiError, Limits, ModelWorker, make_server  # noqa: E402
+
+from metaeol_edge import MetaEOL  # noqa: E402
 
 SENTENCES = ["A cat sleeps on the mat.", "A kitten is napping.", "The stock market fell sharply today.", "Hi"]
 KEY = "s3cret-key"

@@ -9,15 +9,15 @@ import dataclasses
 
 import pytest
 from conftest import cosine
+from metaeol_edge.engine import Engine
+from metaeol_edge.engine import Prompt as EnginePrompt
+from metaeol_edge.layers import FINAL
+from metaeol_edge.prompts import preprocess
 
 from metaeol_edge import MetaEOL, TemplateSet, load_templates, registry
 from metaeol_edge.backends import LlamaCppBackend, placeholder_row
-from metaeol_edge.engine import Engine
-from metaeol_edge.engine import Prompt as EnginePrompt
 from metaeol_edge.errors import MetaEOLError
-from metaeol_edge.layers import FINAL
 from metaeol_edge.methods import TemplateMethod, TokenPrepending, make_method
-from metaeol_edge.prompts import preprocess
 
 SENTENCES = [
     "A man is playing a guitar.",
@@ -199,7 +199,6 @@ def test_what_cannot_rewrite_says_so(smollm2):
 
 def test_the_command_line_takes_the_method_and_its_layers(tmp_path):
     from conftest import FAKE, run_cli
-
     from metaeol_edge.cli import _method, _parser
 
     parser = _parser()

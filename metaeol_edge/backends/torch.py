@@ -1,0 +1,211 @@
+"""The full-precision reference: the same recipe and reads, in PyTorch.
+
+Optional (``pip install 'metaeol-edge[reference]'``: torch, transformers,
+accelerate). Loads a Hugging Face checkpoint (an id, for users with a network,
+or a local folder) or a GGUF file, which transformers dequantizes to the chosen
+dtype. Runs on CUDA or Apple MPS when present, else the CPU. Batches with left
+padding as the official MetaEOL code does; position ids follow the attention
+mask, so a padded prompt sees the positions it would see alone.
+
+Layers follow :mod:`metaeol_edge.layers`: ``-1`` is ``hidden_states[-1]``
+(after the final norm), ``k < n_layer`` is ``hidden_states[k]``, and
+``k = n_layer`` is the last block's output before the final norm (Hugging
+Face's ``hidden_states[n_layer]`` has the norm applied, so it is read with a hook).
+
+Token Prepending (a prompt's ``rewrite``) is a forward pre-hook on decoder
+layers ``start..stop-1``: the placeholder's row of the layer's input becomes
+the last token's, in place, as the authors' ``hidden_states[b, pst] =
+hidden_states[:, -1]`` (left padding keeps the last token last).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from metaeol_edge.backends import Backend, Progress, placeholder_row, pool_rows
+from metaeol_edge.errors import MetaEOLError
+from metaeol_edge.methods import Prompt
+from metaeol_edge.methods.layers import FINAL, check_resolved
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _imports():
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise MetaEOLError(
+            f"the reference backend needs PyTorch and transformers ({exc.name} is missing): "
+            "pip install 'metaeol-edge[reference]'"
+        ) from exc
+    return torch, transformers
+
+
+def default_device() -> str:
+    torch, _ = _imports()
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class TorchBackend(Backend):
+    """A causal LM in PyTorch; prompts of similar length are batched together (less padding)."""
+
+    name = "pytorch"
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        batch_size: int = 16,
+        label: str | None = None,
+    ) -> None:
+        torch, transformers = _imports()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        self.torch = torch
+        self.dtype = dtype
+        self.device = device or default_device()
+        self.cache_tag = f"pytorch-{dtype}-{self.device}"
+        self.batch_size = batch_size
+        label = label or os.fspath(model)
+        path = Path(os.fspath(model)).expanduser()
+        kwargs: dict[str, object] = {}
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise MetaEOLError(f"model file {path} does not exist")
+            source, kwargs["gguf_file"] = str(path.parent), path.name
+        else:
+            source = os.fspath(model)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+            lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+        except (OSError, ValueError) as exc:  # no such folder or hub id, no network, an unknown architecture
+            raise MetaEOLError(f"transformers cannot load {label!r}: {exc}") from exc
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = lm.get_decoder().to(self.device).eval()
+        text_config = lm.config.get_text_config()
+        self.n_layer = int(text_config.num_hidden_layers)
+        self.dim = int(text_config.hidden_size)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.torch.device(self.device).type == "cuda"  # also "cuda:1"
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def states(self, prompts: Sequence[Prompt], layers: Sequence[int], progress: Progress | None = None) -> np.ndarray:
+        check_resolved(layers, self.n_layer)
+        if not prompts:
+            return np.empty((len(layers), 0, self.dim), dtype=np.float32)
+        # Batch prompts of similar length together: less padding, same vectors.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].text))
+        sorted_rows = self._read_states([prompts[i] for i in order], list(layers), progress)
+        rows = np.empty_like(sorted_rows)
+        rows[:, order] = sorted_rows
+        return rows
+
+    def close(self) -> None:
+        """Free the model (and the GPU memory it holds)."""
+        self.model = None
+        if self.on_cuda:
+            self.torch.cuda.empty_cache()
+
+    def _read_states(self, prompts: list[Prompt], layers: list[int], progress: Progress | None) -> np.ndarray:
+        """(L, len(prompts), dim): each layer's read state of each prompt."""
+        torch = self.torch
+        captured: list = []
+        hook = None
+        if self.n_layer in layers:  # the last block's output before the final norm
+            block = self.model.layers[-1]
+            hook = block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+        result = []
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(prompts), self.batch_size):
+                    batch = prompts[start : start + self.batch_size]
+                    enc = self.tokenizer([p.text for p in batch], return_tensors="pt", padding=True)
+                    ids = enc["input_ids"].to(self.device)
+                    mask = enc["attention_mask"].to(self.device)
+                    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                    captured.clear()
+                    width = ids.shape[1]
+                    lengths = mask.sum(-1).tolist()
+                    rewrites = self._rewrite_hooks(batch, width, lengths)
+                    try:
+                        hidden = self.model(
+                            input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
+                        ).hidden_states
+                    finally:
+                        for handle in rewrites:
+                            handle.remove()
+                    per_layer = []
+                    for layer in layers:
+                        if layer == FINAL:
+                            h = hidden[-1]
+                        elif layer == self.n_layer:
+                            h = captured[-1]
+                        else:
+                            h = hidden[layer]
+                        per_layer.append(self._read(h, batch, width, lengths))
+                    result.append(np.stack(per_layer))
+                    if progress:
+                        progress(len(batch))
+        finally:
+            if hook is not None:
+                hook.remove()
+        return np.concatenate(result, axis=1)
+
+    def _rewrite_hooks(self, batch: list[Prompt], width: int, lengths: list[int]) -> list:
+        """Token Prepending: pre-hooks that overwrite each placeholder's row with its prompt's last row."""
+        targets = []  # (batch row, placeholder position, start, stop)
+        for b, p in enumerate(batch):
+            if p.rewrite is None:
+                continue
+            start, stop = p.rewrite.start, p.rewrite.stop
+            if not 1 <= start <= stop <= self.n_layer:
+                raise ValueError(f"rewrite layers {start}:{stop} must satisfy 1 <= start <= stop <= {self.n_layer}")
+            if p.pool is not None:
+                raise ValueError("token prepending reads the last token only, not pooled rows")
+            row = placeholder_row(self.tokenize, p.text, p.rewrite.span)
+            targets.append((b, width - int(lengths[b]) + row, start, stop))
+        handles = []
+        for k in sorted({k for *_, start, stop in targets for k in range(start, stop)}):
+            rows = [(b, pos) for b, pos, start, stop in targets if start <= k < stop]
+
+            def rewrite(module, args, kwargs, rows=rows):
+                h = args[0] if args else kwargs["hidden_states"]
+                for b, pos in rows:
+                    h[b, pos] = h[b, -1]
+
+            handles.append(self.model.layers[k].register_forward_pre_hook(rewrite, with_kwargs=True))
+        return handles
+
+    def _read(self, h, batch: list[Prompt], width: int, lengths: list[int]) -> np.ndarray:
+        """Each prompt's read from one layer's (B, width, dim) states; left padding: the last is real."""
+        if all(p.pool is None for p in batch):
+            return h[:, -1, :].float().cpu().numpy()
+        rows = np.empty((len(batch), self.dim), dtype=np.float32)
+        for b, p in enumerate(batch):
+            if p.pool is None:
+                rows[b] = h[b, -1, :].float().cpu().numpy()
+                continue
+            start, stop = pool_rows(self.tokenize, p.text, p.pool)
+            pad = width - int(lengths[b])
+            rows[b] = h[b, pad + start : pad + stop, :].float().mean(0).cpu().numpy()
+        return rows

@@ -1,0 +1,124 @@
+"""Presets: a measured configuration (templates, layer, post-processing) one option away.
+
+The defaults stay paper-exact (MetaEOL's 8 templates, the final layer, no
+post-processing). A preset names another configuration that issue 20's
+benchmark (``benchmarks/quality.py``) chose on dev data and scored on the
+test sets, and ships its post-processing fit for the models it was fitted on,
+so ``MetaEOL(preset="quality")`` works offline with nothing to fit. For a
+model without a shipped fit, or to fit on text of the user's own domain::
+
+    metaeol fit-postprocess --preset quality --model MODEL --input CORPUS.txt
+
+That fit is stored next to the model store and wins over the shipped one.
+
+A preset may differ per model: ``models`` in the data names, by the model
+file's SHA-256, the templates, layer or post-processing that model's own dev
+run chose (qwen2.5-coder-1.5b is best without post-processing, for one).
+:meth:`Preset.for_model` gives the configuration a file gets; any other file
+gets the preset's own.
+
+The presets are data: ``presets/presets.json`` at the top of the repository,
+installed as package data beside the fits it names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from metaeol_edge.core.postprocess import parse_kind
+from metaeol_edge.errors import MetaEOLError
+from metaeol_edge.files import package_data
+from metaeol_edge.methods.layers import LayerSpec
+
+
+@dataclass(frozen=True)
+class ShippedFit:
+    """A fit that ships with a preset: for one model file (by SHA-256), made on text named in ``fit_on``."""
+
+    file: str
+    sha256: str
+    fit_on: str
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What one model file (by SHA-256) gets instead of the preset's own settings, and why (``chosen``)."""
+
+    sha256: str
+    chosen: str
+    templates: str | None = None
+    layer: LayerSpec | None = None
+    postprocess: str | None = None
+    no_postprocess: bool = False  # the dev choice was the raw vectors
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    templates: str
+    layer: LayerSpec  # a spec every model resolves (1.0: the last block's output), not one model's block number
+    postprocess: str | None  # None: no post-processing
+    fits: dict[str, ShippedFit] = field(default_factory=dict)  # registry id -> its fit
+    models: dict[str, ModelChoice] = field(default_factory=dict)  # registry id -> its own choice
+
+    def for_model(self, fingerprint: str | None) -> Preset:
+        """The preset as the model file with this SHA-256 gets it (its own choice, if it has one)."""
+        for choice in self.models.values():
+            if choice.sha256 == fingerprint:
+                return replace(
+                    self,
+                    templates=choice.templates or self.templates,
+                    layer=self.layer if choice.layer is None else choice.layer,
+                    postprocess=None if choice.no_postprocess else choice.postprocess or self.postprocess,
+                )
+        return self
+
+    def shipped_fit(self, fingerprint: str) -> Path | None:
+        """The shipped fit made for the model file with this SHA-256, if one ships."""
+        folder = _data_dir()
+        for fit in self.fits.values():
+            if fit.sha256 == fingerprint and folder is not None:
+                path = folder / fit.file
+                if path.is_file():
+                    return Path(str(path))
+        return None
+
+
+def _data_dir():
+    return package_data("preset_data", "presets")
+
+
+def load_presets() -> dict[str, Preset]:
+    folder = _data_dir()
+    if folder is None or not (folder / "presets.json").is_file():
+        return {}
+    raw = json.loads((folder / "presets.json").read_text(encoding="utf-8"))
+    presets = {}
+    for name, p in raw["presets"].items():
+        fits = {model: ShippedFit(f["file"], f["sha256"], f["fit_on"]) for model, f in p.get("fits", {}).items()}
+        models = {}
+        for model, m in p.get("models", {}).items():
+            models[model] = ModelChoice(
+                m["sha256"],
+                m["chosen"],
+                m.get("templates"),
+                m.get("layer"),
+                m.get("postprocess") or None,
+                "postprocess" in m and m["postprocess"] is None,
+            )
+        for kind in [p["postprocess"], *(m.postprocess for m in models.values())]:
+            if kind is not None:
+                parse_kind(kind)  # a typo in the data file fails here, not at the first encode
+        presets[name] = Preset(name, p["description"], p["templates"], p["layer"], p["postprocess"], fits, models)
+    return presets
+
+
+def get_preset(name: str) -> Preset:
+    presets = load_presets()
+    if name not in presets:
+        known = ", ".join(sorted(presets)) or "none installed"
+        raise MetaEOLError(f"unknown preset {name!r}; known: {known}")
+    return presets[name]

@@ -384,7 +384,10 @@ class Collection:
                     report.unchanged += 1
                     continue
                 try:
-                    sha = content_hash(read_bytes(f), f.kind, roots[f.root])
+                    data = read_bytes(f)
+                    if f.kind == "text":
+                        decode_text(data)  # binary or not UTF-8: skipped here, before any model is loaded
+                    sha = content_hash(data, f.kind, roots[f.root])
                 except Unreadable as exc:
                     self._skip(report, f, str(exc), sf is not None)
                     continue
@@ -437,7 +440,7 @@ class Collection:
 
     def _embed_files(self, model, todo, roots, report: IndexReport, batch_size: int, show: bool | None) -> None:
         store = self.store
-        budget = Budget.for_model(model, self.overlap)
+        budget: list[Budget] = []  # made for the first file read: it loads the model's tokenizer
         if show is None:
             show = sys.stderr.isatty()
         bar = None
@@ -451,7 +454,9 @@ class Collection:
         def texts() -> Iterator[str]:
             for f, _, new in todo:
                 try:
-                    sha, chunks = self._chunks(f, budget, roots[f.root])
+                    if not budget:
+                        budget.append(Budget.for_model(model, self.overlap))
+                    sha, chunks = self._chunks(f, budget[0], roots[f.root])
                 except Unreadable as exc:
                     self._skip(report, f, str(exc), not new)
                     if bar is not None:

@@ -132,3 +132,24 @@ def test_quality_chooses_on_dev_and_every_test_score_is_recomputable_from_saved_
         layer, lever = r["layer"].replace("+", "_"), r["lever"].replace(":", "-")  # as folder names
         parts = (r["model"], r["method"], layer, lever, r["fit_on"], r["task"])
         assert scores[parts] == pytest.approx(r["spearman"], abs=0.006)
+
+
+def test_retrieval_benchmark_writes_its_rows_on_the_fake_backend(tmp_path, fake_model, senteval_root):
+    """benchmarks/retrieval.py end to end at a tiny size, no model: the rows issue 31 names, and nothing else."""
+    out = tmp_path / "r.json"
+    env = os.environ | {"METAEOL_DATA": str(senteval_root), "PYTHONPATH": str(REPO)}
+    run = script(
+        "retrieval.py", "--models", fake_model, "--backend", "fake", "--configs", "metaeol", "--queries", "5",
+        "--distractors", "30", "--sizes", "300", "--dim", "16", "--latency-queries", "10", "--sections",
+        "retrieval,latency", "--out", out, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["retrieval"] and {r["config"] for r in report["retrieval"]} <= {"metaeol", "all-MiniLM-L6-v2"}
+    for row in report["retrieval"]:
+        assert {"model", "config", "dataset", "queries", "ndcg10", "recall10", "mrr"} <= set(row)
+        assert 0 <= row["ndcg10"] <= 100 and 0 <= row["recall10"] <= 100 and row["queries"] > 0
+    assert {r["index"] for r in report["latency"]} >= {"exact"}
+    for row in report["latency"]:
+        assert {"index", "vectors", "dim", "p50_ms", "p95_ms", "recall10", "rss_mb"} <= set(row)
+        assert row["vectors"] == 300 and row["dim"] == 16 and row["recall10"] >= 0.99

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from metaeol_edge import registry
 from metaeol_edge.errors import InputError
 from metaeol_edge.faces.search import config as cfg
 from metaeol_edge.faces.search.chunking import Budget, split_text
@@ -47,6 +46,7 @@ from metaeol_edge.faces.search.sources import (
     walk,
 )
 from metaeol_edge.faces.search.store import NewChunk, NewFile, Store
+from metaeol_edge.models import store
 
 ENV = "METAEOL_COLLECTIONS"
 SUFFIX = ".sqlite3"
@@ -58,7 +58,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def collections_dir() -> Path:
     """Where named collections live: ``$METAEOL_COLLECTIONS``, else ``collections/`` in the user data dir."""
     env = os.environ.get(ENV)
-    return Path(env).expanduser() if env else registry.home() / "collections"
+    return Path(env).expanduser() if env else store.home() / "collections"
 
 
 def check_name(name: str) -> str:

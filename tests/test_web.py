@@ -1,0 +1,435 @@
+"""The page at ``/`` of ``metaeol serve`` (metaeol_edge/faces/web), driven in a real headless Chromium.
+
+Against a real ``metaeol serve`` subprocess on 127.0.0.1 with the fake backend (conftest ``fake_model``):
+compare's matrix against ``MetaEOL.encode``, the status against ``/metrics``, the key form with and
+without ``--api-key``, documents holding ``<script>`` and ``<img onerror>`` shown as characters and
+running nothing, the security headers, and no console error.
+
+Search and map run against the real server when it serves the search routes (issue 31: ``metaeol
+index``, ``serve --collection``); on a tree without them, against a stand-in of those routes' contract
+(:class:`StandIn`: the real app, the page's real files, search routes answering the same JSON), so the
+page's side of the contract is tested either way; the test ids say which.
+
+Needs Debian's ``chromium`` and the ``playwright`` package (the test extra); browsers are not downloaded.
+Without them every test here skips and says the install line. One browser for the module."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FAKE, fake
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+INSTALL = "apt-get install -y chromium && pip install playwright  (or: pip install -e '.[test]')"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+if sync_playwright is None or CHROMIUM is None:
+    missing = "the playwright package" if sync_playwright is None else "Debian's chromium"
+    print(f"\ntests/test_web.py: {missing} is missing; to run the browser tests: {INSTALL}", file=sys.stderr)
+    pytest.skip(f"needs {missing} for the browser tests: {INSTALL}", allow_module_level=True)
+
+KEY = "page-key-0451"
+XSS = ['<script>window.__pwned = "script"</script>', "<img src=x onerror=\"window.__pwned = 'img'\">"]
+COMPARE = ["A cat sleeps on the mat.", "A kitten is napping on a rug.", "The stock market fell sharply today.", *XSS]
+DOCS = {
+    "notes/cats.md": "# Cats\n\nA cat sleeps on the warm mat all afternoon.\n\nKittens nap often and play at night.\n",
+    "notes/money.md": "Markets\n\nThe stock market fell sharply today after the report.\n\nBonds rose.\n",
+    "code/tricky.html": f"Odd document\n\n{XSS[0]}\n\n{XSS[1]} a cat on a mat\n",
+    "recipes/tea.txt": "Boil water, pour it on the leaves and wait three minutes.\n",
+}
+
+
+# -- servers ------------------------------------------------------------------------------------------
+
+
+class Serve:
+    """``metaeol serve`` in a subprocess on a free port of 127.0.0.1; its log lines kept."""
+
+    def __init__(self, model: Path, tmp: Path, *args: str):
+        env = {**os.environ, "METAEOL_CACHE": str(tmp / "cache.sqlite3")}
+        cmd = [sys.executable, "-m", "metaeol_edge", "serve", *FAKE, "--port", "0", "--model", str(model), *args]
+        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.url = None
+        deadline = time.time() + 120
+        while time.time() < deadline and self.url is None:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if line.startswith("serving") and " on http://" in line:
+                self.url = line.strip().split(" on ")[-1]
+        assert self.url, "".join(self.lines)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def _has_search() -> bool:
+    """Whether this tree's ``metaeol`` has issue 31's collections (``index``, ``serve --collection``)."""
+    import contextlib
+    import io
+
+    from metaeol_edge.cli import _parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            _parser().parse_args(["serve", "--collection", "x"])
+            _parser().parse_args(["index", "x", "."])
+    except SystemExit:
+        return False
+    return True
+
+
+class StandIn:
+    """The search routes' contract (issue 31) over the real app, for a tree where they are not built yet:
+    ``create_app`` with the page and the fake model, plus ``GET /v1/collections``, ``POST /v1/search`` and
+    ``GET /v1/collections/{name}/map`` answering the agreed JSON from a brute-force search over ``DOCS``."""
+
+    def __init__(self, model_path: Path, tmp: Path):
+        from metaeol_edge.server import ApiError, Limits, ModelWorker, make_server
+
+        self.model = fake(model_path, cache=tmp / "standin.sqlite3")
+        chunks = []
+        for path, text in DOCS.items():
+            line = 1
+            for para in text.split("\n\n"):
+                if para.strip():
+                    first = line + len(para) - len(para.lstrip("\n"))
+                    chunks.append({"path": path, "line": first, "line_end": first + para.strip().count("\n"),
+                                   "text": para.strip()})  # fmt: skip
+                line += para.count("\n") + 2
+        for i, c in enumerate(chunks):
+            c["chunk_id"] = i
+        self.chunks = chunks
+        vectors = self.model.encode([c["text"] for c in chunks], normalize_embeddings=True)
+        self.vectors = np.asarray(vectors)
+        limits = Limits()
+        self.workers = {"fake": ModelWorker("fake", self.model, limits)}
+        self.server, sock, self.url = make_server(self.workers, "127.0.0.1", 0, limits)
+        app = self.server.config.app
+        name = "notes"
+
+        def hits(scores, k, skip=None):
+            order = [i for i in np.argsort(-scores, kind="stable") if i != skip][:k]
+            return [{"rank": r + 1, "score": float(scores[i]), **self.chunks[i]} for r, i in enumerate(order)]
+
+        @app.get("/v1/collections")
+        async def collections():
+            files = len({c["path"] for c in chunks})
+            return {"object": "list", "data": [{"name": name, "chunks": len(chunks), "files": files, "model": "fake",
+                                                "config": {"templates": "metaeol"}}]}  # fmt: skip
+
+        @app.post("/v1/search")
+        async def search(body: dict):
+            if body.get("collection") != name:
+                raise ApiError(404, f"no collection {body.get('collection')!r}", "not_found_error")
+            k = int(body.get("k", 10))
+            if "to" in body:
+                to = body["to"]
+                (i,) = [c["chunk_id"] for c in chunks if c["path"] == to["path"] and c["line"] == to["line"]]
+                data = hits(self.vectors @ self.vectors[i], k, skip=i)
+            else:
+                q = np.asarray(self.model.encode([body["query"]], normalize_embeddings=True))[0]
+                data = hits(self.vectors @ q, k)
+            return {"object": "list", "collection": name, "model": "fake", "data": data}
+
+        @app.get("/v1/collections/{collection}/map")
+        async def projection(collection: str, limit: int = 10000):
+            centred = self.vectors - self.vectors.mean(0)
+            xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+            points = [{"chunk_id": c["chunk_id"], "x": float(x), "y": float(y), "path": c["path"], "line": c["line"],
+                       "text": c["text"]} for c, (x, y) in zip(chunks, xy, strict=True)]  # fmt: skip
+            return {"collection": collection, "total": len(points), "sampled": False, "points": points[:limit]}
+
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(60)
+        for worker in self.workers.values():
+            worker.stop()
+        self.model.close()
+
+
+@pytest.fixture(scope="module")
+def served(fake_model, tmp_path_factory):
+    """The open server (no key); with a collection of ``DOCS`` where this tree can index one."""
+    tmp = tmp_path_factory.mktemp("web")
+    args: list[str] = []
+    if _has_search():
+        folder = tmp / "docs"
+        for path, text in DOCS.items():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_text(text, encoding="utf-8")
+        env = {**os.environ, "METAEOL_CACHE": str(tmp / "cache.sqlite3"), "METAEOL_COLLECTIONS": str(tmp / "coll")}
+        os.environ.setdefault("METAEOL_COLLECTIONS", str(tmp / "coll"))
+        cmd = [sys.executable, "-m", "metaeol_edge", "index", "notes", str(folder), *FAKE, "--model", str(fake_model)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        args = ["--collection", "notes"]
+    server = Serve(fake_model, tmp, *args)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def search_server(served, fake_model, tmp_path_factory):
+    """(URL, "real" or "stand-in"): the server whose search routes the page is tested against."""
+    if httpx.get(f"{served.url}/v1/collections", timeout=30).status_code == 200:
+        yield served.url, "real"
+        return
+    stand_in = StandIn(fake_model, tmp_path_factory.mktemp("stand-in"))
+    yield stand_in.url, "stand-in"
+    stand_in.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(fake_model, tmp_path_factory):
+    server = Serve(fake_model, tmp_path_factory.mktemp("web-key"), "--api-key", KEY)
+    yield server
+    server.stop()
+
+
+# -- the browser ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+class Page:
+    """One tab, with its console errors, uncaught exceptions and requested URLs recorded."""
+
+    def __init__(self, browser, url: str, view: str = "search"):
+        self.context = browser.new_context(viewport={"width": 1200, "height": 900})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.goto(f"{url}/#{view}")
+        self.page.wait_for_selector("body[data-ready='1']")
+
+    def close(self):
+        self.context.close()
+
+
+def _compare(page, sentences):
+    page.fill("#compare-input", "\n".join(sentences))
+    page.click("#compare-go")
+    page.wait_for_selector(f"#compare-matrix tbody tr:nth-child({len(sentences)})")
+    cells = page.eval_on_selector_all(
+        "#compare-matrix tbody tr", "rows => rows.map(r => [...r.querySelectorAll('td')].map(c => c.dataset.value))"
+    )
+    return np.asarray(cells, dtype=np.float64)
+
+
+def test_headers_tabs_keyboard_and_no_console_error(served, browser):
+    r = httpx.get(f"{served.url}/", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp and "http" not in csp
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
+    # Nothing inline and nothing remote in the files themselves.
+    html = r.text
+    assert not re.search(r"<script(?![^>]*src=\"/static/)", html), "inline script"
+    assert not re.search(r"\son\w+=", html) and "style=" not in html and "//" not in html.replace("http://www.w3", "")
+    js = httpx.get(f"{served.url}/static/app.js", timeout=30).text
+    assert "innerHTML" not in js and "eval(" not in js and "new Function" not in js and "https:" not in js
+
+    p = Page(browser, served.url, "compare")
+    try:
+        page = p.page
+        assert not page.is_visible("#key-dialog"), "an open server must not ask for a key"
+        # Tabs are buttons; the arrow keys move between them and show each view.
+        page.focus("#tab-compare")
+        page.keyboard.press("ArrowRight")
+        assert page.get_attribute("#tab-map", "aria-selected") == "true" and page.is_visible("#view-map")
+        page.keyboard.press("ArrowRight")
+        assert page.evaluate("document.activeElement.id") == "tab-status" and page.is_visible("#view-status")
+        page.wait_for_selector("#status-table")
+        page.keyboard.press("Home")
+        assert page.is_visible("#view-search") and not page.is_visible("#view-status")
+        page.click("#tab-compare")
+        _compare(page, COMPARE[:3])
+        for label in ("search-query", "compare-input", "search-k", "compare-model", "map-colour"):
+            assert page.evaluate(f"document.getElementById('{label}').labels.length") == 1, label
+        # Every request stays on this origin.
+        assert all(u.startswith(served.url) for u in p.requests), p.requests
+        wanted_404 = [e for e in p.errors if "404" in e]  # /v1/collections on a tree without the search routes
+        if httpx.get(f"{served.url}/v1/collections", timeout=30).status_code == 200:
+            assert not p.errors, p.errors
+        else:
+            assert p.errors == wanted_404, p.errors
+    finally:
+        p.close()
+
+
+def test_compare_matrix_is_the_models_cosines_and_documents_stay_text(served, browser, fake_model):
+    p = Page(browser, served.url, "compare")
+    try:
+        page = p.page
+        got = _compare(page, COMPARE)
+        with fake(fake_model, cache=False) as model:
+            v = np.asarray(model.encode(COMPARE), dtype=np.float64)
+        unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+        np.testing.assert_allclose(got, unit @ unit.T, atol=1e-5)
+        # The shown numbers are the values, rounded.
+        shown = page.eval_on_selector_all("#compare-matrix td", "cells => cells.map(c => c.textContent)")
+        assert shown == [f"{x:.2f}" for x in got.ravel()]
+        # The markup went in as characters, and nothing ran.
+        items = page.eval_on_selector_all("#compare-out ol.sentences li", "li => li.map(x => x.textContent)")
+        assert items == COMPARE
+        assert page.evaluate("window.__pwned") is None
+        assert page.query_selector("#compare-out img") is None and page.query_selector("#compare-out script") is None
+        assert "Most alike: " in page.text_content("#compare-note")
+    finally:
+        p.close()
+
+
+def test_status_shows_the_metrics_numbers(served, browser):
+    p = Page(browser, served.url, "compare")
+    try:
+        page = p.page
+        _compare(page, ["one sentence here", "and another one"])
+        page.click("#tab-status")
+        page.click("#status-refresh")
+        metrics = httpx.get(f"{served.url}/metrics", timeout=30).text
+        status = httpx.get(f"{served.url}/v1/status", timeout=30).json()
+        (model,) = status["models"]
+        sentences = sum(
+            float(m.group(1))
+            for m in re.finditer(rf'^metaeol_sentences_total\{{model="{model["id"]}"\}} (\S+)$', metrics, re.M)
+        )
+        row = f"#status-table tr[data-model='{model['id']}']"
+        expect(page.locator(f"{row} td[data-col=Sentences]")).to_have_text(f"{sentences:g}")
+        cell = lambda col: page.text_content(f"{row} td[data-col='{col}']")  # noqa: E731
+        from metaeol_edge import __version__
+
+        assert page.text_content("dd[data-key=version]") == __version__
+        assert cell("Dim") == "576" and cell("Templates") == "metaeol (8)" and cell("Layer") == "final (-1)"
+        assert cell("Preset") == "none (the paper's)" and cell("Queue") == "0"
+        hits = float(re.search(rf'^metaeol_cache_hits_total\{{model="{model["id"]}"\}} (\S+)$', metrics, re.M)[1])
+        misses = float(re.search(rf'^metaeol_cache_misses_total\{{model="{model["id"]}"\}} (\S+)$', metrics, re.M)[1])
+        assert cell("Cache hit rate") == f"{100 * hits / (hits + misses):.1f}% of {hits + misses:g}"
+        expect(page.locator(f"{row} td[data-col='Sentences/s']")).not_to_have_text("—")
+    finally:
+        p.close()
+
+
+def test_the_key_is_asked_once_kept_in_the_tab_and_never_in_a_url_or_log(keyed, browser):
+    assert httpx.get(f"{keyed.url}/", timeout=30).status_code == 200  # the page's files need no key
+    assert httpx.get(f"{keyed.url}/static/app.js", timeout=30).status_code == 200
+    assert httpx.get(f"{keyed.url}/v1/status", timeout=30).status_code == 401  # its data does
+    p = Page(browser, keyed.url, "compare")
+    try:
+        page = p.page
+        page.wait_for_selector("#key-dialog[open]")
+        page.fill("#key-input", "not-the-key")
+        page.click("#key-save")
+        expect(page.locator("#key-why")).to_contain_text("refused")
+        assert page.is_visible("#key-dialog")
+        page.fill("#key-input", KEY)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#key-dialog", state="hidden")
+        got = _compare(page, COMPARE[:2])
+        assert got.shape == (2, 2)
+        assert page.evaluate("sessionStorage.getItem('metaeol-edge.api-key')") == KEY
+        page.click("#tab-status")
+        page.wait_for_selector("#status-table")
+        assert not page.is_visible("#key-dialog"), "asked twice"
+        # Another tab of the same browser context keeps its own session storage: asked again there.
+        assert all(KEY not in u for u in p.requests)
+        assert not any(KEY in line for line in keyed.lines)
+        assert not [e for e in p.errors if "401" not in e and "Unauthorized" not in e], p.errors
+    finally:
+        p.close()
+
+
+def test_search_from_the_keyboard_and_its_top_result(search_server, browser):
+    url, which = search_server
+    p = Page(browser, url, "search")
+    try:
+        page = p.page
+        page.wait_for_selector("#search-collection option", state="attached")
+        page.click("h1")
+        page.keyboard.press("/")
+        assert page.evaluate("document.activeElement.id") == "search-query"
+        page.keyboard.type("a cat on a mat")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#search-results li")
+        collection = page.input_value("#search-collection")
+        want = httpx.post(f"{url}/v1/search", json={"collection": collection, "query": "a cat on a mat", "k": 10},
+                          timeout=60).json()["data"]  # fmt: skip
+        hits = page.query_selector_all("#search-results > li")
+        assert len(hits) == len(want), (page.input_value("#search-query"), page.text_content("#search-note"))
+        assert page.text_content("#search-note").startswith(f"{len(want)} results for “a cat on a mat”"), (
+            page.text_content("#search-note")
+        )
+        top = hits[0]
+        assert top.query_selector(".score").text_content() == f"{want[0]['score']:.3f}"
+        assert top.query_selector(".where").text_content().startswith(f"{want[0]['path']}:{want[0]['line']}")
+        assert top.query_selector("pre").text_content() == want[0]["text"]
+        marks = {m.lower() for m in page.eval_on_selector_all("#search-results mark", "m => m.map(x => x.textContent)")}
+        assert marks == {"cat", "mat"}, marks
+        # The document holding markup is among the results, as characters, and ran nothing.
+        texts = page.eval_on_selector_all("#search-results pre", "p => p.map(x => x.textContent)")
+        assert any(XSS[0] in t for t in texts) and any(XSS[1] in t for t in texts), (which, texts)
+        assert page.evaluate("window.__pwned") is None and page.query_selector("#search-results img") is None
+        # k is the user's choice.
+        page.select_option("#search-k", "5")
+        page.click("#search-go")
+        expect(page.locator("#search-results > li")).to_have_count(5)
+    finally:
+        p.close()
+
+
+def test_map_point_count_hover_and_neighbours(search_server, browser):
+    url, which = search_server
+    p = Page(browser, url, "map")
+    try:
+        page = p.page
+        page.wait_for_selector("#map-svg circle")
+        collection = page.input_value("#map-collection")
+        answer = httpx.get(f"{url}/v1/collections/{collection}/map", params={"limit": 10000}, timeout=60).json()
+        assert page.eval_on_selector_all("#map-svg circle", "c => c.length") == len(answer["points"])
+        note = page.text_content("#map-note")
+        assert ("sample" in note) == answer["sampled"], note
+        legend = page.eval_on_selector_all("#map-legend li", "li => li.map(x => x.textContent)")
+        assert any(item.startswith("notes (") for item in legend), legend
+        page.hover("#map-svg circle >> nth=0")
+        page.wait_for_selector("#map-tip:not([hidden])")
+        assert page.text_content("#map-tip code") == f"{answer['points'][0]['path']}:{answer['points'][0]['line']}"
+        page.click("#map-svg circle >> nth=0", force=True)
+        page.wait_for_selector("#map-neighbours li")
+        assert page.evaluate("window.__pwned") is None and page.query_selector("#map-plot img") is None
+    finally:
+        p.close()
+    print(f"search and map tested against the {which} search routes")

@@ -59,7 +59,7 @@ class Serve:
     """``metaeol serve`` in a subprocess on a free port of 127.0.0.1; its log lines kept."""
 
     def __init__(self, model: Path, tmp: Path, *args: str):
-        env = {**os.environ, "METAEOL_CACHE": str(tmp / "cache.sqlite3")}
+        env = {**os.environ, "METAEOL_CACHE": str(tmp / "cache.sqlite3"), "METAEOL_COLLECTIONS": str(tmp / "coll")}
         cmd = [sys.executable, "-m", "metaeol_edge", "serve", *FAKE, "--port", "0", "--model", str(model), *args]
         self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -183,7 +183,6 @@ def served(fake_model, tmp_path_factory):
             (folder / path).parent.mkdir(parents=True, exist_ok=True)
             (folder / path).write_text(text, encoding="utf-8")
         env = {**os.environ, "METAEOL_CACHE": str(tmp / "cache.sqlite3"), "METAEOL_COLLECTIONS": str(tmp / "coll")}
-        os.environ.setdefault("METAEOL_COLLECTIONS", str(tmp / "coll"))
         cmd = [sys.executable, "-m", "metaeol_edge", "index", "notes", str(folder), *FAKE, "--model", str(fake_model)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr

@@ -308,11 +308,15 @@ function cosineMatrix(vectors) {
   );
 }
 
-// A colour for a cosine in [-1, 1]: white at 0, blue below, orange-red above; text that stays readable.
+// A colour for a cosine in [-1, 1]: white at 0, blue below, red above; the text black or white,
+// whichever keeps a contrast of at least 4.5:1 on it (WCAG AA: black from a luminance of 0.175, white to 0.183).
 function heat(value) {
   const t = Math.max(-1, Math.min(1, value));
-  const [r, g, b] = t >= 0 ? [255 - 40 * t, 255 - 160 * t, 255 - 215 * t] : [255 + 200 * t, 255 + 130 * t, 255];
-  return { background: `rgb(${r | 0}, ${g | 0}, ${b | 0})`, dark: Math.abs(t) > 0.62 };
+  const end = t >= 0 ? [180, 50, 10] : [20, 70, 170];
+  const rgb = end.map((c) => Math.round(255 + (c - 255) * Math.abs(t)));
+  const lin = rgb.map((c) => (c / 255 <= 0.04045 ? c / 255 / 12.92 : ((c / 255 + 0.055) / 1.055) ** 2.4));
+  const luminance = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2];
+  return { background: `rgb(${rgb.join(", ")})`, dark: luminance < 0.179 };
 }
 
 function matrixTable(sentences, sims) {

@@ -273,6 +273,10 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-chars", type=int, default=20_000, help="longest input in characters (20000)")
     sv.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (120)")
     sv.add_argument("--max-queue", type=int, default=256, help="requests waiting per model before a 503 (256)")
+    sv.add_argument(
+        "--collection", action="append", dest="collections", default=None,
+        help="serve POST /v1/search over this collection (from `metaeol index`); repeatable",
+    )  # fmt: skip
     sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list, pull, locate or remove models")
@@ -321,6 +325,45 @@ def _parser() -> argparse.ArgumentParser:
     cm.add_argument("--into", default=None, help="the cache to add to (default: this machine's, see cache path)")
     cm.set_defaults(func=cmd_cache_merge)
     c.set_defaults(func=cmd_cache_stats, json=False)
+
+    # Search by meaning over your own files (issue 31): the logic is in metaeol_edge.faces.search.
+    ix = sub.add_parser("index", help="index folders or tables into a collection searchable by meaning")
+    model_options(ix)
+    ix.add_argument("name", help="the collection: a name (kept under the user data dir) or a .sqlite3 path")
+    ix.add_argument("paths", nargs="*", help="folders or files (default: those indexed into it before)")
+    ix.add_argument("--include", action="append", default=None, help="glob of files to read (repeatable)")
+    ix.add_argument("--exclude", action="append", default=None, help="glob of files or folders to leave out")
+    ix.add_argument("--text-column", default="text", help=".jsonl/.csv/.parquet: the column to index (text)")
+    ix.add_argument("--id-column", default=None, help=".jsonl/.csv/.parquet: a column kept with each row")
+    ix.add_argument("--overlap", type=int, default=None, help="tokens repeated between chunks (new collections; 0)")
+    ix.add_argument("--batch-size", type=int, default=32)
+    ix.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ix.set_defaults(func=cmd_index)
+    se = sub.add_parser("search", help="the chunks of a collection nearest a query")
+    model_options(se)
+    se.add_argument("name", help="the collection (name or .sqlite3 path)")
+    se.add_argument("query")
+    se.add_argument("-k", type=int, default=10, help="results (10)")
+    se.add_argument("--json", action="store_true", help="one JSON object, as POST /v1/search answers")
+    se.set_defaults(func=cmd_search)
+    si = sub.add_parser("similar", help="the chunks of a collection nearest one of its chunks")
+    si.add_argument("name", help="the collection (name or .sqlite3 path)")
+    si.add_argument("--to", required=True, metavar="PATH[:LINE]", help="a file in the collection, and a line in it")
+    si.add_argument("-k", type=int, default=10, help="results (10)")
+    si.add_argument("--json", action="store_true", help="one JSON object, as POST /v1/search answers")
+    si.set_defaults(func=cmd_similar)
+    co = sub.add_parser("collections", help="list, show or remove search collections")
+    cosub = co.add_subparsers(title="collections commands")
+    col = cosub.add_parser("list", help="every collection, with its chunks, files and model")
+    col.add_argument("--json", action="store_true")
+    col.set_defaults(func=cmd_collections_list)
+    cos = cosub.add_parser("show", help="a collection's configuration, folders and counts (JSON)")
+    cos.add_argument("name")
+    cos.set_defaults(func=cmd_collections_show)
+    cor = cosub.add_parser("rm", help="delete a collection")
+    cor.add_argument("name")
+    cor.set_defaults(func=cmd_collections_rm)
+    co.set_defaults(func=cmd_collections_list, json=False)
     return p
 
 
@@ -474,7 +517,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise InputError(f"two served models have the same name: {', '.join(names)}; use NAME=MODEL")
     workers: dict[str, server.ModelWorker] = {}
+    collections = {}
     try:
+        for name in args.collections or []:
+            collections[name] = _collection(args, name, served=True)
+            collections[name].model.backend  # noqa: B018 - load now, as the models are
+            print(f"opened collection {name}: {collections[name].stats()['chunks']} chunks", file=sys.stderr)
         for name, model_spec in specs:
             args.model = model_spec
             model = _model(args)
@@ -491,11 +539,114 @@ def cmd_serve(args: argparse.Namespace) -> int:
             limits,
             api_key,
             on_ready=lambda url: print(f"serving {', '.join(workers)} on {url}", file=sys.stderr, flush=True),
+            collections=collections,
         )
     finally:
         for worker in workers.values():
             worker.model.close()  # commits and closes the cache
+        for collection in collections.values():
+            collection.close()
     print("stopped", file=sys.stderr)
+    return 0
+
+
+def _collection(args: argparse.Namespace, name: str, create: bool = False, served: bool = False):
+    """A collection opened with the model options given (each must agree with the collection's)."""
+    from metaeol_edge.faces.search import Collection
+
+    options = {} if served else _model_options(args)  # serve's --model options are its models'
+    runtime = {"cache": not args.no_cache, "n_threads": args.threads, "truncate": not args.no_truncate}
+    for key in (*runtime, "cache_max_bytes"):
+        options.pop(key, None)
+    return Collection.open(name, create=create, overlap=getattr(args, "overlap", None), **runtime, **options)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    import os
+
+    if not args.paths and (args.include or args.exclude or args.text_column != "text" or args.id_column):
+        raise InputError("--include, --exclude, --text-column and --id-column apply to the PATHs given")
+    for path in args.paths:
+        if not os.path.lexists(os.path.expanduser(path)):
+            raise InputError(f"no such file or folder: {path}")
+    with _collection(args, args.name, create=True) as collection:
+        report = collection.index(
+            args.paths or None,
+            include=args.include or (),
+            exclude=args.exclude or (),
+            text_column=args.text_column,
+            id_column=args.id_column,
+            batch_size=args.batch_size,
+            show_progress_bar=False if args.quiet else None,
+        )
+    for skipped in report.skipped:
+        print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+    print(
+        f"{args.name}: files {report.added} added, {report.changed} changed, {report.unchanged} unchanged, "
+        f"{report.removed} removed, {len(report.skipped)} skipped; chunks {report.chunks_embedded} embedded, "
+        f"{report.chunks_reused} reused, {report.chunks_removed} removed ({report.seconds:.1f} s)"
+    )
+    return 0
+
+
+def _print_hits(args: argparse.Namespace, collection, hits) -> None:
+    if args.json:
+        body = {"object": "list", "collection": collection.name, "model": collection.stats()["model"],
+                "data": [h.to_dict() for h in hits]}  # fmt: skip
+        print(json.dumps(body, ensure_ascii=False, indent=1))
+        return
+    for h in hits:
+        text = " ".join(h.text.split())
+        print(f"{h.rank:>3}  {h.score:.4f}  {h.where}\n     {text[:300]}{'…' if len(text) > 300 else ''}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    with _collection(args, args.name) as collection:
+        _print_hits(args, collection, collection.search(args.query, k=args.k))
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from metaeol_edge.faces.search import Collection
+
+    path, sep, line = args.to.rpartition(":")
+    if not (sep and line.isdigit()):
+        path, line = args.to, ""
+    with Collection.open(args.name, create=False) as collection:
+        _print_hits(args, collection, collection.similar(path, int(line) if line else None, k=args.k))
+    return 0
+
+
+def cmd_collections_list(args: argparse.Namespace) -> int:
+    from metaeol_edge.faces.search import list_collections
+    from metaeol_edge.faces.search.collection import collections_dir
+
+    rows = list_collections()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no collections in {collections_dir()}: make one with `metaeol index NAME PATH...`", file=sys.stderr)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<24} unreadable: {r['error']}")
+        else:
+            print(f"{r['name']:<24}{r['chunks']:>9} chunks{r['files']:>7} files  {r['model']}")
+    return 0
+
+
+def cmd_collections_show(args: argparse.Namespace) -> int:
+    from metaeol_edge.faces.search import Collection
+
+    with Collection.open(args.name, create=False) as collection:
+        print(json.dumps(collection.stats(), indent=2))
+    return 0
+
+
+def cmd_collections_rm(args: argparse.Namespace) -> int:
+    from metaeol_edge.faces.search import remove_collection
+
+    print(f"removed {remove_collection(args.name)}")
     return 0
 
 

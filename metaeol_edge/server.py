@@ -280,8 +280,10 @@ def create_app(
     limits: Limits = Limits(),
     api_key: str | None = None,
     log: Callable[[str], None] | None = None,
+    collections: dict | None = None,
 ):
-    """The FastAPI application over already loaded models, one worker each."""
+    """The FastAPI application over already loaded models, one worker each (and open search
+    collections: :mod:`metaeol_edge.faces.search.http`)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
@@ -475,6 +477,10 @@ def create_app(
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    if collections:  # POST /v1/search, GET /v1/collections, GET /v1/collections/{name}/map
+        from metaeol_edge.faces.search.http import register_search_routes
+
+        routes.update(register_search_routes(app, collections, limits))
     return app
 
 
@@ -496,6 +502,7 @@ def make_server(
     port: int = 8080,
     limits: Limits = Limits(),
     api_key: str | None = None,
+    collections: dict | None = None,
 ):
     """(uvicorn server, listening socket, URL): bound now, so port 0 gives a free port to report."""
     import socket
@@ -506,7 +513,7 @@ def make_server(
         raise MetaEOLError(
             "the server needs the [server] extra (uvicorn is missing): pip install 'metaeol-edge[server]'"
         ) from exc
-    app = create_app(workers, limits, api_key)
+    app = create_app(workers, limits, api_key, collections=collections)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except OSError as exc:
@@ -537,10 +544,11 @@ def serve(
     limits: Limits = Limits(),
     api_key: str | None = None,
     on_ready: Callable[[str], None] | None = None,
+    collections: dict | None = None,
 ) -> None:
     """Run the server until SIGTERM or Ctrl-C: then take no new request, finish those in flight,
     let every worker finish its queue, and return (the caller closes the models, committing the cache)."""
-    server, sock, url = make_server(workers, host, port, limits, api_key)
+    server, sock, url = make_server(workers, host, port, limits, api_key, collections)
     if on_ready is not None:
         original = server.startup
 

@@ -78,7 +78,7 @@ def test_quality_json_keeps_each_runs_command_once():
 def test_extras_all_and_dev_hold_what_they_say():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    runtime = ["reference", "eval", "server", "bulk", "ray", "langchain", "llama-index"]
+    runtime = ["reference", "eval", "server", "bulk", "search", "ray", "langchain", "llama-index"]
     assert set(extras["all"]) == {d for e in runtime for d in extras[e]}
     readme = README.read_text(encoding="utf-8")
     command2 = re.search(r'pip install -e "\.\[([^\]]+)\]"', readme).group(1).split(",")

@@ -1,0 +1,100 @@
+"""What a collection's vectors depend on: the options it was made with, and the identity they resolve to.
+
+``options`` are ``MetaEOL``'s keyword arguments as the user chose them (the
+level as resolved on the machine that made the collection), enough to build the
+same model again. ``identity`` is what those options resolve to, in the terms of
+:mod:`metaeol_edge.identity` that name a cached vector: the model file's
+fingerprint with its early exit and backend, the prompts, method, layer,
+pre-processing, length, dtype and post-processing fit, plus the chunking. A
+query is embedded only by a model whose identity equals the collection's; any
+difference is refused, naming the field.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+from metaeol_edge.errors import InputError
+from metaeol_edge.identity import key_digest, sha256_file
+
+# MetaEOL's options that do not decide a vector: they stay the caller's, never stored.
+RUNTIME = ("n_threads", "cache", "cache_max_bytes", "verbose", "truncate", "n_gpu_layers", "engine_mode")
+# Identity fields that are shown, not compared (another path to the same file is the same model).
+SHOWN = ("model", "templates")
+LABELS = {
+    "vectors": "model file and backend",
+    "prompts": "templates (their exact text)",
+    "method": "method",
+    "layer": "layer",
+    "preprocess": "pre-processing",
+    "max_length": "max_length",
+    "cache_dtype": "cache dtype",
+    "postprocess": "post-processing fit",
+    "dim": "vector width",
+    "overlap": "chunk overlap",
+}
+
+
+def _defaults() -> dict[str, Any]:
+    from metaeol_edge.embedder import MetaEOL
+
+    params = inspect.signature(MetaEOL.__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def chosen(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that decide vectors and differ from ``MetaEOL``'s defaults, as plain JSON values."""
+    defaults = _defaults()
+    out = {}
+    for key, value in options.items():
+        if key in RUNTIME or value is None or (key in defaults and value == defaults[key]):
+            continue
+        if key not in defaults:
+            raise InputError(f"unknown option {key!r} for a collection's model")
+        if isinstance(value, os.PathLike):
+            value = os.path.abspath(value)
+        elif key == "model" and isinstance(value, str) and value.endswith(".gguf"):
+            value = os.path.abspath(os.path.expanduser(value))  # a relative path means the same file anywhere
+        if not isinstance(value, str | int | float | bool | list | dict):
+            raise InputError(f"a collection stores its options as text: {key}={value!r} cannot be stored; name it")
+        out[key] = value
+    return out
+
+
+def identity(model, overlap: int) -> dict[str, Any]:
+    """The identity of a ``MetaEOL`` (one layer) indexing with ``overlap``."""
+    if len(model.layers) != 1:
+        raise InputError("a collection reads one layer: give one --layer, not several")
+    fit = model.postprocess_source(model.layer) if model.postprocess else None
+    return {
+        "model": model.model_label,
+        "templates": model.templates.name,
+        "vectors": model._vector_source(),
+        "prompts": key_digest(u.key for u in model.units).hex()[:32],
+        "method": model.method.cache_name or model.method.name,
+        "layer": model.layer,
+        "preprocess": model.preprocess,
+        "max_length": model.max_length,
+        "cache_dtype": model.cache_dtype if model.cache is not None else "float32",
+        "postprocess": sha256_file(fit)[:32] if fit is not None else None,
+        "dim": model.dim,
+        "overlap": overlap,
+    }
+
+
+def difference(name: str, stored: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """A one-line message naming the first field in which two identities differ, or None."""
+    for key, label in LABELS.items():
+        if stored.get(key) != given.get(key):
+            was, now = stored.get(key), given.get(key)
+            if key == "vectors":
+                was, now = f"{stored.get('model')} ({was})", f"{given.get('model')} ({now})"
+            elif key == "prompts":
+                was, now = f"{stored.get('templates')} ({was})", f"{given.get('templates')} ({now})"
+            return (
+                f"collection {name} was made with {label} {was}, not {now}: use the configuration it was made "
+                f"with (see `metaeol collections show {name}`), or index into another collection"
+            )
+    return None

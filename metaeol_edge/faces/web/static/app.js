@@ -402,10 +402,22 @@ const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#e07000", "#17becf
 const OTHER = "#9a9a9a";
 let mapPoints = [];
 
+let mapRoot = ""; // the folder every point's path starts with, left out of the colours' names
+
+function commonFolder(paths) {
+  if (!paths.length) return "";
+  let prefix = paths[0].slice(0, paths[0].lastIndexOf("/") + 1);
+  for (const path of paths) {
+    while (prefix && !path.startsWith(prefix)) prefix = prefix.slice(0, prefix.slice(0, -1).lastIndexOf("/") + 1);
+  }
+  return prefix;
+}
+
 function groupOf(point, by) {
-  if (by === "file") return point.path;
-  const cut = point.path.lastIndexOf("/");
-  return cut < 0 ? "." : point.path.slice(0, cut);
+  const path = point.path.slice(mapRoot.length);
+  if (by === "file") return path;
+  const cut = path.lastIndexOf("/");
+  return cut < 0 ? "." : path.slice(0, cut);
 }
 
 function drawMap() {
@@ -427,6 +439,7 @@ function drawMap() {
     legend.push(el("li", {}, swatch, el("span", { text: `${rest.length} other ${by === "file" ? "files" : "folders"} (${n})` })));
   }
   $("map-legend").replaceChildren(...legend);
+  $("map-root").textContent = mapRoot ? `in ${mapRoot}` : "";
 
   const size = 600;
   const pad = 12;
@@ -491,6 +504,7 @@ async function loadMap() {
   try {
     const answer = await api(`/v1/collections/${encodeURIComponent(name)}/map?limit=10000`);
     mapPoints = answer.points;
+    mapRoot = commonFolder(mapPoints.map((p) => p.path));
     const sampled = answer.sampled
       ? `A sample of ${answer.points.length} of its ${answer.total} chunks is shown.`
       : `All ${answer.total} chunks are shown.`;

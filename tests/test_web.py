@@ -5,10 +5,8 @@ compare's matrix against ``MetaEOL.encode``, the status against ``/metrics``, th
 without ``--api-key``, documents holding ``<script>`` and ``<img onerror>`` shown as characters and
 running nothing, the security headers, and no console error.
 
-Search and map run against the real server when it serves the search routes (issue 31: ``metaeol
-index``, ``serve --collection``); on a tree without them, against a stand-in of those routes' contract
-(:class:`StandIn`: the real app, the page's real files, search routes answering the same JSON), so the
-page's side of the contract is tested either way; the test ids say which.
+Search and map run on a collection of ``DOCS`` made by ``metaeol index`` and served by ``metaeol serve
+--collection`` (issue 31's routes: ``POST /v1/search``, ``GET /v1/collections``, the map route).
 
 Needs Debian's ``chromium`` and the ``playwright`` package (the test extra); browsers are not downloaded.
 Without them every test here skips and says the install line. One browser for the module."""
@@ -49,6 +47,10 @@ DOCS = {
     "notes/money.md": "Markets\n\nThe stock market fell sharply today after the report.\n\nBonds rose.\n",
     "code/tricky.html": f"Odd document\n\n{XSS[0]}\n\n{XSS[1]} a cat on a mat\n",
     "recipes/tea.txt": "Boil water, pour it on the leaves and wait three minutes.\n",
+    "recipes/bread.txt": "Knead the dough, let it rise for an hour, then bake it.\n",
+    "notes/garden.md": "The tomatoes need water every morning in summer.\n",
+    "notes/trip.md": "The train to the coast leaves at nine.\n",
+    "code/hello.py": "def hello():\n    return 'a greeting for the user'\n",
 }
 
 
@@ -97,81 +99,6 @@ def _has_search() -> bool:
     return True
 
 
-class StandIn:
-    """The search routes' contract (issue 31) over the real app, for a tree where they are not built yet:
-    ``create_app`` with the page and the fake model, plus ``GET /v1/collections``, ``POST /v1/search`` and
-    ``GET /v1/collections/{name}/map`` answering the agreed JSON from a brute-force search over ``DOCS``."""
-
-    def __init__(self, model_path: Path, tmp: Path):
-        from metaeol_edge.server import ApiError, Limits, ModelWorker, make_server
-
-        self.model = fake(model_path, cache=tmp / "standin.sqlite3")
-        chunks = []
-        for path, text in DOCS.items():
-            line = 1
-            for para in text.split("\n\n"):
-                if para.strip():
-                    first = line + len(para) - len(para.lstrip("\n"))
-                    chunks.append({"path": path, "line": first, "line_end": first + para.strip().count("\n"),
-                                   "text": para.strip()})  # fmt: skip
-                line += para.count("\n") + 2
-        for i, c in enumerate(chunks):
-            c["chunk_id"] = i
-        self.chunks = chunks
-        vectors = self.model.encode([c["text"] for c in chunks], normalize_embeddings=True)
-        self.vectors = np.asarray(vectors)
-        limits = Limits()
-        self.workers = {"fake": ModelWorker("fake", self.model, limits)}
-        self.server, sock, self.url = make_server(self.workers, "127.0.0.1", 0, limits)
-        app = self.server.config.app
-        name = "notes"
-
-        def hits(scores, k, skip=None):
-            order = [i for i in np.argsort(-scores, kind="stable") if i != skip][:k]
-            return [{"rank": r + 1, "score": float(scores[i]), **self.chunks[i]} for r, i in enumerate(order)]
-
-        @app.get("/v1/collections")
-        async def collections():
-            files = len({c["path"] for c in chunks})
-            return {"object": "list", "data": [{"name": name, "chunks": len(chunks), "files": files, "model": "fake",
-                                                "config": {"templates": "metaeol"}}]}  # fmt: skip
-
-        @app.post("/v1/search")
-        async def search(body: dict):
-            if body.get("collection") != name:
-                raise ApiError(404, f"no collection {body.get('collection')!r}", "not_found_error")
-            k = int(body.get("k", 10))
-            if "to" in body:
-                to = body["to"]
-                (i,) = [c["chunk_id"] for c in chunks if c["path"] == to["path"] and c["line"] == to["line"]]
-                data = hits(self.vectors @ self.vectors[i], k, skip=i)
-            else:
-                q = np.asarray(self.model.encode([body["query"]], normalize_embeddings=True))[0]
-                data = hits(self.vectors @ q, k)
-            return {"object": "list", "collection": name, "model": "fake", "data": data}
-
-        @app.get("/v1/collections/{collection}/map")
-        async def projection(collection: str, limit: int = 10000):
-            centred = self.vectors - self.vectors.mean(0)
-            xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
-            points = [{"chunk_id": c["chunk_id"], "x": float(x), "y": float(y), "path": c["path"], "line": c["line"],
-                       "text": c["text"]} for c, (x, y) in zip(chunks, xy, strict=True)]  # fmt: skip
-            return {"collection": collection, "total": len(points), "sampled": False, "points": points[:limit]}
-
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(60)
-        for worker in self.workers.values():
-            worker.stop()
-        self.model.close()
-
-
 @pytest.fixture(scope="module")
 def served(fake_model, tmp_path_factory):
     """The open server (no key); with a collection of ``DOCS`` where this tree can index one."""
@@ -193,14 +120,11 @@ def served(fake_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def search_server(served, fake_model, tmp_path_factory):
-    """(URL, "real" or "stand-in"): the server whose search routes the page is tested against."""
-    if httpx.get(f"{served.url}/v1/collections", timeout=30).status_code == 200:
-        yield served.url, "real"
-        return
-    stand_in = StandIn(fake_model, tmp_path_factory.mktemp("stand-in"))
-    yield stand_in.url, "stand-in"
-    stand_in.stop()
+def search_server(served):
+    """The open server's URL, where it serves the collection (issue 31's routes)."""
+    if httpx.get(f"{served.url}/v1/collections", timeout=30).status_code != 200:
+        pytest.skip("this tree's `metaeol serve` has no search routes (issue 31): nothing to search or map")
+    return served.url
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +297,7 @@ def test_the_key_is_asked_once_kept_in_the_tab_and_never_in_a_url_or_log(keyed, 
 
 
 def test_search_from_the_keyboard_and_its_top_result(search_server, browser):
-    url, which = search_server
+    url = search_server
     p = Page(browser, url, "search")
     try:
         page = p.page
@@ -400,9 +324,9 @@ def test_search_from_the_keyboard_and_its_top_result(search_server, browser):
         assert marks == {"cat", "mat"}, marks
         # The document holding markup is among the results, as characters, and ran nothing.
         texts = page.eval_on_selector_all("#search-results pre", "p => p.map(x => x.textContent)")
-        assert any(XSS[0] in t for t in texts) and any(XSS[1] in t for t in texts), (which, texts)
+        assert any(XSS[0] in t for t in texts) and any(XSS[1] in t for t in texts), texts
         assert page.evaluate("window.__pwned") is None and page.query_selector("#search-results img") is None
-        # k is the user's choice.
+        # k is the user's choice (the collection has more than 5 chunks).
         page.select_option("#search-k", "5")
         page.click("#search-go")
         expect(page.locator("#search-results > li")).to_have_count(5)
@@ -411,7 +335,7 @@ def test_search_from_the_keyboard_and_its_top_result(search_server, browser):
 
 
 def test_map_point_count_hover_and_neighbours(search_server, browser):
-    url, which = search_server
+    url = search_server
     p = Page(browser, url, "map")
     try:
         page = p.page
@@ -431,4 +355,3 @@ def test_map_point_count_hover_and_neighbours(search_server, browser):
         assert page.evaluate("window.__pwned") is None and page.query_selector("#map-plot img") is None
     finally:
         p.close()
-    print(f"search and map tested against the {which} search routes")

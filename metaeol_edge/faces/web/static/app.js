@@ -244,11 +244,13 @@ async function runSearch(body, words) {
   const list = $("search-results");
   say("search-note", "Searching…");
   $("search-go").disabled = true;
+  performance.mark("metaeol:submit"); // user timing marks, read by benchmarks/page.py
   const t0 = performance.now();
   try {
     const answer = await api("/v1/search", { method: "POST", body });
     const ms = performance.now() - t0;
     list.replaceChildren(...answer.data.map((hit) => resultItem(hit, words, neighboursOf)));
+    performance.mark("metaeol:results");
     const what = body.query !== undefined ? `“${body.query}”` : `chunks like ${body.to.path}:${body.to.line}`;
     say("search-note", `${answer.data.length} results for ${what} in ${answer.collection} (${ms.toFixed(0)} ms).`);
     document.body.dataset.searches = String(Number(document.body.dataset.searches || 0) + 1);
@@ -280,6 +282,7 @@ async function openSearch() {
     if (!list.length) say("search-note", NO_COLLECTION);
     $("search-query").disabled = !list.length;
     $("search-go").disabled = !list.length;
+    performance.mark("metaeol:ready");
   } catch (err) {
     say("search-note", `Cannot list the collections: ${err.message}`, true);
   }

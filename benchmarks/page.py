@@ -1,8 +1,8 @@
 """The page of ``metaeol serve`` in headless Chromium: its screenshots, its weight, and load-to-first-result.
 
-    python benchmarks/page.py [--model smollm2-135m] [--folder docs] [--searches 20] [--shots docs/img]
+    python benchmarks/page.py [--model smollm2-135m] [--folder docs ...] [--searches 20] [--shots docs/img]
 
-1. ``metaeol index`` makes a collection of ``--folder`` (default: this repository's docs) with the
+1. ``metaeol index`` makes a collection of the ``--folder`` paths (default: this repository's docs) with the
    default configuration of ``--model`` (``--backend fake`` for a quick run without llama.cpp), in a
    temporary folder; ``metaeol serve --collection`` serves it on 127.0.0.1 (a free port).
 2. The server is warmed (one page load and one search), then ``--searches`` times: a fresh browser
@@ -175,7 +175,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="registry id or .gguf (default: the registry's default)")
     ap.add_argument("--backend", default=None, help="fake: a quick run of the script, no numbers kept")
-    ap.add_argument("--folder", default=str(ROOT / "docs"), help="what the collection indexes (the docs)")
+    ap.add_argument(
+        "--folder", action="append", default=None, help="what the collection indexes, repeatable (default: docs/)"
+    )
     ap.add_argument("--searches", type=int, default=20)
     ap.add_argument("--shots", default=str(ROOT / "docs" / "img"), help="folder of the screenshots ('' for none)")
     args = ap.parse_args()
@@ -191,7 +193,8 @@ def main() -> None:
     env = {**os.environ, "METAEOL_COLLECTIONS": str(tmp), "METAEOL_CACHE": str(tmp / "cache.sqlite3")}
     options = ["--model", model, *(["--backend", args.backend] if args.backend else [])]
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "metaeol_edge", "index", "docs", args.folder, "--quiet", *options]
+    folders = args.folder or [str(ROOT / "docs")]
+    cmd = [sys.executable, "-m", "metaeol_edge", "index", "docs", *folders, "--quiet", *options]
     subprocess.run(cmd, env=env, check=True)
     index_s = time.perf_counter() - t0
     serve = [sys.executable, "-m", "metaeol_edge", "serve", "--port", "0", "--collection", "docs", *options]

@@ -21,6 +21,8 @@ def test_wheel_carries_the_data_and_finds_it(tmp_path):
         "metaeol_edge/model_registry/registry.json",
         "metaeol_edge/preset_data/presets.json",
         "metaeol_edge/preset_data/smollm2-135m.quality.npz",
+        "metaeol_edge/faces/web/static/index.html",  # the page of `metaeol serve`
+        "metaeol_edge/faces/web/static/app.js",
     ):
         assert data in names
     site = tmp_path / "site"

@@ -29,6 +29,7 @@ import numpy as np
 
 from metaeol_edge.core.embedder import EncodeStats, MetaEOL
 from metaeol_edge.errors import InputError, MetaEOLError, kind_of
+from metaeol_edge.faces import web
 from metaeol_edge.models import resolve
 
 
@@ -318,6 +319,7 @@ def create_app(
     app = FastAPI(title="metaeol-edge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.workers = workers
     routes = {"/v1/embeddings", "/v1/models", "/api/embed", "/api/tags", "/health", "/metrics"}
+    public = web.mount(app, routes)  # the page for people at / (faces/web): its files need no key, as /health
 
     def error_response(err: ApiError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
@@ -331,7 +333,7 @@ def create_app(
         # cannot end the log line or forge another; request.url drops some of these, the scope does not.
         shown = loggable(request.scope.get("path", path))
         try:
-            if api_key and path != "/health":
+            if api_key and path != "/health" and path not in public:
                 given = request.headers.get("authorization", "")
                 scheme, _, token = given.partition(" ")
                 if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):

@@ -80,6 +80,16 @@ class ModelWorker:
 
     def __init__(self, name: str, model: MetaEOL, limits: Limits, normalize: bool = False) -> None:
         self.name, self.model, self.limits, self.normalize = name, model, limits, normalize
+        # Computed once, here, at start-up: served on the event loop, they must neither wait for the
+        # model's lock (held by a batch) nor hash a model file (--no-cache and a path: no memo).
+        self.dim = model.dim
+        self.tags = {
+            "name": name,
+            "model": name,
+            "size": model.model_path.stat().st_size,
+            "digest": model.fingerprint,
+            "details": {"format": "gguf", "family": model.info.architecture, "embedding_length": self.dim},
+        }
         self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=limits.max_queue)
         self.observe: Callable[[Result], None] = lambda result: None
         self._accepting = True
@@ -403,8 +413,8 @@ def create_app(
         if fmt not in ("float", "base64"):
             raise ApiError(400, f"'encoding_format' must be 'float' or 'base64', not {fmt!r}", param="encoding_format")
         dims = data.get("dimensions")
-        if dims is not None and (isinstance(dims, bool) or dims != worker.model.dim):
-            raise ApiError(400, f"'dimensions' can only be {worker.model.dim} for {worker.name}, its width: "
+        if dims is not None and (isinstance(dims, bool) or dims != worker.dim):
+            raise ApiError(400, f"'dimensions' can only be {worker.dim} for {worker.name}, its width: "
                            "this model's vectors cannot be shortened", param="dimensions")  # fmt: skip
         if "user" in data and not isinstance(data["user"], str):
             raise ApiError(400, "'user' must be a string", param="user")
@@ -447,23 +457,7 @@ def create_app(
 
     @app.get("/api/tags")
     async def ollama_tags():
-        models = []
-        for name, worker in workers.items():
-            path = worker.model.model_path
-            models.append(
-                {
-                    "name": name,
-                    "model": name,
-                    "size": path.stat().st_size,
-                    "digest": worker.model.fingerprint,
-                    "details": {
-                        "format": "gguf",
-                        "family": worker.model.info.architecture,
-                        "embedding_length": worker.model.dim,
-                    },
-                }
-            )
-        return {"models": models}
+        return {"models": [worker.tags for worker in workers.values()]}
 
     @app.get("/health")
     async def health():

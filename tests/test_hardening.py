@@ -459,3 +459,48 @@ def test_parquet_with_timestamp_ids_and_a_dictionary_text_column_to_jsonl(tmp_pa
     import pyarrow.parquet as pq
 
     assert pq.read_table(tmp_path / "out.parquet").column("id").equals(pa.chunked_array([stamps]))
+
+
+# -- items 5, 7, 8, 9, 11: the server --------------------------------------------------------
+
+
+def _serving(fake_model, limits=None, api_key=None, **kwargs):
+    """A real uvicorn server on 127.0.0.1 over the fake backend: (running, worker)."""
+    pytest.importorskip("uvicorn")
+    from conftest import fake
+    from test_server import _Running
+
+    from metaeol_edge.server import Limits, ModelWorker
+
+    limits = limits or Limits()
+    worker = ModelWorker("m", fake(fake_model, "prompteol", cache=False, **kwargs), limits)
+    return _Running({"m": worker}, limits, api_key), worker
+
+
+def test_tags_and_dimensions_never_wait_for_the_model(fake_model):
+    httpx = pytest.importorskip("httpx")
+    import threading
+
+    running, worker = _serving(fake_model)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # what a long batch does: holds the model's lock
+        with worker.model._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+        worker.model._fingerprint = None  # would be hashed again, under the lock, if asked for
+        with httpx.Client(base_url=running.url, timeout=5) as c:
+            tags = c.get("/api/tags").json()["models"][0]
+            assert tags["details"]["embedding_length"] == 576 and len(tags["digest"]) == 64
+            r = c.post("/v1/embeddings", json={"input": "a", "dimensions": 100})
+            assert r.status_code == 400 and "can only be 576" in r.json()["error"]["message"]
+            assert c.get("/health").status_code == 200
+    finally:
+        release.set()
+        holder.join(10)
+        running.stop()

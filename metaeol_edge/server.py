@@ -17,12 +17,12 @@ import asyncio
 import base64
 import hmac
 import json
-import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,11 +61,25 @@ class ApiError(Exception):
 # -- one worker per model --------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
+    """One request's sentences, embedded a slice at a time as its turns come."""
+
     sentences: list[str]
     truncate: bool
+    client: str = "-"
+    deadline: float = float("inf")  # time.monotonic() past which nobody waits for it
     future: Future = field(default_factory=Future)
+    taken: int = 0  # sentences handed to a batch so far
+    done: int = 0  # sentences with their vectors
+    vectors: np.ndarray | None = None
+    tokens: int = 0
+    stats: EncodeStats = field(default_factory=EncodeStats)
+
+    @property
+    def gone(self) -> bool:
+        """Cancelled (its client left or timed out) or failed: its remaining work is dropped."""
+        return self.future.done()
 
 
 @dataclass
@@ -75,8 +89,26 @@ class Result:
     stats: EncodeStats
 
 
+def _settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
+    """Answer a future unless its waiter gave up on it first (cancelled: nobody reads it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
 class ModelWorker:
-    """Owns one model; embeds the sentences of every waiting request together, in order."""
+    """Owns one model; embeds the waiting requests' sentences in engine batches, shared fairly.
+
+    Each batch of up to ``batch_size`` sentences is filled round robin: one sentence from each
+    waiting client in turn, and within a client from each of its requests in turn. A request of
+    2,048 sentences therefore takes its share of every batch, and a one-sentence request sent
+    behind it is answered after the batch running when it came. Work of a request whose client
+    left, or whose deadline passed, is dropped before its next batch.
+    """
 
     def __init__(self, name: str, model: MetaEOL, limits: Limits, normalize: bool = False) -> None:
         self.name, self.model, self.limits, self.normalize = name, model, limits, normalize
@@ -90,94 +122,151 @@ class ModelWorker:
             "digest": model.fingerprint,
             "details": {"format": "gguf", "family": model.info.architecture, "embedding_length": self.dim},
         }
-        self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=limits.max_queue)
         self.observe: Callable[[Result], None] = lambda result: None
+        self._cond = threading.Condition()  # an RLock: a signal handler may take it on the event loop's thread
+        self._clients: dict[str, deque[_Job]] = {}  # in turn order; each client's requests, in turn order
         self._accepting = True
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"metaeol-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, sentences: list[str], truncate: bool) -> Future:
+    def submit(self, sentences: list[str], truncate: bool, client: str = "-", deadline: float | None = None) -> Future:
         if not self._accepting:
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
-        job = _Job(sentences, truncate)
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise ApiError(
-                503, f"model {self.name} has {self.limits.max_queue} requests waiting; retry shortly",
-                "server_error", code="queue_full", headers={"Retry-After": "1"},
-            ) from None  # fmt: skip
+        if deadline is None:
+            deadline = time.monotonic() + self.limits.timeout_s
+        job = _Job(sentences, truncate, client, deadline)
+        with self._cond:
+            if self._waiting() >= self.limits.max_queue:
+                raise ApiError(
+                    503, f"model {self.name} has {self.limits.max_queue} requests waiting; retry shortly",
+                    "server_error", code="queue_full", headers={"Retry-After": "1"},
+                )  # fmt: skip
+            self._clients.setdefault(client, deque()).append(job)
+            self._cond.notify()
         return job.future
 
     def depth(self) -> int:
-        return self.queue.qsize()
+        """Requests with sentences not yet handed to a batch."""
+        with self._cond:
+            return self._waiting()
+
+    def _waiting(self) -> int:
+        return sum(not job.gone for jobs in self._clients.values() for job in jobs)
 
     def stop(self) -> None:
         """Take no new request, finish those queued, and stop the thread."""
         self._accepting = False
-        self.queue.put(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
         self._thread.join()
 
     def _run(self) -> None:
         while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            jobs, stop = [first], False
-            size = len(first.sentences)
-            # Whatever else is waiting joins this batch, up to the batch size.
-            while size < self.limits.batch_size:
-                try:
-                    nxt = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-                size += len(nxt.sentences)
-            for truncate in (True, False):
-                group = [j for j in jobs if j.truncate is truncate and j.future.set_running_or_notify_cancel()]
-                if group:
-                    self._embed(group, truncate)
-            if stop:
-                return
+            with self._cond:
+                while not self._clients and not self._stopping:
+                    self._cond.wait(0.5)
+                if not self._clients and self._stopping:
+                    return
+                batch = self._take()
+            if batch:
+                self._embed(batch)
 
-    def _embed(self, jobs: list[_Job], truncate: bool) -> None:
-        try:
-            vectors, tokens, stats = self._encode([s for j in jobs for s in j.sentences], truncate)
-        except Exception as exc:
-            if len(jobs) == 1:
-                jobs[0].future.set_exception(exc)
-                return
-            # One request's bad input must not fail the others batched with it.
-            for job in jobs:
-                try:
-                    vectors, tokens, stats = self._encode(job.sentences, truncate)
-                    job.future.set_result(Result(vectors, sum(tokens), stats))
-                except Exception as one:
-                    job.future.set_exception(one)
-            return
-        start = 0
-        for job in jobs:
-            n = len(job.sentences)
-            job.future.set_result(Result(vectors[start : start + n], sum(tokens[start : start + n]), stats))
-            start += n
+    def _take(self) -> list[tuple[_Job, int, int]]:
+        """The next batch (lock held): slices (job, start, stop), one sentence per turn, round robin."""
+        now = time.monotonic()
+        for client in list(self._clients):
+            jobs = self._clients[client]
+            for job in list(jobs):
+                if not job.gone and now > job.deadline:
+                    _settle(job.future, error=_timeout(self.limits))
+                if job.gone:
+                    jobs.remove(job)
+            if not jobs:
+                del self._clients[client]
+        slices: dict[_Job, int] = {}  # job -> where its slice starts
+        size = 0
+        while self._clients and size < self.limits.batch_size:
+            for client in list(self._clients):
+                jobs = self._clients.pop(client)
+                job = jobs[0]
+                slices.setdefault(job, job.taken)
+                job.taken += 1
+                size += 1
+                if job.taken == len(job.sentences):
+                    jobs.popleft()  # all handed out: its last slice is in this batch
+                else:
+                    jobs.rotate(-1)  # the client's next request has the next turn
+                if jobs:
+                    self._clients[client] = jobs  # to the end of the turn order
+                if size == self.limits.batch_size:
+                    break
+        return [(job, first, job.taken) for job, first in slices.items()]
 
-    def _encode(self, sentences: list[str], truncate: bool) -> tuple[np.ndarray, list[int], EncodeStats]:
+    def _embed(self, batch: list[tuple[_Job, int, int]]) -> None:
+        for truncate in (True, False):
+            group = [(job, a, b) for job, a, b in batch if job.truncate is truncate and not job.gone]
+            if not group:
+                continue
+            try:
+                vectors, tokens, stats = self._encode([s for job, a, b in group for s in job.sentences[a:b]], truncate)
+            except Exception as exc:
+                if len(group) == 1:
+                    _settle(group[0][0].future, error=exc)
+                    continue
+                # One request's bad input must not fail the others batched with it.
+                for job, a, b in group:
+                    try:
+                        vectors, tokens, stats = self._encode(job.sentences[a:b], truncate, start=a)
+                    except Exception as one:
+                        _settle(job.future, error=one)
+                        continue
+                    self._deliver(job, a, b, vectors, tokens, stats)
+                continue
+            at = 0
+            for job, a, b in group:
+                n = b - a
+                self._deliver(job, a, b, vectors[at : at + n], tokens[at : at + n], stats)
+                at += n
+
+    def _deliver(self, job: _Job, a: int, b: int, vectors: np.ndarray, tokens: list[int], stats: EncodeStats) -> None:
+        if job.vectors is None:
+            job.vectors = np.empty((len(job.sentences), vectors.shape[1]), dtype=np.float32)
+        job.vectors[a:b] = vectors
+        job.tokens += sum(tokens)
+        job.stats.hits += stats.hits
+        job.stats.misses += stats.misses
+        job.done += b - a
+        if job.done == len(job.sentences):
+            job.stats.sentences = job.done
+            _settle(job.future, Result(job.vectors, job.tokens, job.stats))
+
+    def _encode(
+        self, sentences: list[str], truncate: bool, start: int = 0
+    ) -> tuple[np.ndarray, list[int], EncodeStats]:
+        """One engine batch. ``start``: the first sentence's index in its request (errors name it)."""
         stats = EncodeStats()
-        vectors = self.model.encode(
+        parts = self.model.encode_batches(
             sentences,
-            batch_size=self.limits.batch_size,
+            batch_size=len(sentences),
             normalize_embeddings=self.normalize,
             show_progress_bar=False,
             stats=stats,
             truncate=truncate,
+            start=start,
         )
+        vectors = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
         tokens = self.model.token_counts(sentences)
-        vectors = np.asarray(vectors, dtype=np.float32)
         self.observe(Result(vectors, sum(tokens), stats))
         return vectors, tokens, stats
+
+
+def _timeout(limits: Limits) -> ApiError:
+    return ApiError(
+        503, f"the request took over {limits.timeout_s:g} s; retry later", "server_error",
+        code="timeout", headers={"Retry-After": "5"},
+    )  # fmt: skip
 
 
 # -- request parsing: every check gives a 4xx that says what is wrong ------------------------------
@@ -337,6 +426,8 @@ def create_app(
         # The path as routed (percent-decoded: %0A is a newline, %1B an escape), escaped so that it
         # cannot end the log line or forge another; request.url drops some of these, the scope does not.
         shown = loggable(request.scope.get("path", path))
+        # The handlers' own Request, behind this middleware, never sees a disconnect; this one does.
+        request.scope["metaeol.is_disconnected"] = request.is_disconnected
         try:
             if api_key and path != "/health":
                 given = request.headers.get("authorization", "")
@@ -391,18 +482,28 @@ def create_app(
         raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(workers)}",
                        "not_found_error", param="model", code="model_not_found")  # fmt: skip
 
-    async def run(worker: ModelWorker, sentences: list[str], truncate: bool) -> Result:
-        future = worker.submit(sentences, truncate)
+    async def run(worker: ModelWorker, sentences: list[str], truncate: bool, request: Request) -> Result:
+        deadline = time.monotonic() + limits.timeout_s
+        client = request.client.host if request.client else "-"
+        future = worker.submit(sentences, truncate, client, deadline)
+        waiting = asyncio.wrap_future(future)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=limits.timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()
-            raise ApiError(503, f"the request took over {limits.timeout_s:g} s; retry later", "server_error",
-                           code="timeout", headers={"Retry-After": "5"}) from None  # fmt: skip
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _timeout(limits)
+                done, _ = await asyncio.wait({waiting}, timeout=min(0.25, left))
+                if done:
+                    return waiting.result()
+                if await request.scope.get("metaeol.is_disconnected", request.is_disconnected)():
+                    # Its remaining sentences are dropped, not computed.
+                    raise ApiError(499, "the client closed the connection", code="client_closed")
         except InputError as exc:
             raise ApiError(400, str(exc), param="input") from exc
         except (MetaEOLError, ValueError) as exc:
             raise ApiError(400, str(exc)) from exc
+        finally:
+            future.cancel()  # a no-op once answered; else the worker drops what is left of it
 
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: Request):
@@ -418,7 +519,7 @@ def create_app(
                            "this model's vectors cannot be shortened", param="dimensions")  # fmt: skip
         if "user" in data and not isinstance(data["user"], str):
             raise ApiError(400, "'user' must be a string", param="user")
-        result = await run(worker, sentences, truncate=True)
+        result = await run(worker, sentences, True, request)
         encode = encode_base64 if fmt == "base64" else (lambda v: v.tolist())
         return {
             "object": "list",
@@ -446,7 +547,7 @@ def create_app(
         # keep_alive and options are accepted as Ollama takes them; neither changes an embedding here.
         if not isinstance(data.get("options") or {}, dict):
             raise ApiError(400, "'options' must be an object", param="options")
-        result = await run(worker, sentences, truncate=truncate)
+        result = await run(worker, sentences, truncate, request)
         return {
             "model": worker.name,
             "embeddings": result.vectors.tolist(),

@@ -504,3 +504,106 @@ def test_tags_and_dimensions_never_wait_for_the_model(fake_model):
         release.set()
         holder.join(10)
         running.stop()
+
+
+def _slow_worker(fake_model, monkeypatch, delay: float = 0.02, **limits):
+    """A worker over the fake backend at ``delay`` seconds a sentence (PromptEOL: one prompt each)."""
+    from conftest import fake
+
+    from metaeol_edge.backends_fake import DELAY_VARIABLE
+    from metaeol_edge.server import Limits, ModelWorker
+
+    monkeypatch.setenv(DELAY_VARIABLE, str(delay))
+    model = fake(fake_model, "prompteol", cache=False)
+    return ModelWorker("m", model, Limits(**limits))
+
+
+def _idle(worker, seconds: float = 10) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if worker.depth() == 0 and not worker.model._lock._is_owned():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_batches_take_one_sentence_per_client_and_request_in_turn(fake_model, monkeypatch):
+    import threading
+
+    worker = _slow_worker(fake_model, monkeypatch, delay=0, batch_size=4)
+    release = threading.Event()
+    seen: list[list[str]] = []
+    real = worker.model.encode_batches
+
+    def recording(sentences, *args, **kwargs):
+        release.wait(30)
+        seen.append(list(sentences))
+        return real(sentences, *args, **kwargs)
+
+    worker.model.encode_batches = recording
+    try:
+        hold = worker.submit(["x"], True, "z")  # the batch running while the others come
+        assert _idle(worker) or worker.depth() == 0
+        big = worker.submit([f"a{i}" for i in range(10)], True, "A")
+        small_a = worker.submit(["b"], True, "A")  # the same client's second request
+        small_b = worker.submit(["c"], True, "B")
+        release.set()
+        for f in (hold, big, small_a, small_b):
+            f.result(30)
+        assert seen[0] == ["x"]
+        assert sorted(seen[1]) == sorted(["a0", "a1", "b", "c"])  # both small ones in the next batch
+        assert [s for batch in seen[2:] for s in batch] == [f"a{i}" for i in range(2, 10)]
+        assert big.result().vectors.shape == (10, 576)
+    finally:
+        release.set()
+        worker.stop()
+        worker.model.close()
+
+
+def test_a_small_request_is_not_starved_by_a_big_one_and_dropped_work_is_not_computed(fake_model, monkeypatch):
+    import time
+
+    worker = _slow_worker(fake_model, monkeypatch, delay=0.02, batch_size=8)  # a batch: about 0.16 s
+    try:
+        big = worker.submit([f"Sentence number {i}." for i in range(400)], True, "127.0.0.1")  # 8 s alone
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        small = worker.submit(["A cat sleeps."], True, "127.0.0.1")
+        small.result(30)
+        assert time.monotonic() - t0 < 1.5  # one batch ahead of it, not the 400 sentences
+        assert not big.done()
+        big.cancel()  # the client left
+        assert _idle(worker, 5)
+        backend = worker.model.backend
+        calls = backend.calls
+        time.sleep(0.5)
+        assert backend.calls == calls  # nothing more of it computed
+    finally:
+        worker.stop()
+        worker.model.close()
+
+
+def test_a_client_that_disconnects_has_its_work_dropped(fake_model, monkeypatch):
+    httpx = pytest.importorskip("httpx")
+    import time
+
+    from metaeol_edge.backends_fake import DELAY_VARIABLE
+    from metaeol_edge.server import Limits
+
+    monkeypatch.setenv(DELAY_VARIABLE, "0.02")
+    running, worker = _serving(fake_model, Limits(batch_size=8))
+    try:
+        with httpx.Client(base_url=running.url, timeout=0.5) as c:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+                c.post("/v1/embeddings", json={"input": [f"Sentence {i}." for i in range(400)]})
+        assert _idle(worker, 5)  # dropped within a poll and a batch
+        backend = worker.model.backend
+        calls = backend.calls
+        time.sleep(0.5)
+        assert backend.calls == calls
+        with httpx.Client(base_url=running.url, timeout=10) as c:
+            assert c.post("/v1/embeddings", json={"input": "Hi"}).status_code == 200
+    finally:
+        running.stop()

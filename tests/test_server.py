@@ -216,14 +216,15 @@ def test_an_api_key_guards_every_route_but_health(fake_model, expected):
 def test_a_full_queue_answers_503_with_retry_after_never_a_hang(fake_model):
     model = fake(fake_model, "prompteol", cache=False)
     release = threading.Event()
-    real = model.encode
-    model.encode = lambda *a, **k: (release.wait(60), real(*a, **k))[1]  # the engine is busy
+    real = model.encode_batches
+    model.encode_batches = lambda *a, **k: (release.wait(60), real(*a, **k))[1]  # the engine is busy
     worker = ModelWorker("m", model, Limits(max_queue=1))
     try:
         first = worker.submit(["A cat."], True)  # taken by the worker, blocked in encode
         deadline = time.time() + 10
         while worker.depth() and time.time() < deadline:
             time.sleep(0.01)
+        assert worker.depth() == 0, "the worker never took the first request"
         second = worker.submit(["A dog."], True)  # waits in the queue
         with pytest.raises(ApiError) as full:
             worker.submit(["A bird."], True)
@@ -239,13 +240,15 @@ def test_a_full_queue_answers_503_with_retry_after_never_a_hang(fake_model):
 def test_one_bad_request_in_a_batch_does_not_fail_the_others(fake_model, expected):
     model = fake(fake_model, "prompteol", cache=False)
     release = threading.Event()
-    real = model.encode
-    model.encode = lambda *a, **k: (release.wait(60), real(*a, **k))[1]
+    real = model.encode_batches
+    model.encode_batches = lambda *a, **k: (release.wait(60), real(*a, **k))[1]
     worker = ModelWorker("m", model, Limits())
     try:
         first = worker.submit(["Hi"], True)  # holds the worker while the others queue up
-        while worker.depth():
+        deadline = time.time() + 10
+        while worker.depth() and time.time() < deadline:
             time.sleep(0.01)
+        assert worker.depth() == 0, "the worker never took the first request"
         jobs = [(["word " * 600], False), ([SENTENCES[0]], True), ([SENTENCES[1]], False)]
         futures = [first, *(worker.submit(s, t) for s, t in jobs)]
         release.set()  # the three queued ones are then one batch (two groups by truncation)

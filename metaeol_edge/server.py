@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .embedder import EncodeStats, MetaEOL
+from .embedder import EncodeStats, MetaEOL, Truncation
 from .errors import InputError, MetaEOLError, kind_of
 
 
@@ -85,8 +85,14 @@ class _Job:
 @dataclass
 class Result:
     vectors: np.ndarray  # (n, dim) float32
-    tokens: int  # the sentences' own tokens
-    stats: EncodeStats
+    tokens: int  # the sentences' own tokens embedded (of a cut one, what was kept)
+    stats: EncodeStats  # stats.truncated: the request's inputs that were cut, by their index
+
+    def truncation(self) -> tuple[list[dict[str, int]], dict[str, str]]:
+        """The response's ``truncated`` field (each cut input: index, tokens, kept) and its header."""
+        cut = [{"index": t.index, "tokens": t.tokens, "kept": t.kept} for t in self.stats.truncated]
+        header = {"X-Truncated-Inputs": ",".join(str(t["index"]) for t in cut)} if cut else {}
+        return cut, header
 
 
 def _settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
@@ -210,7 +216,10 @@ class ModelWorker:
             if not group:
                 continue
             try:
-                vectors, tokens, stats = self._encode([s for job, a, b in group for s in job.sentences[a:b]], truncate)
+                first = group[0][1] if len(group) == 1 else 0  # one request's slice: errors name its sentence
+                vectors, tokens, stats = self._encode(
+                    [s for job, a, b in group for s in job.sentences[a:b]], truncate, start=first
+                )
             except Exception as exc:
                 if len(group) == 1:
                     _settle(group[0][0].future, error=exc)
@@ -222,24 +231,31 @@ class ModelWorker:
                     except Exception as one:
                         _settle(job.future, error=one)
                         continue
-                    self._deliver(job, a, b, vectors, tokens, stats)
+                    self._deliver(job, a, b, vectors, tokens, stats.truncated)
                 continue
-            at = 0
+            at = first
             for job, a, b in group:
                 n = b - a
-                self._deliver(job, a, b, vectors[at : at + n], tokens[at : at + n], stats)
+                cut = [
+                    Truncation(t.index - at + a, t.tokens, t.kept) for t in stats.truncated if at <= t.index < at + n
+                ]
+                self._deliver(job, a, b, vectors[at - first : at - first + n], tokens[at - first : at - first + n], cut)
                 at += n
 
-    def _deliver(self, job: _Job, a: int, b: int, vectors: np.ndarray, tokens: list[int], stats: EncodeStats) -> None:
+    def _deliver(
+        self, job: _Job, a: int, b: int, vectors: np.ndarray, tokens: list[int], truncated: list[Truncation]
+    ) -> None:
+        """Sentences a..b-1 of a job are done; ``truncated`` indexes the job's own sentences."""
         if job.vectors is None:
             job.vectors = np.empty((len(job.sentences), vectors.shape[1]), dtype=np.float32)
         job.vectors[a:b] = vectors
-        job.tokens += sum(tokens)
-        job.stats.hits += stats.hits
-        job.stats.misses += stats.misses
+        # The tokens embedded: a cut sentence counts what was kept of it.
+        job.tokens += sum(tokens) - sum(tokens[t.index - a] - t.kept for t in truncated)
+        job.stats.truncated.extend(truncated)
         job.done += b - a
         if job.done == len(job.sentences):
             job.stats.sentences = job.done
+            job.stats.truncated.sort(key=lambda t: t.index)
             _settle(job.future, Result(job.vectors, job.tokens, job.stats))
 
     def _encode(
@@ -482,6 +498,14 @@ def create_app(
         raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(workers)}",
                        "not_found_error", param="model", code="model_not_found")  # fmt: skip
 
+    def truncate_field(data: dict[str, object], worker: ModelWorker) -> bool:
+        """A request's ``truncate``: true cuts an input over max_length (and says so in the response),
+        false answers 400; absent, the server's setting (``metaeol serve --no-truncate``: false)."""
+        truncate = data.get("truncate", worker.model.truncate)
+        if not isinstance(truncate, bool):
+            raise ApiError(400, "'truncate' must be true or false", param="truncate")
+        return truncate
+
     async def run(worker: ModelWorker, sentences: list[str], truncate: bool, request: Request) -> Result:
         deadline = time.monotonic() + limits.timeout_s
         client = request.client.host if request.client else "-"
@@ -519,14 +543,17 @@ def create_app(
                            "this model's vectors cannot be shortened", param="dimensions")  # fmt: skip
         if "user" in data and not isinstance(data["user"], str):
             raise ApiError(400, "'user' must be a string", param="user")
-        result = await run(worker, sentences, True, request)
+        result = await run(worker, sentences, truncate_field(data, worker), request)
         encode = encode_base64 if fmt == "base64" else (lambda v: v.tolist())
-        return {
+        truncated, headers = result.truncation()
+        body = {
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
             "model": worker.name,
             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
+            "truncated": truncated,
         }
+        return JSONResponse(body, headers=headers)
 
     @app.get("/v1/models")
     async def openai_models():
@@ -541,20 +568,21 @@ def create_app(
         data = parse_json(await request.body(), limits)
         worker = pick(data)
         sentences = parse_inputs(data, limits)
-        truncate = data.get("truncate", True)
-        if not isinstance(truncate, bool):
-            raise ApiError(400, "'truncate' must be true or false", param="truncate")
+        truncate = truncate_field(data, worker)
         # keep_alive and options are accepted as Ollama takes them; neither changes an embedding here.
         if not isinstance(data.get("options") or {}, dict):
             raise ApiError(400, "'options' must be an object", param="options")
         result = await run(worker, sentences, truncate, request)
-        return {
+        truncated, headers = result.truncation()
+        body = {
             "model": worker.name,
             "embeddings": result.vectors.tolist(),
             "total_duration": time.perf_counter_ns() - t0,
             "load_duration": 0,
             "prompt_eval_count": result.tokens,
+            "truncated": truncated,
         }
+        return JSONResponse(body, headers=headers)
 
     @app.get("/api/tags")
     async def ollama_tags():

@@ -607,3 +607,80 @@ def test_a_client_that_disconnects_has_its_work_dropped(fake_model, monkeypatch)
             assert c.post("/v1/embeddings", json={"input": "Hi"}).status_code == 200
     finally:
         running.stop()
+
+
+LONG = "word " * 600  # 600 tokens on the fake tokenizer: over max_length 512
+
+
+def test_openai_route_reports_truncation_and_refuses_it_when_asked(fake_model):
+    httpx = pytest.importorskip("httpx")
+    from conftest import fake
+
+    with fake(fake_model, "prompteol", cache=False) as m, pytest.warns(UserWarning, match="truncated"):
+        want = m.encode(["A cat.", LONG])
+        short = m.token_counts(["A cat."])[0]
+    running, _ = _serving(fake_model)
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            for route in ("/v1/embeddings", "/api/embed"):
+                r = c.post(route, json={"input": ["A cat.", LONG]})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                [cut] = body["truncated"]
+                assert cut["index"] == 1 and cut["tokens"] >= 600 and 0 < cut["kept"] < 512
+                assert r.headers["X-Truncated-Inputs"] == "1"
+                used = body["usage"]["prompt_tokens"] if route == "/v1/embeddings" else body["prompt_eval_count"]
+                assert used == short + cut["kept"]  # what was embedded, not the 600 tokens sent
+                rows = [d["embedding"] for d in body["data"]] if route == "/v1/embeddings" else body["embeddings"]
+                assert np.asarray(rows, dtype=np.float32).tobytes() == want.tobytes()
+                r = c.post(route, json={"input": ["A cat."]})
+                assert r.json()["truncated"] == [] and "X-Truncated-Inputs" not in r.headers
+                r = c.post(route, json={"input": ["A cat.", LONG], "truncate": False})
+                assert r.status_code == 400 and "sentence #2 needs" in r.json()["error"]["message"], r.text
+                r = c.post(route, json={"input": "A cat.", "truncate": "yes"})
+                assert r.status_code == 400 and "'truncate' must be true or false" in r.text
+    finally:
+        running.stop()
+
+
+def test_no_truncate_server_answers_400_unless_the_request_asks_to_cut(fake_model):
+    httpx = pytest.importorskip("httpx")
+
+    running, _ = _serving(fake_model, truncate=False)  # metaeol serve --no-truncate
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            r = c.post("/v1/embeddings", json={"input": ["A cat.", LONG]})
+            assert r.status_code == 400 and "over max_length 512 (truncation is off)" in r.json()["error"]["message"]
+            assert c.post("/v1/embeddings", json={"input": "A cat."}).status_code == 200
+            r = c.post("/v1/embeddings", json={"input": LONG, "truncate": True})
+            assert r.status_code == 200 and r.json()["truncated"][0]["index"] == 0
+    finally:
+        running.stop()
+
+
+def test_truncation_is_reported_per_request_when_requests_share_a_batch(fake_model, monkeypatch):
+    import threading
+
+    worker = _slow_worker(fake_model, monkeypatch, delay=0, batch_size=16)
+    release = threading.Event()
+    real = worker.model.encode_batches
+    worker.model.encode_batches = lambda *a, **k: (release.wait(30), real(*a, **k))[1]
+    try:
+        hold = worker.submit(["x"], True, "z")
+        assert _idle(worker)
+        a = worker.submit(["A cat.", LONG, "A dog."], True, "A")
+        b = worker.submit([LONG], True, "B")
+        c = worker.submit(["A bird.", LONG], False, "C")  # refused: its own error, the others unharmed
+        release.set()
+        with pytest.warns(UserWarning, match="truncated"):
+            ra, rb = a.result(30), b.result(30)
+        hold.result(30)
+        assert [t.index for t in ra.stats.truncated] == [1] and [t.index for t in rb.stats.truncated] == [0]
+        kept = rb.stats.truncated[0].kept
+        assert rb.tokens == kept and ra.tokens == kept + sum(worker.model.token_counts(["A cat.", "A dog."]))
+        with pytest.raises(Exception, match="sentence #2 needs"):
+            c.result(30)
+    finally:
+        release.set()
+        worker.stop()
+        worker.model.close()

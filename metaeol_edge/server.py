@@ -160,12 +160,20 @@ class ModelWorker:
     def _waiting(self) -> int:
         return sum(not job.gone for jobs in self._clients.values() for job in jobs)
 
-    def stop(self) -> None:
-        """Take no new request, finish those queued, and stop the thread."""
+    def begin_stop(self) -> None:
+        """Take no new request; once the engine batch running now is done, answer every request
+        with work left 503 ``shutting_down``. Safe in a signal handler (nothing here blocks)."""
         self._accepting = False
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._stopping = True
+        if self._cond.acquire(blocking=False):  # else the worker sees the flag within its 0.5 s wait
+            try:
+                self._cond.notify()
+            finally:
+                self._cond.release()
+
+    def stop(self) -> None:
+        """:meth:`begin_stop`, and wait for the thread: the batch running now, at most."""
+        self.begin_stop()
         self._thread.join()
 
     def _run(self) -> None:
@@ -173,7 +181,12 @@ class ModelWorker:
             with self._cond:
                 while not self._clients and not self._stopping:
                     self._cond.wait(0.5)
-                if not self._clients and self._stopping:
+                if self._stopping:
+                    error = ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+                    for jobs in self._clients.values():
+                        for job in jobs:
+                            _settle(job.future, error=error)
+                    self._clients.clear()
                     return
                 batch = self._take()
             if batch:
@@ -645,10 +658,46 @@ def make_server(
         app,
         log_level="warning",
         access_log=False,  # one line per request comes from the app itself
-        timeout_graceful_shutdown=int(limits.timeout_s) + 5,
+        # Requests in flight are answered (vectors, or 503 shutting_down) once the workers' running
+        # batches end; this bounds the wait for the rest.
+        timeout_graceful_shutdown=SHUTDOWN_S,
         lifespan="off",
     )
-    return uvicorn.Server(config), sock, url
+    return _stopping_server_class()(config, workers), sock, url
+
+
+SHUTDOWN_S = 10
+"""Seconds a stopping server waits for its connections, after the batches running at the signal."""
+
+
+def _stopping_server_class():
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        """uvicorn's server, whose first SIGTERM or Ctrl-C also stops the workers (they finish the
+        engine batch running, and answer the work left 503), and whose second exits at once."""
+
+        def __init__(self, config, workers: dict[str, ModelWorker]) -> None:
+            super().__init__(config)
+            self.workers = workers
+
+        def handle_exit(self, sig: int, frame) -> None:
+            # Not recorded in _captured_signals: uvicorn would raise it again once it has stopped.
+            if self.should_exit:
+                exit_now(sig)
+            self.should_exit = True
+            for worker in self.workers.values():
+                worker.begin_stop()
+
+    return StoppingServer
+
+
+def exit_now(sig: int) -> None:
+    """A second signal while stopping: exit at once (what is committed to the cache stays)."""
+    import os
+
+    os.write(2, b"second signal: exiting now\n")
+    os._exit(128 + sig)
 
 
 def serve(
@@ -659,8 +708,9 @@ def serve(
     api_key: str | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Run the server until SIGTERM or Ctrl-C: then take no new request, finish those in flight,
-    let every worker finish its queue, and return (the caller closes the models, committing the cache)."""
+    """Run the server until SIGTERM or Ctrl-C: then take no new request, finish the engine batch
+    running, answer what is left 503 ``shutting_down``, and return within about SHUTDOWN_S seconds
+    plus a batch (the caller closes the models, committing the cache). A second signal exits at once."""
     server, sock, url = make_server(workers, host, port, limits, api_key)
     if on_ready is not None:
         original = server.startup
@@ -672,20 +722,22 @@ def serve(
         server.startup = startup  # type: ignore[method-assign]
     import signal
 
-    # uvicorn re-raises the signal that stopped it once it is done; with the
-    # default handlers that would kill the process before the workers finish
-    # and the caller commits the cache. These handlers take it quietly.
-    quiet: dict[int, object] = {}
+    # While uvicorn runs, its handler (server.handle_exit) takes the signals; before and after
+    # (the workers stopping), these do the same: the first stops, a second exits at once.
+    def on_signal(signum: int, frame) -> None:
+        server.handle_exit(signum, frame)
+
+    previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            quiet[sig] = signal.signal(sig, lambda signum, frame: None)
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
         for worker in workers.values():
-            worker.stop()
-        for sig, handler in quiet.items():
+            worker.stop()  # the batch running, at most: the rest was answered 503
+        for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 

@@ -262,12 +262,11 @@ def test_one_bad_request_in_a_batch_does_not_fail_the_others(fake_model, expecte
         model.close()
 
 
-def test_sigterm_under_load_finishes_in_flight_requests_and_keeps_the_cache(tmp_path, fake_model):
-    cache = tmp_path / "c.sqlite3"
-    env = {**os.environ, "METAEOL_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "metaeol_edge", "serve", *FAKE, "-t", "prompteol", "--port", "0", "--model"]
-    cmd.append(str(fake_model))
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+def _serve_process(fake_model, cache, *args, delay: float = 0.0):
+    """``metaeol serve`` on the fake backend in a subprocess: (process, URL)."""
+    env = {**os.environ, "METAEOL_CACHE": str(cache), "METAEOL_FAKE_DELAY": str(delay)}
+    cmd = [sys.executable, "-m", "metaeol_edge", "serve", *FAKE, "-t", "prompteol", "--port", "0", *args]
+    proc = subprocess.Popen([*cmd, "--model", str(fake_model)], env=env, stderr=subprocess.PIPE, text=True)
     url = None
     deadline = time.time() + 120
     lines = []
@@ -276,48 +275,82 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_keeps_the_cache(tmp_
         lines.append(line)
         if "serving" in line and "http://" in line:
             url = line.strip().split(" on ")[-1]
+    if url is None:
+        proc.kill()
     assert url, "".join(lines)
-    sentences = [f"Sentence {i} of the load, about {w}." for i, w in enumerate(["cats", "rain", "tea", "maps"] * 8)]
-    stop_sending = threading.Event()
+    return proc, url
 
-    def client(k: int):
-        done, errors = [], []
-        with httpx.Client(base_url=url, timeout=60) as c:
-            # Until SIGTERM (the fake answers fast: a fixed count could all be done before it, with nothing in
-            # flight), with a cap so that a server that never stops cannot keep the test running.
-            for j in range(5000):
-                if stop_sending.is_set():
-                    break
-                batch = sentences[(k * 3 + j) % 32 : (k * 3 + j) % 32 + 1 + j % 3]
-                try:
-                    r = c.post("/v1/embeddings", json={"model": fake_model.stem, "input": batch})
-                except httpx.TransportError as exc:  # refused or closed once the server stops: a clean error
-                    errors.append(type(exc).__name__)
-                    break
-                if r.status_code == 200:
-                    done.extend(batch)
-                else:
-                    assert r.status_code == 503 and "error" in r.json(), r.text
-                    errors.append(r.status_code)
-        return done, errors
 
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(client, k) for k in range(6)]
-        time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
-        stop_sending.set()
-        results = [f.result(timeout=120) for f in futures]
-    assert proc.wait(timeout=120) == 0
+def _waiting(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("metaeol_queue_depth{"))
+
+
+def test_sigterm_answers_every_accepted_request_exits_in_seconds_and_keeps_the_cache(tmp_path, fake_model):
+    # 0.05 s a sentence, 8 a batch: the six big requests below are 12 s of work; SIGTERM comes after 1.
+    cache = tmp_path / "c.sqlite3"
+    proc, url = _serve_process(fake_model, cache, "--batch-size", "8", delay=0.05)
+    big = [[f"Sentence {i} of client {k}, about {w}." for i, w in enumerate(["cats", "rain", "tea", "maps"] * 10)]
+           for k in range(6)]  # fmt: skip
+    small = [["A cat sleeps."], ["A kitten naps."]]
+
+    def client(batch):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            return batch, c.post("/v1/embeddings", json={"model": fake_model.stem, "input": batch})
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client, b) for b in big]
+            deadline = time.time() + 20
+            while _waiting(url) < 6 and time.time() < deadline:
+                time.sleep(0.05)
+            futures += [pool.submit(client, b) for b in small]
+            while _waiting(url) < 7 and time.time() < deadline:  # both small ones accepted (one may be running)
+                time.sleep(0.02)
+            assert _waiting(url) >= 7, "the requests never reached the server"
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            answers = [f.result(timeout=30) for f in futures]  # a transport error or a hang fails here
+            assert proc.wait(timeout=30) == 0
+            took = time.monotonic() - t0
+    finally:
+        proc.kill()
     err = proc.stderr.read()
     assert "Traceback" not in err and "stopped" in err, err
-    completed = list(dict.fromkeys(s for done, _ in results for s in done))
-    assert completed, results
+    assert took < 5, took  # the batch running (0.4 s) and the shutdown, not the 12 s of work
+    completed = []
+    for batch, r in answers:
+        if r.status_code == 200:
+            assert len(r.json()["data"]) == len(batch)
+            completed.extend(batch)
+        else:
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    assert sum(r.status_code == 503 for _, r in answers) >= 6  # the big ones had work left
     db = sqlite3.connect(cache)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
     with fake(fake_model, "prompteol", cache=cache) as m:
         _, stats = counted(m, completed)
-    assert (stats.hits, stats.misses) == (len(completed), 0)  # every completed request's vectors were kept
+    assert (stats.hits, stats.misses) == (len(completed), 0)  # every answered request's vectors were kept
+
+
+def test_a_second_signal_exits_at_once(tmp_path, fake_model):
+    # A batch of 64 at 0.05 s a sentence: 3.2 s, which the first SIGTERM would wait for.
+    proc, url = _serve_process(fake_model, tmp_path / "c.sqlite3", "--batch-size", "64", delay=0.05)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(httpx.post, f"{url}/v1/embeddings", json={"input": [f"S {i}." for i in range(128)]}, timeout=30)
+            time.sleep(0.5)  # the first batch is running
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+            took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert rc == 128 + signal.SIGTERM and took < 1.5, (rc, took)
+    assert "second signal: exiting now" in proc.stderr.read()
 
 
 def test_the_serve_command_refuses_bad_options_clearly(capsys):

@@ -325,6 +325,18 @@ def parse_json(body: bytes, limits: Limits) -> dict[str, object]:
     return data
 
 
+async def read_body(request, limits: Limits) -> bytes:
+    """The request body, read a chunk at a time and refused with a 413 as soon as it passes the limit:
+    a body sent with ``Transfer-Encoding: chunked`` has no Content-Length for the middleware to check."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise ApiError(413, f"request body is over the limit of {limits.max_body_bytes} bytes (stopped reading)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_inputs(data: dict[str, object], limits: Limits, key: str = "input") -> list[str]:
     """The ``input`` field as a list of non-empty strings, or a 400 naming what is wrong."""
     if key not in data:
@@ -544,7 +556,7 @@ def create_app(
 
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: Request):
-        data = parse_json(await request.body(), limits)
+        data = parse_json(await read_body(request, limits), limits)
         worker = pick(data)
         sentences = parse_inputs(data, limits)
         fmt = data.get("encoding_format", "float")
@@ -578,7 +590,7 @@ def create_app(
     @app.post("/api/embed")
     async def ollama_embed(request: Request):
         t0 = time.perf_counter_ns()
-        data = parse_json(await request.body(), limits)
+        data = parse_json(await read_body(request, limits), limits)
         worker = pick(data)
         sentences = parse_inputs(data, limits)
         truncate = truncate_field(data, worker)

@@ -684,3 +684,34 @@ def test_truncation_is_reported_per_request_when_requests_share_a_batch(fake_mod
         release.set()
         worker.stop()
         worker.model.close()
+
+
+def test_a_chunked_body_is_refused_as_it_passes_the_limit_not_after():
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from metaeol_edge.server import Limits, create_app
+
+    app = create_app({}, Limits(max_body_bytes=100_000), log=lambda line: None)
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "query_string": b"", "root_path": "",
+        "headers": [(b"transfer-encoding", b"chunked"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
+    }  # fmt: skip
+    chunk = b" " * 65536
+    read = [0]
+
+    async def receive() -> dict:  # a client streaming 1 GB without a Content-Length
+        read[0] += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": read[0] < 1 << 30}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert b"over the limit of 100000 bytes" in b"".join(m.get("body", b"") for m in sent)
+    assert read[0] <= 100_000 + 2 * len(chunk)  # read no further than the limit

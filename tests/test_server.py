@@ -164,6 +164,8 @@ def _bad_cases(url):
         ("wrong dimensions", "POST", "/v1/embeddings", {"input": "a", "dimensions": 256}, 400, "'dimensions'"),
         ("user not a string", "POST", "/v1/embeddings", {"input": "a", "user": 5}, 400, "'user' must be a string"),
         ("oversized body", "POST", "/v1/embeddings", b"{" + b" " * 4_100_000 + b"}", 413, "over the limit"),
+        # No Content-Length: Transfer-Encoding chunked, 4,000,001 bytes in 64 KB chunks.
+        ("oversized chunked body", "POST", "/v1/embeddings", [b" " * 65536] * 61 + [b" " * 2305], 413, "over the"),
         (
             "ollama truncate off",
             "POST",
@@ -188,6 +190,8 @@ def test_every_bad_request_gets_its_4xx_and_the_server_stays_up(served, expected
         assert len(cases) >= 25
         for name, method, path, body, status, message in cases:
             kwargs = {"content": body} if isinstance(body, bytes) else ({"json": body} if body is not None else {})
+            if isinstance(body, list) and body and isinstance(body[0], bytes):
+                kwargs = {"content": iter(body)}  # a generator: httpx sends it chunked
             r = c.request(method, path, **kwargs)
             assert r.status_code == status, (name, r.status_code, r.text)
             err = r.json()["error"]

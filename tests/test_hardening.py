@@ -715,3 +715,41 @@ def test_a_chunked_body_is_refused_as_it_passes_the_limit_not_after():
     assert sent[0]["status"] == 413
     assert b"over the limit of 100000 bytes" in b"".join(m.get("body", b"") for m in sent)
     assert read[0] <= 100_000 + 2 * len(chunk)  # read no further than the limit
+
+
+# -- item 6: where a vector was computed is part of its key -----------------------------------
+
+
+def test_gpu_offload_puts_the_device_in_the_cache_key_and_cpu_keys_stay(fake_model, monkeypatch):
+    from metaeol_edge import MetaEOL, backends
+
+    tag = backends.llama_cpp_cache_tag
+    monkeypatch.setattr(backends, "gpu_device", lambda: "cuda")
+    assert tag({"mode": "one-at-a-time"}) == "" and tag({"mode": "packed", "n_gpu_layers": 0}) == "packed"
+    assert tag({"mode": "packed", "n_gpu_layers": -1}) == "packed-gpu-cuda-nglall"
+    assert tag({"mode": "one-at-a-time", "n_gpu_layers": 12}) == "gpu-cuda-ngl12"  # part offloaded: other bits
+    assert tag({"mode": "packed", "align": 8, "n_gpu_layers": 99}) == "packed-align8-gpu-cuda-ngl99"
+    cpu = MetaEOL(fake_model, cache=False)
+    gpu = MetaEOL(fake_model, cache=False, n_gpu_layers=-1, engine_mode="one-at-a-time")
+    assert cpu._vector_source() == cpu.fingerprint  # 0.2's key
+    assert gpu._vector_source() == f"{cpu.fingerprint}@gpu-cuda-nglall"
+    assert cpu.cache_keys("A cat.")[0] != gpu.cache_keys("A cat.")[0]
+    monkeypatch.setattr(backends, "gpu_device", lambda: None)  # a build without offload: CPU bits, CPU keys
+    assert MetaEOL(fake_model, cache=False, n_gpu_layers=-1, engine_mode="one-at-a-time")._vector_source() == (
+        cpu.fingerprint
+    )
+
+
+def test_gpu_device_names_the_offload_backend(monkeypatch):
+    from types import SimpleNamespace
+
+    from metaeol_edge import backends, engine
+
+    info = b"CUDA : ARCHS = 890 | USE_GRAPHS = 1 | CPU : SSE3 = 1 | AVX2 = 1 | "
+    fake_lc = SimpleNamespace(llama_supports_gpu_offload=lambda: True, llama_print_system_info=lambda: info)
+    monkeypatch.setattr(engine, "_llama", lambda: fake_lc)
+    monkeypatch.setattr(backends, "_GPU_DEVICE", None)
+    assert backends.gpu_device() == "cuda"
+    fake_lc.llama_supports_gpu_offload = lambda: False
+    monkeypatch.setattr(backends, "_GPU_DEVICE", None)
+    assert backends.gpu_device() is None

@@ -753,3 +753,43 @@ def test_gpu_device_names_the_offload_backend(monkeypatch):
     fake_lc.llama_supports_gpu_offload = lambda: False
     monkeypatch.setattr(backends, "_GPU_DEVICE", None)
     assert backends.gpu_device() is None
+
+
+# -- item 12: --api-key-file, hub listing names, registry download size ------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "cannot read --api-key-file"),
+        ("", "is empty"),
+        ("\n", "is empty"),
+        ("key\nmore\n", "must hold one line"),
+        ("clé\n", "not printable ASCII"),
+    ],
+    ids=["missing", "empty", "newline-only", "two-lines", "non-ascii"],
+)
+def test_api_key_file_is_read_and_checked_before_any_model(tmp_path, content, says, capsys):
+    from metaeol_edge import cli
+
+    path = tmp_path / "key"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with warnings.catch_warnings():
+        assert cli.main(["serve", "--model", "no-such-model", "--api-key-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+
+
+def test_api_key_file_with_a_good_key_gets_to_the_model(tmp_path, capsys):
+    from metaeol_edge import cli
+    from metaeol_edge.cli import _read_key
+
+    path = tmp_path / "key"
+    path.write_text("s3cret-key\n", encoding="utf-8")
+    assert _read_key(str(path)) == "s3cret-key"
+    with warnings.catch_warnings():
+        assert cli.main(["serve", "--model", "no-such-model", "--api-key-file", str(path)]) == 2
+        assert "unknown model id 'no-such-model'" in capsys.readouterr().err  # past the key
+        assert cli.main(["serve", "--api-key", "k", "--api-key-file", str(path)]) == 2
+    assert "not both" in capsys.readouterr().err

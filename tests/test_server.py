@@ -203,15 +203,29 @@ def test_every_bad_request_gets_its_4xx_and_the_server_stays_up(served, expected
 
 def test_an_api_key_guards_every_route_but_health(fake_model, expected):
     running = _Running({"m": ModelWorker("m", fake(fake_model, "prompteol", cache=False), Limits())}, api_key=KEY)
+    app = running.server.config.app
+    # Every route the application has (those added later too), each with each of its methods.
+    routes = [(m, r.path) for r in app.routes if hasattr(r, "methods") and r.path != "/health" for m in r.methods]
+    assert {p for _, p in routes} >= {"/v1/embeddings", "/v1/models", "/api/embed", "/api/tags", "/metrics"}
+    odd = [("HEAD", "/v1/models"), ("OPTIONS", "/v1/embeddings"), ("GET", "/v1/models/"), ("GET", "//v1/models")]
+    odd += [("GET", "/health/"), ("POST", "/v1/embeddings/"), ("GET", "/nothing"), ("OPTIONS", "/api/tags")]
+    body = {"model": "m", "input": "Hi"}
     try:
         with httpx.Client(base_url=running.url, timeout=60) as c:
             assert c.get("/health").status_code == 200
             for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEY}"}):
-                r = c.post("/v1/embeddings", json={"model": "m", "input": "Hi"}, headers=headers)
-                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-                assert c.get("/metrics", headers=headers).status_code == 401
-            r = c.post("/v1/embeddings", json={"model": "m", "input": "Hi"}, headers={"Authorization": f"Bearer {KEY}"})
-            assert r.status_code == 200
+                for method, path in routes + odd:
+                    url = running.url + path  # a whole URL: httpx would merge "//v1/models" into "/v1/models"
+                    r = c.request(method, url, json=body if method == "POST" else None, headers=headers)
+                    assert r.request.url.raw_path == path.encode()
+                    assert r.status_code == 401, (method, path, headers, r.status_code)
+                    if method != "HEAD":
+                        assert r.json()["error"]["type"] == "authentication_error"
+            good = {"Authorization": f"Bearer {KEY}"}
+            for method, path in routes:
+                r = c.request(method, path, json=body if method == "POST" else None, headers=good)
+                assert r.status_code == 200, (method, path, r.text)
+            r = c.post("/v1/embeddings", json=body, headers=good)
             _same([r.json()["data"][0]["embedding"]], expected, ["Hi"])
     finally:
         running.stop()

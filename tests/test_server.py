@@ -281,7 +281,8 @@ def test_one_bad_request_in_a_batch_does_not_fail_the_others(fake_model, expecte
 
 
 def _serve_process(fake_model, cache, *args, delay: float = 0.0):
-    """``metaeol serve`` on the fake backend in a subprocess: (process, URL)."""
+    """``metaeol serve`` on the fake backend in a subprocess: (process, URL, its stderr lines so far). Its
+    stderr is drained by a thread: a full pipe would stall the server at its next access-log line."""
     env = {**os.environ, "METAEOL_CACHE": str(cache), "METAEOL_FAKE_DELAY": str(delay)}
     cmd = [sys.executable, "-m", "metaeol_edge", "serve", *FAKE, "-t", "prompteol", "--port", "0", *args]
     proc = subprocess.Popen([*cmd, "--model", str(fake_model)], env=env, stderr=subprocess.PIPE, text=True)
@@ -296,7 +297,10 @@ def _serve_process(fake_model, cache, *args, delay: float = 0.0):
     if url is None:
         proc.kill()
     assert url, "".join(lines)
-    return proc, url
+    drain = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    drain.start()
+    proc.drained = drain  # joined once the process has exited
+    return proc, url, lines
 
 
 def _waiting(url: str) -> float:
@@ -307,7 +311,7 @@ def _waiting(url: str) -> float:
 def test_sigterm_answers_every_accepted_request_exits_in_seconds_and_keeps_the_cache(tmp_path, fake_model):
     # 0.05 s a sentence, 8 a batch: the six big requests below are 12 s of work; SIGTERM comes after 1.
     cache = tmp_path / "c.sqlite3"
-    proc, url = _serve_process(fake_model, cache, "--batch-size", "8", delay=0.05)
+    proc, url, lines = _serve_process(fake_model, cache, "--batch-size", "8", delay=0.05)
     big = [[f"Sentence {i} of client {k}, about {w}." for i, w in enumerate(["cats", "rain", "tea", "maps"] * 10)]
            for k in range(6)]  # fmt: skip
     small = [["A cat sleeps."], ["A kitten naps."]]
@@ -323,9 +327,15 @@ def test_sigterm_answers_every_accepted_request_exits_in_seconds_and_keeps_the_c
             while _waiting(url) < 6 and time.time() < deadline:
                 time.sleep(0.05)
             futures += [pool.submit(client, b) for b in small]
-            while _waiting(url) < 7 and time.time() < deadline:  # both small ones accepted (one may be running)
+
+            def accepted() -> bool:  # both small ones held by the server (waiting, or done)
+                return _waiting(url) + sum(f.done() for f in futures[6:]) >= 8
+
+            held = accepted()
+            while not held and time.time() < deadline:
                 time.sleep(0.02)
-            assert _waiting(url) >= 7, "the requests never reached the server"
+                held = accepted()
+            assert held, "the requests never reached the server"
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             answers = [f.result(timeout=30) for f in futures]  # a transport error or a hang fails here
@@ -333,7 +343,8 @@ def test_sigterm_answers_every_accepted_request_exits_in_seconds_and_keeps_the_c
             took = time.monotonic() - t0
     finally:
         proc.kill()
-    err = proc.stderr.read()
+    proc.drained.join(10)
+    err = "".join(lines)
     assert "Traceback" not in err and "stopped" in err, err
     assert took < 5, took  # the batch running (0.4 s) and the shutdown, not the 12 s of work
     completed = []
@@ -354,7 +365,7 @@ def test_sigterm_answers_every_accepted_request_exits_in_seconds_and_keeps_the_c
 
 def test_a_second_signal_exits_at_once(tmp_path, fake_model):
     # A batch of 64 at 0.05 s a sentence: 3.2 s, which the first SIGTERM would wait for.
-    proc, url = _serve_process(fake_model, tmp_path / "c.sqlite3", "--batch-size", "64", delay=0.05)
+    proc, url, lines = _serve_process(fake_model, tmp_path / "c.sqlite3", "--batch-size", "64", delay=0.05)
     try:
         with ThreadPoolExecutor(1) as pool:
             pool.submit(httpx.post, f"{url}/v1/embeddings", json={"input": [f"S {i}." for i in range(128)]}, timeout=30)
@@ -368,7 +379,8 @@ def test_a_second_signal_exits_at_once(tmp_path, fake_model):
     finally:
         proc.kill()
     assert rc == 128 + signal.SIGTERM and took < 1.5, (rc, took)
-    assert "second signal: exiting now" in proc.stderr.read()
+    proc.drained.join(10)
+    assert "second signal: exiting now" in "".join(lines)
 
 
 def test_the_serve_command_refuses_bad_options_clearly(capsys):

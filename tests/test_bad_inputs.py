@@ -351,6 +351,7 @@ def unfreeze():
 def test_bad_input_or_fault(case: Case, tmp_path, monkeypatch, capsys, smollm2, unfreeze):
     run = case.make(tmp_path, monkeypatch)
     before = {p: p.read_bytes() for p in run.untouched}
+    planted = set(tmp_path.rglob("*.part"))  # a case's own stale file (the killed pull's) is not the run's
     capsys.readouterr()
     try:
         rc = main(run.argv)
@@ -371,7 +372,7 @@ def test_bad_input_or_fault(case: Case, tmp_path, monkeypatch, capsys, smollm2, 
         with fake(smollm2, "prompteol", cache=False, max_length=run.max_length) as m:
             expected = m.encode(run.expect)
         assert np.array_equal(np.load(out), expected)
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    leftovers = [str(p.relative_to(tmp_path)) for p in set(tmp_path.rglob("*.part")) - planted]  # the store's too
     assert not leftovers, leftovers
 
 
@@ -389,18 +390,76 @@ def test_a_damaged_model_is_hashed_again_only_when_it_changed(tmp_path, monkeypa
     assert calls == [path]
 
 
+_PULL = """
+import hashlib, json, sys
+from metaeol_edge import registry
+data = json.loads(sys.argv[1])
+spec = registry.ModelSpec(**data)
+registry.get_spec = lambda model_id, paths_allowed=True: spec
+registry.pull_model("tiny")
+"""
+
+
 def test_a_killed_pulls_part_file_is_removed_by_the_next_pull(tmp_path, monkeypatch):
-    path = _private_store(tmp_path, monkeypatch)
-    stale = path.parent / f".{path.name}.xyz.part"
-    stale.write_bytes(b"x" * 1000)
-    path.unlink()
-    # A source that fails at once: the stale file is still cleaned up before it is tried.
-    spec = registry.get_spec("smollm2-135m")
-    failing = registry.ModelSpec(**{**spec.__dict__, "sources": [{"type": "nonesuch"}]})
-    monkeypatch.setattr(registry, "get_spec", lambda model_id, paths_allowed=True: failing)
-    with pytest.raises(registry.DownloadError, match="unknown source type"):
-        registry.pull_model("smollm2-135m")
-    assert not stale.exists()
+    """A real pull, from a local server that stalls half way, killed with SIGKILL: its .part file is
+    found where it is (inside the store's folders), and the next pull removes it and succeeds."""
+    import hashlib
+    import http.server
+    import sys
+    import threading
+    import time
+
+    payload = b"GGUF" + bytes(range(256)) * 12288  # 3 MB: the pull writes its first 1 MiB read, then waits
+    stall = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if stall.is_set():
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+                time.sleep(30)  # the pull waits for the rest until it is killed
+                return
+            self.wfile.write(payload)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    home = tmp_path / "home"
+    monkeypatch.setenv("METAEOL_HOME", str(home))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{httpd.server_address[1]}")
+    spec = dict(
+        id="tiny", name="tiny", architecture="llama", file="tiny.gguf", size=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(), license="test",
+        sources=[{"type": "huggingface", "repo": "org/tiny", "file": "tiny.gguf"}],
+    )  # fmt: skip
+    try:
+        stall.set()
+        proc = subprocess.Popen([sys.executable, "-c", _PULL, json.dumps(spec)], env=dict(os.environ))
+        try:
+            deadline = time.time() + 60
+            parts: list[Path] = []
+            while time.time() < deadline and not any(p.stat().st_size > 0 for p in parts):
+                time.sleep(0.05)
+                parts = list(home.rglob("*.part"))
+            assert parts and parts[0].stat().st_size > 0, "the pull never started writing"
+        finally:
+            proc.kill()
+            proc.wait(10)
+        assert list(home.rglob("*.part")) == parts  # what the killed pull left, inside the store's folders
+        stall.clear()
+        monkeypatch.setattr(registry, "get_spec", lambda model_id, paths_allowed=True: registry.ModelSpec(**spec))
+        path = registry.pull_model("tiny")
+        assert path.read_bytes() == payload
+        assert list(home.rglob("*.part")) == []
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.mark.parametrize(

@@ -462,3 +462,336 @@ def test_parquet_with_timestamp_ids_and_a_dictionary_text_column_to_jsonl(tmp_pa
     import pyarrow.parquet as pq
 
     assert pq.read_table(tmp_path / "out.parquet").column("id").equals(pa.chunked_array([stamps]))
+
+
+# -- items 5, 7, 8, 9, 11: the server --------------------------------------------------------
+
+
+def _serving(fake_model, limits=None, api_key=None, **kwargs):
+    """A real uvicorn server on 127.0.0.1 over the fake backend: (running, worker)."""
+    pytest.importorskip("uvicorn")
+    from conftest import fake
+    from metaeol_edge.server import Limits, ModelWorker
+    from test_server import _Running
+
+    limits = limits or Limits()
+    worker = ModelWorker("m", fake(fake_model, "prompteol", cache=False, **kwargs), limits)
+    return _Running({"m": worker}, limits, api_key), worker
+
+
+def test_tags_and_dimensions_never_wait_for_the_model(fake_model):
+    httpx = pytest.importorskip("httpx")
+    import threading
+
+    running, worker = _serving(fake_model)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # what a long batch does: holds the model's lock
+        with worker.model._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+        worker.model._fingerprint = None  # would be hashed again, under the lock, if asked for
+        with httpx.Client(base_url=running.url, timeout=5) as c:
+            tags = c.get("/api/tags").json()["models"][0]
+            assert tags["details"]["embedding_length"] == 576 and len(tags["digest"]) == 64
+            r = c.post("/v1/embeddings", json={"input": "a", "dimensions": 100})
+            assert r.status_code == 400 and "can only be 576" in r.json()["error"]["message"]
+            assert c.get("/health").status_code == 200
+    finally:
+        release.set()
+        holder.join(10)
+        running.stop()
+
+
+def _slow_worker(fake_model, monkeypatch, delay: float = 0.02, **limits):
+    """A worker over the fake backend at ``delay`` seconds a sentence (PromptEOL: one prompt each)."""
+    from conftest import fake
+    from metaeol_edge.backends_fake import DELAY_VARIABLE
+    from metaeol_edge.server import Limits, ModelWorker
+
+    monkeypatch.setenv(DELAY_VARIABLE, str(delay))
+    model = fake(fake_model, "prompteol", cache=False)
+    return ModelWorker("m", model, Limits(**limits))
+
+
+def _idle(worker, seconds: float = 10) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if worker.depth() == 0 and not worker.model._lock._is_owned():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_batches_take_one_sentence_per_client_and_request_in_turn(fake_model, monkeypatch):
+    import threading
+
+    worker = _slow_worker(fake_model, monkeypatch, delay=0, batch_size=4)
+    release = threading.Event()
+    seen: list[list[str]] = []
+    real = worker.model.encode_batches
+
+    def recording(sentences, *args, **kwargs):
+        release.wait(30)
+        seen.append(list(sentences))
+        return real(sentences, *args, **kwargs)
+
+    worker.model.encode_batches = recording
+    try:
+        hold = worker.submit(["x"], True, "z")  # the batch running while the others come
+        assert _idle(worker) or worker.depth() == 0
+        big = worker.submit([f"a{i}" for i in range(10)], True, "A")
+        small_a = worker.submit(["b"], True, "A")  # the same client's second request
+        small_b = worker.submit(["c"], True, "B")
+        release.set()
+        for f in (hold, big, small_a, small_b):
+            f.result(30)
+        assert seen[0] == ["x"]
+        assert sorted(seen[1]) == sorted(["a0", "a1", "b", "c"])  # both small ones in the next batch
+        assert [s for batch in seen[2:] for s in batch] == [f"a{i}" for i in range(2, 10)]
+        assert big.result().vectors.shape == (10, 576)
+    finally:
+        release.set()
+        worker.stop()
+        worker.model.close()
+
+
+def test_a_small_request_is_not_starved_by_a_big_one_and_dropped_work_is_not_computed(fake_model, monkeypatch):
+    import time
+
+    worker = _slow_worker(fake_model, monkeypatch, delay=0.02, batch_size=8)  # a batch: about 0.16 s
+    try:
+        big = worker.submit([f"Sentence number {i}." for i in range(400)], True, "127.0.0.1")  # 8 s alone
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        small = worker.submit(["A cat sleeps."], True, "127.0.0.1")
+        small.result(30)
+        assert time.monotonic() - t0 < 1.5  # one batch ahead of it, not the 400 sentences
+        assert not big.done()
+        big.cancel()  # the client left
+        assert _idle(worker, 5)
+        backend = worker.model.backend
+        calls = backend.calls
+        time.sleep(0.5)
+        assert backend.calls == calls  # nothing more of it computed
+    finally:
+        worker.stop()
+        worker.model.close()
+
+
+def test_a_client_that_disconnects_has_its_work_dropped(fake_model, monkeypatch):
+    httpx = pytest.importorskip("httpx")
+    import time
+
+    from metaeol_edge.backends_fake import DELAY_VARIABLE
+    from metaeol_edge.server import Limits
+
+    monkeypatch.setenv(DELAY_VARIABLE, "0.02")
+    running, worker = _serving(fake_model, Limits(batch_size=8))
+    try:
+        with httpx.Client(base_url=running.url, timeout=0.5) as c:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+                c.post("/v1/embeddings", json={"input": [f"Sentence {i}." for i in range(400)]})
+        assert _idle(worker, 5)  # dropped within a poll and a batch
+        backend = worker.model.backend
+        calls = backend.calls
+        time.sleep(0.5)
+        assert backend.calls == calls
+        with httpx.Client(base_url=running.url, timeout=10) as c:
+            assert c.post("/v1/embeddings", json={"input": "Hi"}).status_code == 200
+    finally:
+        running.stop()
+
+
+LONG = "word " * 600  # 600 tokens on the fake tokenizer: over max_length 512
+
+
+def test_openai_route_reports_truncation_and_refuses_it_when_asked(fake_model):
+    httpx = pytest.importorskip("httpx")
+    from conftest import fake
+
+    with fake(fake_model, "prompteol", cache=False) as m, pytest.warns(UserWarning, match="truncated"):
+        want = m.encode(["A cat.", LONG])
+        short = m.token_counts(["A cat."])[0]
+    running, _ = _serving(fake_model)
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            for route in ("/v1/embeddings", "/api/embed"):
+                r = c.post(route, json={"input": ["A cat.", LONG]})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                [cut] = body["truncated"]
+                assert cut["index"] == 1 and cut["tokens"] >= 600 and 0 < cut["kept"] < 512
+                assert r.headers["X-Truncated-Inputs"] == "1"
+                used = body["usage"]["prompt_tokens"] if route == "/v1/embeddings" else body["prompt_eval_count"]
+                assert used == short + cut["kept"]  # what was embedded, not the 600 tokens sent
+                rows = [d["embedding"] for d in body["data"]] if route == "/v1/embeddings" else body["embeddings"]
+                assert np.asarray(rows, dtype=np.float32).tobytes() == want.tobytes()
+                r = c.post(route, json={"input": ["A cat."]})
+                assert r.json()["truncated"] == [] and "X-Truncated-Inputs" not in r.headers
+                r = c.post(route, json={"input": ["A cat.", LONG], "truncate": False})
+                assert r.status_code == 400 and "sentence #2 needs" in r.json()["error"]["message"], r.text
+                r = c.post(route, json={"input": "A cat.", "truncate": "yes"})
+                assert r.status_code == 400 and "'truncate' must be true or false" in r.text
+    finally:
+        running.stop()
+
+
+def test_no_truncate_server_answers_400_unless_the_request_asks_to_cut(fake_model):
+    httpx = pytest.importorskip("httpx")
+
+    running, _ = _serving(fake_model, truncate=False)  # metaeol serve --no-truncate
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            r = c.post("/v1/embeddings", json={"input": ["A cat.", LONG]})
+            assert r.status_code == 400 and "over max_length 512 (truncation is off)" in r.json()["error"]["message"]
+            assert c.post("/v1/embeddings", json={"input": "A cat."}).status_code == 200
+            r = c.post("/v1/embeddings", json={"input": LONG, "truncate": True})
+            assert r.status_code == 200 and r.json()["truncated"][0]["index"] == 0
+    finally:
+        running.stop()
+
+
+def test_truncation_is_reported_per_request_when_requests_share_a_batch(fake_model, monkeypatch):
+    import threading
+
+    worker = _slow_worker(fake_model, monkeypatch, delay=0, batch_size=16)
+    release = threading.Event()
+    real = worker.model.encode_batches
+    worker.model.encode_batches = lambda *a, **k: (release.wait(30), real(*a, **k))[1]
+    try:
+        hold = worker.submit(["x"], True, "z")
+        assert _idle(worker)
+        a = worker.submit(["A cat.", LONG, "A dog."], True, "A")
+        b = worker.submit([LONG], True, "B")
+        c = worker.submit(["A bird.", LONG], False, "C")  # refused: its own error, the others unharmed
+        release.set()
+        with pytest.warns(UserWarning, match="truncated"):
+            ra, rb = a.result(30), b.result(30)
+        hold.result(30)
+        assert [t.index for t in ra.stats.truncated] == [1] and [t.index for t in rb.stats.truncated] == [0]
+        kept = rb.stats.truncated[0].kept
+        assert rb.tokens == kept and ra.tokens == kept + sum(worker.model.token_counts(["A cat.", "A dog."]))
+        with pytest.raises(Exception, match="sentence #2 needs"):
+            c.result(30)
+    finally:
+        release.set()
+        worker.stop()
+        worker.model.close()
+
+
+def test_a_chunked_body_is_refused_as_it_passes_the_limit_not_after():
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from metaeol_edge.server import Limits, create_app
+
+    app = create_app({}, Limits(max_body_bytes=100_000), log=lambda line: None)
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "query_string": b"", "root_path": "",
+        "headers": [(b"transfer-encoding", b"chunked"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
+    }  # fmt: skip
+    chunk = b" " * 65536
+    read = [0]
+
+    async def receive() -> dict:  # a client streaming 1 GB without a Content-Length
+        read[0] += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": read[0] < 1 << 30}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert b"over the limit of 100000 bytes" in b"".join(m.get("body", b"") for m in sent)
+    assert read[0] <= 100_000 + 2 * len(chunk)  # read no further than the limit
+
+
+# -- item 6: where a vector was computed is part of its key -----------------------------------
+
+
+def test_gpu_offload_puts_the_device_in_the_cache_key_and_cpu_keys_stay(fake_model, monkeypatch):
+    from metaeol_edge import MetaEOL, backends
+
+    tag = backends.llama_cpp_cache_tag
+    monkeypatch.setattr(backends, "gpu_device", lambda: "cuda")
+    assert tag({"mode": "one-at-a-time"}) == "" and tag({"mode": "packed", "n_gpu_layers": 0}) == "packed"
+    assert tag({"mode": "packed", "n_gpu_layers": -1}) == "packed-gpu-cuda-nglall"
+    assert tag({"mode": "one-at-a-time", "n_gpu_layers": 12}) == "gpu-cuda-ngl12"  # part offloaded: other bits
+    assert tag({"mode": "packed", "align": 8, "n_gpu_layers": 99}) == "packed-align8-gpu-cuda-ngl99"
+    cpu = MetaEOL(fake_model, cache=False)
+    gpu = MetaEOL(fake_model, cache=False, n_gpu_layers=-1, engine_mode="one-at-a-time")
+    assert cpu._vector_source() == cpu.fingerprint  # 0.2's key
+    assert gpu._vector_source() == f"{cpu.fingerprint}@gpu-cuda-nglall"
+    assert cpu.cache_keys("A cat.")[0] != gpu.cache_keys("A cat.")[0]
+    monkeypatch.setattr(backends, "gpu_device", lambda: None)  # a build without offload: CPU bits, CPU keys
+    assert MetaEOL(fake_model, cache=False, n_gpu_layers=-1, engine_mode="one-at-a-time")._vector_source() == (
+        cpu.fingerprint
+    )
+
+
+def test_gpu_device_names_the_offload_backend(monkeypatch):
+    from types import SimpleNamespace
+
+    from metaeol_edge import backends, engine
+
+    info = b"CUDA : ARCHS = 890 | USE_GRAPHS = 1 | CPU : SSE3 = 1 | AVX2 = 1 | "
+    fake_lc = SimpleNamespace(llama_supports_gpu_offload=lambda: True, llama_print_system_info=lambda: info)
+    monkeypatch.setattr(engine, "_llama", lambda: fake_lc)
+    monkeypatch.setattr(backends, "_GPU_DEVICE", None)
+    assert backends.gpu_device() == "cuda"
+    fake_lc.llama_supports_gpu_offload = lambda: False
+    monkeypatch.setattr(backends, "_GPU_DEVICE", None)
+    assert backends.gpu_device() is None
+
+
+# -- item 12: --api-key-file, hub listing names, registry download size ------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "cannot read --api-key-file"),
+        ("", "is empty"),
+        ("\n", "is empty"),
+        ("key\nmore\n", "must hold one line"),
+        ("clé\n", "not printable ASCII"),
+    ],
+    ids=["missing", "empty", "newline-only", "two-lines", "non-ascii"],
+)
+def test_api_key_file_is_read_and_checked_before_any_model(tmp_path, content, says, capsys):
+    from metaeol_edge import cli
+
+    path = tmp_path / "key"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with warnings.catch_warnings():
+        assert cli.main(["serve", "--model", "no-such-model", "--api-key-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+
+
+def test_api_key_file_with_a_good_key_gets_to_the_model(tmp_path, capsys):
+    from metaeol_edge.cli import _read_key
+
+    from metaeol_edge import cli
+
+    path = tmp_path / "key"
+    path.write_text("s3cret-key\n", encoding="utf-8")
+    assert _read_key(str(path)) == "s3cret-key"
+    with warnings.catch_warnings():
+        assert cli.main(["serve", "--model", "no-such-model", "--api-key-file", str(path)]) == 2
+        assert "unknown model id 'no-such-model'" in capsys.readouterr().err  # past the key
+        assert cli.main(["serve", "--api-key", "k", "--api-key-file", str(path)]) == 2
+    assert "not both" in capsys.readouterr().err

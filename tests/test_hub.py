@@ -271,3 +271,17 @@ def test_a_hub_pull_of_the_registry_file_shares_its_fingerprint_and_cache(env, s
         assert m.model_path == path and m.fingerprint == registry.get_spec("smollm2-135m").sha256
         assert np.array_equal(m.encode(sentences, stats=stats), expected)
     assert (stats.hits, stats.misses) == (2, 0)
+
+
+@pytest.mark.parametrize("listed", ["../evil-Q4_K_M.gguf", "ABSOLUTE", "a//evil-Q4_K_M.gguf"])
+def test_a_listing_that_names_a_file_outside_the_repository_is_refused(env, tiny, monkeypatch, listed):
+    if listed == "ABSOLUTE":  # under this test's folder, so that a regression writes nowhere else
+        listed = str(env / "outside" / "evil-Q4_K_M.gguf")
+    server = _start(monkeypatch, {(REPO, listed): tiny})
+    try:
+        with pytest.raises(DownloadError, match="not a file inside the repository"):
+            hub.pull_model(f"hf:{REPO}:Q4_K_M")
+    finally:
+        server.close()
+    assert not [p for p in env.rglob("*evil*")]  # nothing written, inside the store or out of it
+    assert [m for s, m, _, _ in server.seen if s == "cdn"] == []  # nothing downloaded either

@@ -203,3 +203,42 @@ def test_registry_model_comes_through_the_store(smollm2):
     spec = registry.get_spec("smollm2-135m")
     assert smollm2 == registry.model_path("smollm2-135m")
     assert smollm2.stat().st_size == spec.size
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length-over", "no-content-length"])
+def test_a_source_that_sends_more_than_the_registry_size_is_stopped(store, monkeypatch, declared):
+    sent = [0]
+    huge = 64 << 20  # what the source would send: 64 MB, for a model of about 1 MB
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            if declared:
+                self.send_header("Content-Length", str(huge))
+            self.end_headers()
+            block = b"\0" * (1 << 16)
+            try:
+                while sent[0] < huge:
+                    self.wfile.write(block)
+                    sent[0] += len(block)
+            except OSError:  # the pull stopped reading and closed the connection
+                pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{httpd.server_address[1]}")
+    spec = _spec(PAYLOAD, [{"type": "huggingface", "repo": "org/tiny", "file": "tiny.gguf"}])
+    monkeypatch.setattr(registry, "get_spec", lambda model_id: spec)
+    try:
+        says = "offers 67108864 bytes, over the registry's" if declared else "sent more than the registry's"
+        with pytest.raises(DownloadError, match=says):
+            registry.pull_model("tiny")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert sent[0] < 16 << 20  # stopped near the model's size, not at the source's 64 MB
+    assert _leftovers(store / "models" / "tiny") == []

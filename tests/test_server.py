@@ -165,6 +165,8 @@ def _bad_cases(url):
         ("wrong dimensions", "POST", "/v1/embeddings", {"input": "a", "dimensions": 256}, 400, "'dimensions'"),
         ("user not a string", "POST", "/v1/embeddings", {"input": "a", "user": 5}, 400, "'user' must be a string"),
         ("oversized body", "POST", "/v1/embeddings", b"{" + b" " * 4_100_000 + b"}", 413, "over the limit"),
+        # No Content-Length: Transfer-Encoding chunked, 4,000,001 bytes in 64 KB chunks.
+        ("oversized chunked body", "POST", "/v1/embeddings", [b" " * 65536] * 61 + [b" " * 2305], 413, "over the"),
         (
             "ollama truncate off",
             "POST",
@@ -189,6 +191,8 @@ def test_every_bad_request_gets_its_4xx_and_the_server_stays_up(served, expected
         assert len(cases) >= 25
         for name, method, path, body, status, message in cases:
             kwargs = {"content": body} if isinstance(body, bytes) else ({"json": body} if body is not None else {})
+            if isinstance(body, list) and body and isinstance(body[0], bytes):
+                kwargs = {"content": iter(body)}  # a generator: httpx sends it chunked
             r = c.request(method, path, **kwargs)
             assert r.status_code == status, (name, r.status_code, r.text)
             err = r.json()["error"]
@@ -200,15 +204,29 @@ def test_every_bad_request_gets_its_4xx_and_the_server_stays_up(served, expected
 
 def test_an_api_key_guards_every_route_but_health(fake_model, expected):
     running = _Running({"m": ModelWorker("m", fake(fake_model, "prompteol", cache=False), Limits())}, api_key=KEY)
+    app = running.server.config.app
+    # Every route the application has (those added later too), each with each of its methods.
+    routes = [(m, r.path) for r in app.routes if hasattr(r, "methods") and r.path != "/health" for m in r.methods]
+    assert {p for _, p in routes} >= {"/v1/embeddings", "/v1/models", "/api/embed", "/api/tags", "/metrics"}
+    odd = [("HEAD", "/v1/models"), ("OPTIONS", "/v1/embeddings"), ("GET", "/v1/models/"), ("GET", "//v1/models")]
+    odd += [("GET", "/health/"), ("POST", "/v1/embeddings/"), ("GET", "/nothing"), ("OPTIONS", "/api/tags")]
+    body = {"model": "m", "input": "Hi"}
     try:
         with httpx.Client(base_url=running.url, timeout=60) as c:
             assert c.get("/health").status_code == 200
             for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEY}"}):
-                r = c.post("/v1/embeddings", json={"model": "m", "input": "Hi"}, headers=headers)
-                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-                assert c.get("/metrics", headers=headers).status_code == 401
-            r = c.post("/v1/embeddings", json={"model": "m", "input": "Hi"}, headers={"Authorization": f"Bearer {KEY}"})
-            assert r.status_code == 200
+                for method, path in routes + odd:
+                    url = running.url + path  # a whole URL: httpx would merge "//v1/models" into "/v1/models"
+                    r = c.request(method, url, json=body if method == "POST" else None, headers=headers)
+                    assert r.request.url.raw_path == path.encode()
+                    assert r.status_code == 401, (method, path, headers, r.status_code)
+                    if method != "HEAD":
+                        assert r.json()["error"]["type"] == "authentication_error"
+            good = {"Authorization": f"Bearer {KEY}"}
+            for method, path in routes:
+                r = c.request(method, path, json=body if method == "POST" else None, headers=good)
+                assert r.status_code == 200, (method, path, r.text)
+            r = c.post("/v1/embeddings", json=body, headers=good)
             _same([r.json()["data"][0]["embedding"]], expected, ["Hi"])
     finally:
         running.stop()
@@ -217,14 +235,15 @@ def test_an_api_key_guards_every_route_but_health(fake_model, expected):
 def test_a_full_queue_answers_503_with_retry_after_never_a_hang(fake_model):
     model = fake(fake_model, "prompteol", cache=False)
     release = threading.Event()
-    real = model.encode
-    model.encode = lambda *a, **k: (release.wait(60), real(*a, **k))[1]  # the engine is busy
+    real = model.encode_batches
+    model.encode_batches = lambda *a, **k: (release.wait(60), real(*a, **k))[1]  # the engine is busy
     worker = ModelWorker("m", model, Limits(max_queue=1))
     try:
         first = worker.submit(["A cat."], True)  # taken by the worker, blocked in encode
         deadline = time.time() + 10
         while worker.depth() and time.time() < deadline:
             time.sleep(0.01)
+        assert worker.depth() == 0, "the worker never took the first request"
         second = worker.submit(["A dog."], True)  # waits in the queue
         with pytest.raises(ApiError) as full:
             worker.submit(["A bird."], True)
@@ -240,13 +259,15 @@ def test_a_full_queue_answers_503_with_retry_after_never_a_hang(fake_model):
 def test_one_bad_request_in_a_batch_does_not_fail_the_others(fake_model, expected):
     model = fake(fake_model, "prompteol", cache=False)
     release = threading.Event()
-    real = model.encode
-    model.encode = lambda *a, **k: (release.wait(60), real(*a, **k))[1]
+    real = model.encode_batches
+    model.encode_batches = lambda *a, **k: (release.wait(60), real(*a, **k))[1]
     worker = ModelWorker("m", model, Limits())
     try:
         first = worker.submit(["Hi"], True)  # holds the worker while the others queue up
-        while worker.depth():
+        deadline = time.time() + 10
+        while worker.depth() and time.time() < deadline:
             time.sleep(0.01)
+        assert worker.depth() == 0, "the worker never took the first request"
         jobs = [(["word " * 600], False), ([SENTENCES[0]], True), ([SENTENCES[1]], False)]
         futures = [first, *(worker.submit(s, t) for s, t in jobs)]
         release.set()  # the three queued ones are then one batch (two groups by truncation)
@@ -260,12 +281,12 @@ def test_one_bad_request_in_a_batch_does_not_fail_the_others(fake_model, expecte
         model.close()
 
 
-def test_sigterm_under_load_finishes_in_flight_requests_and_keeps_the_cache(tmp_path, fake_model):
-    cache = tmp_path / "c.sqlite3"
-    env = {**os.environ, "METAEOL_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "metaeol_edge", "serve", *FAKE, "-t", "prompteol", "--port", "0", "--model"]
-    cmd.append(str(fake_model))
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+def _serve_process(fake_model, cache, *args, delay: float = 0.0):
+    """``metaeol serve`` on the fake backend in a subprocess: (process, URL, its stderr lines so far). Its
+    stderr is drained by a thread: a full pipe would stall the server at its next access-log line."""
+    env = {**os.environ, "METAEOL_CACHE": str(cache), "METAEOL_FAKE_DELAY": str(delay)}
+    cmd = [sys.executable, "-m", "metaeol_edge", "serve", *FAKE, "-t", "prompteol", "--port", "0", *args]
+    proc = subprocess.Popen([*cmd, "--model", str(fake_model)], env=env, stderr=subprocess.PIPE, text=True)
     url = None
     deadline = time.time() + 120
     lines = []
@@ -274,48 +295,93 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_keeps_the_cache(tmp_
         lines.append(line)
         if "serving" in line and "http://" in line:
             url = line.strip().split(" on ")[-1]
+    if url is None:
+        proc.kill()
     assert url, "".join(lines)
-    sentences = [f"Sentence {i} of the load, about {w}." for i, w in enumerate(["cats", "rain", "tea", "maps"] * 8)]
-    stop_sending = threading.Event()
+    drain = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    drain.start()
+    proc.drained = drain  # joined once the process has exited
+    return proc, url, lines
 
-    def client(k: int):
-        done, errors = [], []
-        with httpx.Client(base_url=url, timeout=60) as c:
-            # Until SIGTERM (the fake answers fast: a fixed count could all be done before it, with nothing in
-            # flight), with a cap so that a server that never stops cannot keep the test running.
-            for j in range(5000):
-                if stop_sending.is_set():
-                    break
-                batch = sentences[(k * 3 + j) % 32 : (k * 3 + j) % 32 + 1 + j % 3]
-                try:
-                    r = c.post("/v1/embeddings", json={"model": fake_model.stem, "input": batch})
-                except httpx.TransportError as exc:  # refused or closed once the server stops: a clean error
-                    errors.append(type(exc).__name__)
-                    break
-                if r.status_code == 200:
-                    done.extend(batch)
-                else:
-                    assert r.status_code == 503 and "error" in r.json(), r.text
-                    errors.append(r.status_code)
-        return done, errors
 
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(client, k) for k in range(6)]
-        time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
-        stop_sending.set()
-        results = [f.result(timeout=120) for f in futures]
-    assert proc.wait(timeout=120) == 0
-    err = proc.stderr.read()
+def _waiting(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("metaeol_queue_depth{"))
+
+
+def test_sigterm_answers_every_accepted_request_exits_in_seconds_and_keeps_the_cache(tmp_path, fake_model):
+    # 0.05 s a sentence, 8 a batch: the six big requests below are 12 s of work; SIGTERM comes after 1.
+    cache = tmp_path / "c.sqlite3"
+    proc, url, lines = _serve_process(fake_model, cache, "--batch-size", "8", delay=0.05)
+    big = [[f"Sentence {i} of client {k}, about {w}." for i, w in enumerate(["cats", "rain", "tea", "maps"] * 10)]
+           for k in range(6)]  # fmt: skip
+    small = [["A cat sleeps."], ["A kitten naps."]]
+
+    def client(batch):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            return batch, c.post("/v1/embeddings", json={"model": fake_model.stem, "input": batch})
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client, b) for b in big]
+            deadline = time.time() + 20
+            while _waiting(url) < 6 and time.time() < deadline:
+                time.sleep(0.05)
+            futures += [pool.submit(client, b) for b in small]
+
+            def accepted() -> bool:  # both small ones held by the server (waiting, or done)
+                return _waiting(url) + sum(f.done() for f in futures[6:]) >= 8
+
+            held = accepted()
+            while not held and time.time() < deadline:
+                time.sleep(0.02)
+                held = accepted()
+            assert held, "the requests never reached the server"
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            answers = [f.result(timeout=30) for f in futures]  # a transport error or a hang fails here
+            assert proc.wait(timeout=30) == 0
+            took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    proc.drained.join(10)
+    err = "".join(lines)
     assert "Traceback" not in err and "stopped" in err, err
-    completed = list(dict.fromkeys(s for done, _ in results for s in done))
-    assert completed, results
+    assert took < 5, took  # the batch running (0.4 s) and the shutdown, not the 12 s of work
+    completed = []
+    for batch, r in answers:
+        if r.status_code == 200:
+            assert len(r.json()["data"]) == len(batch)
+            completed.extend(batch)
+        else:
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    assert sum(r.status_code == 503 for _, r in answers) >= 6  # the big ones had work left
     db = sqlite3.connect(cache)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
     with fake(fake_model, "prompteol", cache=cache) as m:
         _, stats = counted(m, completed)
-    assert (stats.hits, stats.misses) == (len(completed), 0)  # every completed request's vectors were kept
+    assert (stats.hits, stats.misses) == (len(completed), 0)  # every answered request's vectors were kept
+
+
+def test_a_second_signal_exits_at_once(tmp_path, fake_model):
+    # A batch of 64 at 0.05 s a sentence: 3.2 s, which the first SIGTERM would wait for.
+    proc, url, lines = _serve_process(fake_model, tmp_path / "c.sqlite3", "--batch-size", "64", delay=0.05)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(httpx.post, f"{url}/v1/embeddings", json={"input": [f"S {i}." for i in range(128)]}, timeout=30)
+            time.sleep(0.5)  # the first batch is running
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+            took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert rc == 128 + signal.SIGTERM and took < 1.5, (rc, took)
+    proc.drained.join(10)
+    assert "second signal: exiting now" in "".join(lines)
 
 
 def test_the_serve_command_refuses_bad_options_clearly(capsys):

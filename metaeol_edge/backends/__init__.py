@@ -123,7 +123,7 @@ class LlamaCppBackend(Backend):
             align=align,
             lanes=lanes,
         )
-        self.cache_tag = llama_cpp_cache_tag({"mode": mode, "align": align})
+        self.cache_tag = llama_cpp_cache_tag({"mode": mode, "align": align, "n_gpu_layers": n_gpu_layers})
         self.model_path = Path(model_path)
         self.n_layer = self.engine.n_layer
         self.dim = self.engine.n_embd
@@ -157,12 +157,42 @@ class LlamaCppBackend(Backend):
 
 
 def llama_cpp_cache_tag(options: dict[str, object]) -> str:
-    """The engine's cache tag: "" one prompt per decode (the 0.1 keys); ``packed``, or
-    ``packed-alignN`` for another alignment, whose vectors differ in the last bits."""
-    if options.get("mode", "one-at-a-time") == "one-at-a-time":
-        return ""
-    align = options.get("align", 16)
-    return "packed" if align == 16 else f"packed-align{align}"
+    """The engine's cache tag: "" one prompt per decode on the CPU (the 0.1 keys); ``packed``, or
+    ``packed-alignN`` for another alignment, whose vectors differ in the last bits. Layers offloaded
+    to a GPU (other kernels, other low bits) add the device and how many layers went there:
+    ``gpu-cuda-ngl99``, ``packed-gpu-metal-nglall``. On a llama.cpp build without GPU offload,
+    ``n_gpu_layers`` changes nothing, and nor does the key: CPU keys stay 0.2's."""
+    parts = []
+    if options.get("mode", "one-at-a-time") != "one-at-a-time":
+        align = options.get("align", 16)
+        parts.append("packed" if align == 16 else f"packed-align{align}")
+    layers = options.get("n_gpu_layers", 0)
+    if layers:
+        device = gpu_device()
+        if device is not None:
+            parts.append(f"gpu-{device}-ngl{'all' if layers < 0 else layers}")  # type: ignore[operator]
+    return "-".join(parts)
+
+
+def gpu_device() -> str | None:
+    """The GPU backend llama.cpp offloads to (``cuda``, ``metal``, ``vulkan``...), or None when this
+    build offloads nothing. Read from llama.cpp's system information, once."""
+    global _GPU_DEVICE
+    if _GPU_DEVICE is None:
+        from metaeol_edge.llamacpp import _llama
+
+        lc = _llama()
+        found = ""
+        if lc.llama_supports_gpu_offload():
+            info = lc.llama_print_system_info().decode("utf-8", "replace")
+            names = [part.split(":")[0].strip() for part in info.split("|") if ":" in part]
+            names = [n for n in names if n and n.upper() != "CPU" and " " not in n]
+            found = "-".join(dict.fromkeys(n.lower() for n in names)) or "gpu"
+        _GPU_DEVICE = found
+    return _GPU_DEVICE or None
+
+
+_GPU_DEVICE: str | None = None
 
 
 @dataclass(frozen=True)

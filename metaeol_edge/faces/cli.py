@@ -268,6 +268,12 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: $METAEOL_API_KEY)")
+    sv.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="read the key from this file (one line), so that it does not show in ps",
+    )
     sv.add_argument("--normalize", action="store_true", help="L2-normalize every vector served")
     sv.add_argument("--batch-size", type=int, default=64, help="sentences per engine batch, across requests (64)")
     sv.add_argument("--max-body-bytes", type=int, default=4_000_000, help="largest request body (4 MB)")
@@ -479,6 +485,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_key(path: str) -> str:
+    """An API key file's one line (its line end dropped; anything more is refused, not guessed at)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(4097)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputError(f"cannot read --api-key-file {path}: {reason}") from exc
+    key = text.removesuffix("\n").removesuffix("\r")
+    if len(text) > 4096 or "\n" in key:
+        raise InputError(f"--api-key-file {path} must hold one line, the key")
+    return key
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -500,8 +520,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.layer and "," in args.layer:
         raise InputError("the server reads one layer per model")
     # Checked before any model loads: an empty key used to turn authentication off without a word.
-    if args.api_key is not None:
-        api_key: str | None = server.check_api_key(args.api_key, "--api-key")
+    if args.api_key is not None and args.api_key_file is not None:
+        raise InputError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        api_key: str | None = server.check_api_key(_read_key(args.api_key_file), f"--api-key-file {args.api_key_file}")
+    elif args.api_key is not None:
+        api_key = server.check_api_key(args.api_key, "--api-key")
     elif "METAEOL_API_KEY" in os.environ:
         api_key = server.check_api_key(os.environ["METAEOL_API_KEY"], "METAEOL_API_KEY")
     else:

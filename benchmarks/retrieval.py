@@ -239,6 +239,10 @@ def configurations(args) -> list[tuple[str, dict]]:
     base = {"backend": args.backend} if args.backend else {}
     configs = [("metaeol", base | {"templates": "metaeol"})]
     configs += [(f"preset {name}", base | {"preset": name}) for name in load_presets()]
+    # The quality preset's prompt and read without its whitening fit (which ships for two models
+    # only): what `metaeol index` can use for any model. And the paper's one-template PromptEOL.
+    configs += [("quality without fit", base | {"templates": "prompteol-icl-music", "layer": 1.0})]
+    configs += [("prompteol", base | {"templates": "prompteol"})]
     return configs
 
 

@@ -744,11 +744,11 @@ def test_gpu_offload_puts_the_device_in_the_cache_key_and_cpu_keys_stay(fake_mod
 def test_gpu_device_names_the_offload_backend(monkeypatch):
     from types import SimpleNamespace
 
-    from metaeol_edge import backends, engine
+    from metaeol_edge import backends, llamacpp
 
     info = b"CUDA : ARCHS = 890 | USE_GRAPHS = 1 | CPU : SSE3 = 1 | AVX2 = 1 | "
     fake_lc = SimpleNamespace(llama_supports_gpu_offload=lambda: True, llama_print_system_info=lambda: info)
-    monkeypatch.setattr(engine, "_llama", lambda: fake_lc)
+    monkeypatch.setattr(llamacpp, "_llama", lambda: fake_lc)
     monkeypatch.setattr(backends, "_GPU_DEVICE", None)
     assert backends.gpu_device() == "cuda"
     fake_lc.llama_supports_gpu_offload = lambda: False

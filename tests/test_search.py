@@ -19,6 +19,7 @@ from conftest import FAKE, fake, run_cli
 from metaeol_edge.errors import InputError
 from metaeol_edge.faces.search import Collection, list_collections, remove_collection
 from metaeol_edge.faces.search.chunking import Budget, split_text
+from metaeol_edge.faces.search.config import DEFAULT_METHOD
 from metaeol_edge.faces.search.rank import ApproxIndex, Ranker, exact_top_k, normalize
 from metaeol_edge.faces.search.store import NewChunk, NewFile, Store
 
@@ -68,7 +69,7 @@ def stored_chunks(path: Path) -> list[tuple]:
 
 def brute_force(fake_model, rows, query: str, k: int) -> list[tuple[int, float]]:
     """Cosine of the query with every chunk's text, embedded afresh, with a loop: the reference ranking."""
-    with fake(fake_model, cache=False, level="shipped") as model:
+    with fake(fake_model, cache=False, level="shipped", **DEFAULT_METHOD) as model:  # a new collection's method
         vectors = model.encode([r[4] for r in rows] + [query], show_progress_bar=False)
     q = vectors[-1]
     scored = []
@@ -170,11 +171,12 @@ def test_another_configuration_is_refused_naming_what_differs(fake_model, tmp_pa
     root = make_tree(tmp_path / "notes")
     with open_fake(fake_model) as c:
         c.index(root)
-    with pytest.raises(InputError, match=r"made with templates \(their exact text\) metaeol .*not prompteol"):
+    made = r"made with templates \(their exact text\) prompteol-icl-music .*not prompteol "
+    with pytest.raises(InputError, match=made):
         open_fake(fake_model, templates="prompteol")
     with pytest.raises(InputError, match="made with model file and backend"):
         open_fake(fake_model, backend_options={"seed": 1})
-    with pytest.raises(InputError, match="made with layer -1, not 10"):
+    with pytest.raises(InputError, match=r"made with layer \d+, not 10"):
         open_fake(fake_model, layer=10)
     with pytest.raises(InputError, match="chunk overlap 0, not 16"):
         open_fake(fake_model, overlap=16)
@@ -224,7 +226,8 @@ def test_collections_list_show_rm(fake_model, tmp_path):
         c.index(root)
     (row,) = list_collections()
     assert (row["name"], row["files"], row["model"]) == ("notes", 4, str(fake_model))
-    assert row["config"]["templates"] == "metaeol" and row["roots"] == {str(root): row["roots"][str(root)]}
+    assert row["config"]["templates"] == DEFAULT_METHOD["templates"]
+    assert row["roots"] == {str(root): row["roots"][str(root)]}
     out = run_cli("collections", "list")
     assert out.returncode == 0 and out.stdout.startswith("notes") and str(fake_model) in out.stdout
     remove_collection("notes")

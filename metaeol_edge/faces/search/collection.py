@@ -220,13 +220,13 @@ class Collection:
                     f"no collection {name} (no file {path}): make it with `metaeol index {name} PATH...`; "
                     "see `metaeol collections list`"
                 )
-            made = cls(name, path, None, given, overlap or 0, runtime, approx)
+            made = cls(name, path, None, cfg.with_default_method(given), overlap or 0, runtime, approx)
             made.model  # noqa: B018 - checks the options now (nothing is written before the first index)
             return made
         store = Store(path)
         stored = store.meta("options")
         if stored is None:  # created, killed before its configuration was written: nothing else is in it
-            made = cls(name, path, store, given, overlap or 0, runtime, approx)
+            made = cls(name, path, store, cfg.with_default_method(given), overlap or 0, runtime, approx)
         else:
             identity = store.meta("identity") or {}
             made = cls(name, path, store, stored | given, identity.get("overlap", 0) if overlap is None else overlap,

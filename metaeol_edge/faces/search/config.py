@@ -42,6 +42,19 @@ def _defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(EmbedConfig)}
 
 
+DEFAULT_METHOD = {"templates": "prompteol-icl-music", "layer": 1.0}
+"""What a new collection embeds with when given no method: the quality preset's one prompt and read, without
+its whitening fit (which ships for two models only), so it works for any model. Chosen by quality per
+second on ``benchmarks/retrieval.py``'s rows (docs/search.md): within a point of MetaEOL's nDCG@10 on the
+STS-B, SICK and MRPC pairs at an eighth of the prompts."""
+METHOD_OPTIONS = ("preset", "templates", "method", "layer", "postprocess")
+
+
+def with_default_method(given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (a new collection's chosen options), with :data:`DEFAULT_METHOD` where it names no method."""
+    return given if any(k in given for k in METHOD_OPTIONS) else given | DEFAULT_METHOD
+
+
 def chosen(options: dict[str, Any]) -> dict[str, Any]:
     """The options that decide vectors and differ from ``MetaEOL``'s defaults, as plain JSON values."""
     defaults = _defaults()

@@ -124,6 +124,50 @@ def fake(model: Path, *args, **kwargs):
     return MetaEOL(model, *args, backend="fake", **kwargs)
 
 
+RECIPE_EXTRA = (
+    "Is this a question?",
+    'He said "hello" to me',
+    "Ünïcödé text, with emoji 🙂 and numbers 3.14",
+    "  leading and trailing spaces  ",
+)
+"""Sentences at the recipe's edges: a question, quotes and no final stop, non-ASCII, spaces to strip."""
+
+
+@pytest.fixture(scope="session")
+def recipe_sentences(sts_sentences) -> list[str]:
+    """What the engine is checked on against the naive official recipe (tests/test_embedder.py,
+    tests/test_packed.py): one real sentence and the edge cases. The 8-template sets take the first two."""
+    return [sts_sentences[0], *RECIPE_EXTRA]
+
+
+NAIVE_THREADS = 1
+"""The naive recipe's threads in tests. llama.cpp's default (every core for a batch) spins its threads at each
+step's barrier; on a machine with other work, that took 5.5 s for one 15-token PromptEOL prompt of smollm2-135m
+where one thread takes 0.12 s. The vectors do not depend on it (the comparisons are to 0.999 in cosine)."""
+
+
+@pytest.fixture(scope="session")
+def naive_vectors():
+    """``naive_vectors(path, templates, sentences, per_template=False)``: the naive official recipe's vectors
+    (:class:`metaeol_edge.naive.NaiveRecipe`: one ``Llama.embed`` per filled-in template, no cache), each
+    (model, template set, sentence) computed once per session. The recipe decodes every prompt whole, about
+    20 times the engine's time, and several files check the engine against it on the same sentences."""
+    from metaeol_edge.naive import NaiveRecipe
+
+    done: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def vectors(path, templates: str, sentences, per_template: bool = False) -> np.ndarray:
+        missing = list(dict.fromkeys(s for s in sentences if (str(path), templates, s) not in done))
+        if missing:
+            with NaiveRecipe(path, templates, n_threads=NAIVE_THREADS) as naive:
+                per = naive.encode(missing, per_template=True, show_progress_bar=False)
+            done.update({(str(path), templates, s): v for s, v in zip(missing, per, strict=True)})
+        per = np.stack([done[str(path), templates, s] for s in sentences])
+        return per if per_template else per.mean(axis=1)
+
+    return vectors
+
+
 @pytest.fixture(scope="session")
 def sts_sentences() -> list[str]:
     """STS-B test sentences (SentEval's, or the raw split of the test extra's package)."""

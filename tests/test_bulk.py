@@ -139,15 +139,16 @@ def test_bad_tables_are_clear_errors(tmp_path, capsys, fake_model):
 
 @pytest.mark.slow
 def test_several_processes_give_the_bytes_of_one(tmp_path, smollm2):
-    """MetaEOL through two one-thread processes, small shards: equal to one encode call bit for bit.
+    """PromptEOL through two processes, small shards: equal to one encode call bit for bit.
 
-    The bulk face's end-to-end test on the real engine (two threads per process, as in the check)."""
+    The bulk face's end-to-end test on the real engine (two threads per process, as in the check). PromptEOL,
+    one prompt a sentence: how the work is split is the subject, not the template set."""
     src = tmp_path / "in.txt"
     src.write_text("\n".join(LINES) + "\n")
-    opts = dict(model=str(smollm2), cache=False)
+    opts = dict(model=str(smollm2), templates="prompteol", cache=False)
     report = embed_file(src, tmp_path / "two.npy", opts, workers=2, threads=2, shard_size=2, show_progress=False)
     assert len(report.workers) == 2 and all(rss > 50 for rss in report.workers.values())  # two processes, MB
-    with MetaEOL(smollm2, cache=False, n_threads=2) as m:
+    with MetaEOL(smollm2, "prompteol", cache=False, n_threads=2) as m:
         want = m.encode(LINES)
     assert np.array_equal(np.load(tmp_path / "two.npy"), want)
 

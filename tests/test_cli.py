@@ -24,18 +24,24 @@ def sentences_file(tmp_path, sts_sentences):
 
 
 @pytest.mark.slow
-def test_embed_writes_npy_rows_in_input_order(tmp_path, sentences_file, sts_sentences, smollm2):
+def test_embed_writes_npy_rows_in_input_order(tmp_path, sts_sentences, smollm2, capsys):
+    """The command's end-to-end test on the real engine: one run in a fresh process (a registry id, MetaEOL's 8
+    templates), then two in this process (-t, a path, the cache). Two sentences show the rows' order."""
+    src = tmp_path / "s.txt"
+    src.write_text("\n".join(sts_sentences[:2]) + "\n", encoding="utf-8")
     out = tmp_path / "e.npy"
-    r = run("embed", "--model", "smollm2-135m", "--input", sentences_file, "--output", out)
+    r = run("embed", "--model", "smollm2-135m", "--input", src, "--output", out)
     assert r.returncode == 0, r.stderr
     got = np.load(out)
-    assert got.dtype == np.float32 and got.shape == (5, 576)
+    assert got.dtype == np.float32 and got.shape == (2, 576)
     with MetaEOL("smollm2-135m", cache=False) as m:
-        assert np.array_equal(got, m.encode(sts_sentences[:5]))
-    r = run("embed", "--model", smollm2, "-t", "prompteol", "-i", sentences_file, "-o", tmp_path / "p.npy")
-    assert r.returncode == 0 and "5 cached" not in r.stderr  # prompteol vectors are new
-    r = run("embed", "--model", smollm2, "-i", sentences_file, "-o", tmp_path / "again.npy")
-    assert r.returncode == 0 and "40 cached and 0 computed" in r.stderr
+        assert np.array_equal(got, m.encode(sts_sentences[:2]))
+    capsys.readouterr()
+    prompteol = ["embed", "--model", str(smollm2), "-t", "prompteol", "-i", str(src), "-o", str(tmp_path / "p.npy")]
+    assert main(prompteol) == 0
+    assert "0 cached and 2 computed" in capsys.readouterr().err  # prompteol vectors are new
+    assert main(["embed", "--model", str(smollm2), "-i", str(src), "-o", str(tmp_path / "again.npy")]) == 0
+    assert "16 cached and 0 computed" in capsys.readouterr().err
     assert np.array_equal(np.load(tmp_path / "again.npy"), got)
 
 

@@ -5,8 +5,6 @@ the cache key, post-processing) on the fake backend (conftest ``fake_model``).""
 import numpy as np
 import pytest
 from conftest import cosine, counted, fake
-from metaeol_edge.naive import NaiveRecipe
-from metaeol_edge.prompts import load_templates
 
 from metaeol_edge import EncodeStats, MetaEOL
 from metaeol_edge.errors import InputError, ModelError
@@ -24,30 +22,22 @@ def sentences(sts_sentences):
     return sts_sentences[:6] + EXTRA
 
 
-_naive_results: dict[tuple[str, str], np.ndarray] = {}
-
-
-def _naive(path, set_name, sentences):
-    """The naive recipe's vectors, computed once per model and template set."""
-    key = (str(path), set_name)
-    if key not in _naive_results:
-        naive = NaiveRecipe(path, load_templates(set_name))
-        _naive_results[key] = naive.encode(sentences)
-        naive.close()
-    return _naive_results[key]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
 @pytest.mark.parametrize("set_name", ["metaeol", "prompteol"])
-@pytest.mark.parametrize("batch_size", [1, 7, 64])
-def test_matches_the_naive_official_recipe(request, model_fixture, set_name, batch_size, sentences):
+def test_matches_the_naive_official_recipe(request, model_fixture, set_name, recipe_sentences, naive_vectors):
+    """Each prompt's vector in one batch of every sentence, and their mean at one sentence a batch. Batch sizes
+    in between: test_batch_size_does_not_change_results (the embedder's batching) and
+    tests/test_engine.py::test_a_prompts_vector_does_not_depend_on_what_runs_beside_it (the engine's)."""
     path = request.getfixturevalue(model_fixture)
-    expected = _naive(path, set_name, sentences)
+    sentences = recipe_sentences if set_name == "prompteol" else recipe_sentences[:2]  # 8 prompts a sentence
+    expected = naive_vectors(path, set_name, sentences, per_template=True)
     with MetaEOL(path, templates=set_name, cache=False) as model:
-        got = model.encode(sentences, batch_size=batch_size)
-    assert got.shape == expected.shape and got.dtype == np.float32
-    cos = cosine(got, expected)
+        per = model.encode(sentences, batch_size=64, per_template=True)
+        got = model.encode(sentences, batch_size=1)
+    assert per.shape == expected.shape and got.shape == (len(sentences), model.dim) and got.dtype == np.float32
+    assert cosine(per, expected).min() >= 0.999, cosine(per, expected)
+    cos = cosine(got, expected.mean(axis=1))
     assert cos.min() >= 0.999, cos
 
 
@@ -72,7 +62,9 @@ def test_encode_shapes_and_options(model, sentences):
 
 
 def test_batch_size_does_not_change_results(model, sentences):
-    assert np.array_equal(model.encode(sentences, batch_size=1), model.encode(sentences, batch_size=7))
+    one = model.encode(sentences, batch_size=1)
+    assert np.array_equal(one, model.encode(sentences, batch_size=7))
+    assert np.array_equal(one, model.encode(sentences, batch_size=64))
 
 
 def test_preprocessing_can_be_switched_off(fake_model):
@@ -145,12 +137,14 @@ def test_layer_choices_and_one_array_per_layer(smollm2, sts_sentences):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
-def test_early_exit_gives_the_full_models_vectors(request, model_fixture, sentences):
+def test_early_exit_gives_the_full_models_vectors(request, model_fixture, recipe_sentences):
+    """PromptEOL: the cut is in the model file, the same for any template set (one prompt a sentence is enough)."""
     path = request.getfixturevalue(model_fixture)
-    with MetaEOL(path, "metaeol", layer=0.5, cache=False, early_exit=False) as full:
+    sentences = recipe_sentences
+    with MetaEOL(path, "prompteol", layer=0.5, cache=False, early_exit=False) as full:
         expected = full.encode(sentences)
         assert full.engine.n_layer > full.layer
-    with MetaEOL(path, "metaeol", layer=0.5, cache=False) as early:
+    with MetaEOL(path, "prompteol", layer=0.5, cache=False) as early:
         got = early.encode(sentences)
         assert early.engine.n_layer == early.layer  # nothing above the layer is loaded
         assert early.engine.model_path.name.endswith(f".blocks{early.layer}.gguf")

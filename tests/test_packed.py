@@ -15,7 +15,6 @@ from conftest import cosine, counted
 from metaeol_edge.cli import _config, _parser
 from metaeol_edge.engine import Engine, Prompt
 from metaeol_edge.layers import FINAL
-from metaeol_edge.naive import NaiveRecipe
 from metaeol_edge.prompts import load_templates, preprocess
 
 from metaeol_edge import MetaEOL
@@ -30,16 +29,15 @@ def sample(sts_sentences) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("templates", ["metaeol", "prompteol"])
 @pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
-def test_packed_agrees_with_the_naive_recipe_and_one_at_a_time(request, model_fixture, templates, sample):
+def test_packed_agrees_with_the_naive_recipe_and_one_at_a_time(
+    request, model_fixture, templates, recipe_sentences, naive_vectors
+):
+    """On test_embedder.py's sentences (the recipe's vectors are computed once for both), and a two-letter one."""
     path = request.getfixturevalue(model_fixture)
-    sentences = sample if templates == "prompteol" else sample[4:7]  # 8 prompts a sentence: keep it short
+    sentences = [*recipe_sentences, "ok"] if templates == "prompteol" else recipe_sentences[:2]  # 8 prompts each
     with MetaEOL(path, templates, engine_mode="packed", cache=False) as packed:
         got = packed.encode(sentences, show_progress_bar=False)
-    naive = NaiveRecipe(path, templates)
-    try:
-        want = naive.encode(sentences, show_progress_bar=False)
-    finally:
-        naive.close()
+    want = naive_vectors(path, templates, sentences)
     to_naive = cosine(got, want)
     assert to_naive.min() >= 0.999
     with MetaEOL(path, templates, engine_mode="one-at-a-time", cache=False) as one:
@@ -73,7 +71,7 @@ def test_a_packed_vector_does_not_depend_on_what_it_is_packed_with(request, mode
         return bool(np.allclose(a, b, rtol=0, atol=1e-4) and cosine(a, b).min() >= 0.999999)
 
     try:
-        prompts = _prompts(engine, sample[:3])
+        prompts = _prompts(engine, sample[:2])  # 16 prompts, 8 prefixes
         full = engine.embed(prompts)
         assert same(engine.embed(prompts[5:6])[0], full[5])  # alone
         assert same(engine.embed(prompts[::-1])[::-1], full)  # other pack mates
@@ -93,7 +91,7 @@ def test_packing_without_alignment_makes_a_vector_depend_on_its_pack_mates(smoll
     """Why ``align`` exists: at align=1 the same prompt moves with what shares its decode."""
     engine = Engine(smollm2, mode="packed", align=1)
     try:
-        prompts = _prompts(engine, sample[:3])
+        prompts = _prompts(engine, sample[:2])
         full = engine.embed(prompts)
         assert not np.array_equal(engine.embed(prompts[::-1])[::-1], full)
     finally:
@@ -104,7 +102,7 @@ def test_packing_without_alignment_makes_a_vector_depend_on_its_pack_mates(smoll
 def test_any_layer_and_a_long_prompt_in_packed_mode(smollm2, sample):
     packed, whole = Engine(smollm2, mode="packed", n_batch=64), Engine(smollm2)
     try:
-        prompts = _prompts(packed, sample[:2])
+        prompts = _prompts(packed, sample[:1])  # 8 prefixes
         template = load_templates("metaeol").templates[0]
         long = packed.tokenize(template.render(preprocess(" ".join(sample) * 2)))  # over a 64-token decode
         prompts.append(Prompt(long, prompts[0].prefix))
@@ -120,6 +118,7 @@ def test_any_layer_and_a_long_prompt_in_packed_mode(smollm2, sample):
 
 @pytest.mark.slow
 def test_early_exit_and_a_list_of_layers_in_packed_mode(smollm2, sample):
+    sample = sample[-4:]  # two real sentences, the two-letter and the non-ASCII one
     with MetaEOL(smollm2, "prompteol", engine_mode="packed", layer=3, cache=False) as early:
         assert early.engine.n_layer == 3  # the truncated copy
         a = early.encode(sample, show_progress_bar=False)
@@ -132,6 +131,7 @@ def test_early_exit_and_a_list_of_layers_in_packed_mode(smollm2, sample):
 
 @pytest.mark.slow
 def test_the_two_modes_never_share_cache_entries(smollm2, sample, tmp_path):
+    sample = sample[:3]  # the keys are the subject: a few sentences show them
     cache = tmp_path / "c.sqlite3"
     with MetaEOL(smollm2, "prompteol", engine_mode="one-at-a-time", cache=cache) as one:
         one_vectors, cold = counted(one, sample, show_progress_bar=False)

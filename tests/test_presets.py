@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, fake
+from conftest import REPO, counted, fake
 from metaeol_edge.layers import resolve_layer
 from metaeol_edge.presets import ModelChoice, ShippedFit, get_preset, load_presets
 from metaeol_edge.prompts import load_templates
@@ -124,11 +124,14 @@ def test_a_preset_is_its_templates_layer_and_shipped_fit_on_the_fake(
 def test_a_preset_is_its_templates_layer_and_shipped_fit(
     request, preset_name, model_fixture, sts_sentences, tmp_path, monkeypatch
 ):
+    """The raw vectors once: the preset's encode reads them from the cache, which shows that its templates and
+    layer are the ones named (another key would be a miss), and applies the shipped fit to them."""
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path))  # no user fit in the way
     path_to_model = request.getfixturevalue(model_fixture)
     preset = get_preset(preset_name)
-    sentences = sts_sentences[:5]
-    with MetaEOL(path_to_model, templates=preset.templates, layer=preset.layer, cache=False) as plain:
+    sentences = sts_sentences[:3]
+    cache = tmp_path / "c.sqlite3"
+    with MetaEOL(path_to_model, templates=preset.templates, layer=preset.layer, cache=cache) as plain:
         raw = plain.encode(sentences)
         fingerprint = plain.fingerprint
     path = preset.shipped_fit(fingerprint)
@@ -136,8 +139,9 @@ def test_a_preset_is_its_templates_layer_and_shipped_fit(
     with np.load(path) as data:  # the fit applied by hand: (x - mean) @ T, or * T per dimension
         mean, transform = data["mean"], data["transform"]
     expected = (raw - mean) @ transform if transform.ndim == 2 else (raw - mean) * transform
-    with MetaEOL(path_to_model, preset=preset_name, cache=False) as model:
-        got = model.encode(sentences)
+    with MetaEOL(path_to_model, preset=preset_name, cache=cache) as model:
+        got, stats = counted(model, sentences)
+        assert stats.misses == 0 and stats.hits > 0  # the preset's prompts are the raw encode's
         assert model.dim == expected.shape[1] == got.shape[1]
         assert model.postprocess_source() == path
     assert np.allclose(got, expected, rtol=1e-4, atol=1e-4)

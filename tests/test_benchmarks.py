@@ -141,7 +141,7 @@ def test_retrieval_benchmark_writes_its_rows_on_the_fake_backend(tmp_path, fake_
     run = script(
         "retrieval.py", "--models", fake_model, "--backend", "fake", "--configs", "metaeol", "--queries", "5",
         "--distractors", "30", "--sizes", "300", "--dim", "16", "--latency-queries", "10", "--sections",
-        "retrieval,latency", "--out", out, env=env,
+        "retrieval,latency,throughput", "--throughput-chunks", "4", "--reindex-files", "12", "--out", out, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
@@ -153,3 +153,6 @@ def test_retrieval_benchmark_writes_its_rows_on_the_fake_backend(tmp_path, fake_
     for row in report["latency"]:
         assert {"index", "vectors", "dim", "p50_ms", "p95_ms", "recall10", "rss_mb"} <= set(row)
         assert row["vectors"] == 300 and row["dim"] == 16 and row["recall10"] >= 0.99
+    assert [r["path"] for r in report["throughput"]] == ["embed", "index"]
+    assert all(r["chunks"] == 4 and r["chunks_per_s"] > 0 for r in report["throughput"])
+    assert report["reindex"]["files"] == 12 and report["reindex"]["embedded"] == 0  # unchanged: nothing embedded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,7 +22,14 @@ def script(name: str, *args, cwd=None, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
 
 
-def test_rescore_prints_every_saved_score_from_the_files_alone(tmp_path, senteval_root):
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{Path(name).stem}", REPO / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rescore_prints_every_saved_score_from_the_files_alone(tmp_path, senteval_root, capsys):
     pytest.importorskip("sklearn")
     sts = run_sts(load_sts("stsb", senteval_root, "test", limit=120), _hashed_bag_of_words, tmp_path / "a")
     trec = run_transfer(load_transfer("trec", senteval_root, limit=120), _hashed_bag_of_words, tmp_path / "a" / "b")
@@ -33,11 +41,15 @@ def test_rescore_prints_every_saved_score_from_the_files_alone(tmp_path, senteva
         [str(tmp_path / "a"), "stsb", f"{sts['score']:.2f}"],
         [str(tmp_path / "a" / "b"), "trec", f"{trec['score']:.2f}"],
     ]
+    # The two refusals call the script's main() in this process; the run above is its fresh-process test.
+    rescore = _load_script("rescore.py")
     (tmp_path / "empty").mkdir()
-    empty = script("rescore.py", tmp_path / "empty")
-    assert empty.returncode == 1 and "no saved embeddings" in empty.stderr
-    typo = script("rescore.py", tmp_path, tmp_path / "nothing")
-    assert typo.returncode != 0 and "not a folder" in typo.stderr and not typo.stdout
+    assert rescore.main([str(tmp_path / "empty")]) == 1
+    assert "no saved embeddings" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as typo:
+        rescore.main([str(tmp_path), str(tmp_path / "nothing")])
+    out, err = capsys.readouterr()
+    assert typo.value.code != 0 and "not a folder" in err and not out
 
 
 def _part(command: str, tasks: list[str], scores: dict[str, float], **meta) -> dict:

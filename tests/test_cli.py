@@ -77,57 +77,68 @@ def test_read_sentences_keeps_text_as_given(tmp_path):
     assert read_sentences(path) == ["A first line.", "A second one"]
 
 
+def _main(capsys, *args):
+    """``main`` in this process: (exit code, stdout, stderr). An uncaught exception fails the test, so an
+    error that reaches the user as one line and exit code 2 printed no traceback."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def _embed_with_model(tmp_path, model, *extra):
     src = tmp_path / "s.txt"
     src.write_text("hello\n")
-    return run("embed", "--model", model, "-i", src, "-o", tmp_path / "o.npy", *extra)
+    return "embed", "--model", model, "-i", src, "-o", tmp_path / "o.npy", *extra
 
 
 def test_unknown_model_id(tmp_path):
-    r = _embed_with_model(tmp_path, "no-such-model")
+    """The model errors' one end-to-end run: a fresh process, exit code 2, one line and no traceback."""
+    r = run(*_embed_with_model(tmp_path, "no-such-model"))
     assert r.returncode == 2 and "unknown model id 'no-such-model'" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_missing_truncated_and_non_gguf_model_files(tmp_path, smollm2):
-    r = _embed_with_model(tmp_path, tmp_path / "absent.gguf")
-    assert r.returncode == 2 and "does not exist" in r.stderr
+def test_missing_truncated_and_non_gguf_model_files(tmp_path, smollm2, capsys):
+    code, _, err = _main(capsys, *_embed_with_model(tmp_path, tmp_path / "absent.gguf"))
+    assert code == 2 and "does not exist" in err
     bad = tmp_path / "bad.gguf"
     bad.write_text("not a model")
-    r = _embed_with_model(tmp_path, bad)
-    assert r.returncode == 2 and "not a GGUF model file" in r.stderr
+    code, _, err = _main(capsys, *_embed_with_model(tmp_path, bad))
+    assert code == 2 and "not a GGUF model file" in err
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(smollm2.read_bytes()[:20_000_000])
-    r = _embed_with_model(tmp_path, cut)
-    assert r.returncode == 2 and "truncated" in r.stderr and "Traceback" not in r.stderr
+    with smollm2.open("rb") as f:
+        cut.write_bytes(f.read(20_000_000))
+    code, _, err = _main(capsys, *_embed_with_model(tmp_path, cut))
+    assert code == 2 and "truncated" in err and "Traceback" not in err
 
 
-def test_template_file_without_placeholder(tmp_path):
+def test_template_file_without_placeholder(tmp_path, capsys):
     t = tmp_path / "t.txt"
     t.write_text("no placeholder in this template\n")
-    r = _embed_with_model(tmp_path, "smollm2-135m", "--templates", t)
-    assert r.returncode == 2 and str(t) in r.stderr and "exactly once" in r.stderr
+    code, _, err = _main(capsys, *_embed_with_model(tmp_path, "smollm2-135m", "--templates", t))
+    assert code == 2 and str(t) in err and "exactly once" in err
 
 
-def test_no_truncate_refuses_a_long_sentence(tmp_path):
+def test_no_truncate_refuses_a_long_sentence(tmp_path, capsys):
     src = tmp_path / "long.txt"
     src.write_text(" ".join(["word"] * 600) + "\n")
     common = ["embed", *FAKE, "-i", src, "-o", tmp_path / "o.npy", "-t", "prompteol", "--max-length", "128"]
-    r = run(*common, "--no-truncate")
-    assert r.returncode == 2 and "over max_length 128" in r.stderr
-    r = run(*common)
-    assert r.returncode == 0 and "warning: sentence #1 was truncated" in r.stderr
+    code, _, err = _main(capsys, *common, "--no-truncate")
+    assert code == 2 and "over max_length 128" in err
+    code, _, err = _main(capsys, *common)
+    assert code == 0 and "warning: sentence #1 was truncated" in err
 
 
-def test_models_and_cache_verbs():
+def test_models_and_cache_verbs(capsys):
+    """`models list` in a fresh process (the models/cache family's end-to-end run); the rest in process."""
     r = run("models", "list")
     assert r.returncode == 0 and "smollm2-135m*" in r.stdout and "gemma3-270m" in r.stdout
-    r = run("models", "path", "smollm2-135m")
-    assert r.returncode == 0 and r.stdout.strip().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
-    r = run("cache", "path")
-    assert r.returncode == 0 and r.stdout.strip().endswith("embeddings.sqlite3")
-    r = run("cache", "stats", "--json")
-    assert r.returncode == 0 and "entries" in json.loads(r.stdout)
-    assert run("models", "rm", "no-such-model").returncode == 2
+    code, out, _ = _main(capsys, "models", "path", "smollm2-135m")
+    assert code == 0 and out.strip().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    code, out, _ = _main(capsys, "cache", "path")
+    assert code == 0 and out.strip().endswith("embeddings.sqlite3")
+    code, out, _ = _main(capsys, "cache", "stats", "--json")
+    assert code == 0 and "entries" in json.loads(out)
+    assert _main(capsys, "models", "rm", "no-such-model")[0] == 2
 
 
 def test_console_script_is_installed():
@@ -137,28 +148,33 @@ def test_console_script_is_installed():
 
 
 def test_embed_at_a_layer_and_with_a_fitted_postprocessing(
-    tmp_path, sentences_file, sts_sentences, fake_model, monkeypatch
+    tmp_path, sentences_file, sts_sentences, fake_model, monkeypatch, capsys
 ):
+    """fit-postprocess in a fresh process (its family's end-to-end run); the embeds in process."""
     # fits are written to the store; keep the user's clean (the model is given by path)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(sts_sentences[20:60]) + "\n", encoding="utf-8")
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path / "home"))
     common = [*FAKE, "-m", fake_model, "-t", "prompteol", "--layer", "0.5"]
-    r = run("embed", *common, "-i", sentences_file, "-o", tmp_path / "raw.npy", "--postprocess")
-    assert r.returncode == 2 and "run: metaeol fit-postprocess" in r.stderr
+    code, _, err = _main(capsys, "embed", *common, "-i", sentences_file, "-o", tmp_path / "raw.npy", "--postprocess")
+    assert code == 2 and "run: metaeol fit-postprocess" in err
     r = run("fit-postprocess", *common, "-i", corpus, "-q")
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).is_file() and "fitted on 40 sentences" in r.stderr
-    assert run("embed", *common, "-i", sentences_file, "-o", tmp_path / "raw.npy", "-q").returncode == 0
-    assert run("embed", *common, "-i", sentences_file, "-o", tmp_path / "pp.npy", "-q", "--postprocess").returncode == 0
+    assert _main(capsys, "embed", *common, "-i", sentences_file, "-o", tmp_path / "raw.npy", "-q")[0] == 0
+    assert (
+        _main(capsys, "embed", *common, "-i", sentences_file, "-o", tmp_path / "pp.npy", "-q", "--postprocess")[0] == 0
+    )
     raw, post = np.load(tmp_path / "raw.npy"), np.load(tmp_path / "pp.npy")
     assert raw.shape == post.shape == (5, 576) and not np.allclose(raw, post)
     with fake(fake_model, "prompteol", layer=15, cache=False) as m:
         assert np.array_equal(raw, m.encode(sts_sentences[:5]))
-    r = run("embed", *FAKE, "-m", fake_model, "--layer", "31", "-i", sentences_file, "-o", tmp_path / "x.npy")
-    assert r.returncode == 2 and "out of range" in r.stderr
+    code, _, err = _main(
+        capsys, "embed", *FAKE, "-m", fake_model, "--layer", "31", "-i", sentences_file, "-o", tmp_path / "x.npy"
+    )
+    assert code == 2 and "out of range" in err
 
 
-def test_models_quantize_refuses_unknown_levels():
-    r = run("models", "quantize", "smollm2-135m", "--to", "f16,q9_9")
-    assert r.returncode == 2 and "unknown level(s) q9_9" in r.stderr
+def test_models_quantize_refuses_unknown_levels(capsys):
+    code, _, err = _main(capsys, "models", "quantize", "smollm2-135m", "--to", "f16,q9_9")
+    assert code == 2 and "unknown level(s) q9_9" in err

@@ -56,13 +56,20 @@ def golden_f16():
         return {k: data[k] for k in data.files}
 
 
+# Six of the twenty sentences (quotes, outer spaces, emoji, one word, CJK, tabs): rows do not depend on the
+# batch (the cache/streaming test above), so these rows of the golden file are checked bit for bit; all
+# twenty are checked on the stored level by test_golden_vectors_reproduced_bit_for_bit.
+F16_ROWS = [3, 4, 5, 7, 10, 18]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["metaeol", "prompteol"])
 @pytest.mark.parametrize("layer", [1, 15, -1])
 def test_the_derived_f16_level_reproduces_its_own_golden_vectors(golden_f16, method, layer):
     """smollm2-135m's default level here (Q4_1 -> F16, tests/test_quantization.py) has its own golden file,
     written once by tests/golden/make_golden.py from the store's derived copy."""
-    expected = golden_f16[f"smollm2-135m|{method}|{layer}"]
+    expected = golden_f16[f"smollm2-135m|{method}|{layer}"][F16_ROWS]
     with MetaEOL("smollm2-135m", templates=method, layer=layer, cache=False, level="f16") as m:
         assert m.level == "f16" and m.model_path.name.endswith(".f16.gguf")
-        got = m.encode(SENTENCES, show_progress_bar=False)
+        got = m.encode([SENTENCES[i] for i in F16_ROWS], show_progress_bar=False)
     assert got.tobytes() == expected.tobytes()

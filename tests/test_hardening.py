@@ -240,13 +240,14 @@ def test_job_lock_is_released_by_an_exception(tmp_path):
         pass
 
 
-def test_bulk_job_under_its_lock_writes_its_output_and_no_lock_file(tmp_path, smollm2):
+def test_bulk_job_under_its_lock_writes_its_output_and_no_lock_file(tmp_path, fake_model):
     from metaeol_edge import bulk
 
     source = tmp_path / "in.txt"
     source.write_text("A man plays a guitar.\nSomeone is making music.\n", encoding="utf-8")
     out = tmp_path / "out.npy"
-    report = bulk.embed_file(source, out, {"model": str(smollm2), "cache": False}, workers=1, show_progress=False)
+    options = {"model": str(fake_model), "backend": "fake", "cache": False}
+    report = bulk.embed_file(source, out, options, workers=1, show_progress=False)
     assert report.rows == 2 and np.load(out).shape[-2] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.npy"]
 
@@ -442,7 +443,7 @@ def test_parquet_output_keeps_the_inputs_id_type(tmp_path):
     assert column.type == decimals and column.to_pylist() == [decimal.Decimal("1.50"), decimal.Decimal("1234.50")]
 
 
-def test_parquet_with_timestamp_ids_and_a_dictionary_text_column_to_jsonl(tmp_path, smollm2):
+def test_parquet_with_timestamp_ids_and_a_dictionary_text_column_to_jsonl(tmp_path, fake_model):
     pa = pytest.importorskip("pyarrow")
     import json
 
@@ -453,7 +454,7 @@ def test_parquet_with_timestamp_ids_and_a_dictionary_text_column_to_jsonl(tmp_pa
     source = _parquet(tmp_path / "in.parquet", body=texts, at=stamps)
     for suffix in ("jsonl", "parquet"):
         out = tmp_path / f"out.{suffix}"
-        options = {"model": str(smollm2), "cache": tmp_path / "c.sqlite3"}
+        options = {"model": str(fake_model), "backend": "fake", "cache": tmp_path / "c.sqlite3"}
         bulk.embed_file(
             source, out, options, text_column="body", id_column="at", workers=1, shard_size=1, show_progress=False
         )

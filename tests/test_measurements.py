@@ -40,7 +40,7 @@ def test_bench_measures_levels_and_models_list_gives_the_advice(tmp_path, smollm
     monkeypatch.setenv("METAEOL_DATA", str(senteval_root))
     (home / "models" / "smollm2-135m").mkdir(parents=True)
     (home / "models" / "smollm2-135m" / smollm2.name).symlink_to(smollm2)  # the pulled model, not a new pull
-    r = run("bench", "-t", "prompteol", "--levels", "shipped,q8_0", "--pairs", "12", "--n", "4")
+    r = run("bench", "-t", "prompteol", "--levels", "shipped,q8_0", "--pairs", "5", "--n", "2")
     assert r.returncode == 0, r.stderr
     rows = json.loads(ms.path(home / "models").read_text())
     assert [x["level"] for x in rows] == ["shipped", "q8_0"] and all(x["sentences_per_s"] > 0 for x in rows)

@@ -46,6 +46,7 @@ def test_the_level_asked_for_beats_the_environment(monkeypatch):
         quantization.requested(None)
 
 
+@pytest.mark.slow
 def test_auto_derives_f16_once_says_why_and_names_its_vectors_apart(smollm2, tmp_path, monkeypatch, capfd):
     """A Q4_1 file (a copy, so the store is a fresh one): the first use writes F16 into the store and says
     so; later uses are quiet; the cache keys follow the level."""

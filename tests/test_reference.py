@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import cosine
 from conftest import run_cli as run
+from metaeol_edge.cli import main
 
 from metaeol_edge import MetaEOL, registry
 from metaeol_edge.evaluation import rescore_saved
@@ -52,7 +53,7 @@ def test_left_padding_changes_no_prompt(smollm2):
 
 
 @pytest.mark.slow
-def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path, monkeypatch, senteval_root):
+def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path, monkeypatch, senteval_root, capsys):
     monkeypatch.setenv("METAEOL_DATA", str(senteval_root))
     args = ["-m", "smollm2-135m", "--level", "f32", "-t", "prompteol", "--tasks", "stsb", "--limit", "40", "--json"]
     ref = run("eval", *args, "-q", "--reference", "--device", "cpu", "--save-embeddings", tmp_path)
@@ -65,12 +66,15 @@ def test_eval_reference_scores_what_the_engine_scores_on_the_f32_model(tmp_path,
     # Cosine 1.000000 between the two backends' vectors: the same ranking, up to near-ties.
     assert r["scores"]["stsb"] == pytest.approx(e["scores"]["stsb"], abs=0.1)
     assert rescore_saved(tmp_path, "stsb") == pytest.approx(r["scores"]["stsb"], abs=1e-6)
-    bad = run("eval", "--reference", "--postprocess", "-m", "smollm2-135m", "--tasks", "stsb", "--limit", "4")
-    assert bad.returncode == 2 and "--postprocess applies to the llama.cpp engine only" in bad.stderr
-    bad = run("eval", "--dtype", "float16", "-m", "smollm2-135m", "--tasks", "stsb", "--limit", "4")
-    assert bad.returncode == 2 and "--dtype only apply with --reference" in bad.stderr
-    bad = run("eval", "--reference", "--level", "f16", "-m", "some/hf-model", "--tasks", "stsb", "--limit", "4")
-    assert bad.returncode == 2 and "--level needs a registry id or a .gguf file" in bad.stderr
+    # The argument errors in process (exit code and message are main's); the hub one below in a fresh process.
+    for argv, message in [
+        (["--reference", "--postprocess"], "--postprocess applies to the llama.cpp engine only"),
+        (["--dtype", "float16"], "--dtype only apply with --reference"),
+        (["--reference", "--level", "f16", "-m", "some/hf-model"], "--level needs a registry id or a .gguf file"),
+    ]:
+        model = [] if "-m" in argv else ["-m", "smollm2-135m"]
+        assert main(["eval", *argv, *model, "--tasks", "stsb", "--limit", "4"]) == 2
+        assert message in capsys.readouterr().err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id that is not here: one clear line, no traceback
     bad = run("eval", "--reference", "-m", "nobody/no-such-model", "--tasks", "stsb", "--limit", "4")
     assert bad.returncode == 2 and "transformers cannot load 'nobody/no-such-model'" in bad.stderr

@@ -19,7 +19,7 @@ from conftest import FAKE, fake, run_cli
 from metaeol_edge.errors import InputError
 from metaeol_edge.faces.search import Collection, list_collections, remove_collection
 from metaeol_edge.faces.search.chunking import Budget, split_text
-from metaeol_edge.faces.search.config import DEFAULT_METHOD
+from metaeol_edge.faces.search.config import WITHOUT_FIT
 from metaeol_edge.faces.search.rank import ApproxIndex, Ranker, exact_top_k, normalize
 from metaeol_edge.faces.search.store import NewChunk, NewFile, Store
 
@@ -69,7 +69,7 @@ def stored_chunks(path: Path) -> list[tuple]:
 
 def brute_force(fake_model, rows, query: str, k: int) -> list[tuple[int, float]]:
     """Cosine of the query with every chunk's text, embedded afresh, with a loop: the reference ranking."""
-    with fake(fake_model, cache=False, level="shipped", **DEFAULT_METHOD) as model:  # a new collection's method
+    with fake(fake_model, cache=False, level="shipped", **WITHOUT_FIT) as model:  # the fake model has no fit
         vectors = model.encode([r[4] for r in rows] + [query], show_progress_bar=False)
     q = vectors[-1]
     scored = []
@@ -226,7 +226,7 @@ def test_collections_list_show_rm(fake_model, tmp_path):
         c.index(root)
     (row,) = list_collections()
     assert (row["name"], row["files"], row["model"]) == ("notes", 4, str(fake_model))
-    assert row["config"]["templates"] == DEFAULT_METHOD["templates"]
+    assert row["config"]["templates"] == WITHOUT_FIT["templates"]  # the default, for a model with no fit
     assert row["roots"] == {str(root): row["roots"][str(root)]}
     out = run_cli("collections", "list")
     assert out.returncode == 0 and out.stdout.startswith("notes") and str(fake_model) in out.stdout
@@ -338,3 +338,18 @@ def test_ranker_keeps_in_step_with_the_table_and_rebuilds_an_index_that_disagree
     check(stale)
     assert stale.rebuilt  # the file's ids disagree with the table's: rebuilt, not trusted
     store.close()
+
+
+def test_a_new_collection_takes_the_quality_preset_where_its_fit_exists(fake_model, tmp_path, monkeypatch):
+    """The default method (chosen on benchmarks/retrieval.py's rows): the quality preset for a model with
+    its fit, its prompt and read without the fit for any other model; a named method is kept as given."""
+    monkeypatch.setenv("METAEOL_HOME", str(tmp_path / "home"))  # the fit below is stored there
+    with open_fake(fake_model, name="unfitted") as c:
+        assert "preset" not in c.options and c.options["templates"] == WITHOUT_FIT["templates"]
+    with fake(fake_model, preset="quality", level="shipped") as model:
+        model.fit_postprocess([f"Note {i}: the cat sat on mat {i}." for i in range(200)], show_progress_bar=False)
+    with open_fake(fake_model, name="fitted") as c:
+        assert c.options["preset"] == "quality" and "templates" not in c.options
+        assert c.model.postprocess and c.model.templates.name == WITHOUT_FIT["templates"]
+    with open_fake(fake_model, name="named", templates="prompteol") as c:
+        assert c.options["templates"] == "prompteol" and "preset" not in c.options

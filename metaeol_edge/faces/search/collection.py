@@ -220,13 +220,13 @@ class Collection:
                     f"no collection {name} (no file {path}): make it with `metaeol index {name} PATH...`; "
                     "see `metaeol collections list`"
                 )
-            made = cls(name, path, None, cfg.with_default_method(given), overlap or 0, runtime, approx)
+            made = cls._new(name, path, None, given, overlap or 0, runtime, approx)
             made.model  # noqa: B018 - checks the options now (nothing is written before the first index)
             return made
         store = Store(path)
         stored = store.meta("options")
         if stored is None:  # created, killed before its configuration was written: nothing else is in it
-            made = cls(name, path, store, cfg.with_default_method(given), overlap or 0, runtime, approx)
+            made = cls._new(name, path, store, given, overlap or 0, runtime, approx)
         else:
             identity = store.meta("identity") or {}
             made = cls(name, path, store, stored | given, identity.get("overlap", 0) if overlap is None else overlap,
@@ -238,6 +238,21 @@ class Collection:
                 made.close()
                 raise
         return made
+
+    @classmethod
+    def _new(cls, name, path, store, given, overlap, runtime, approx) -> Collection:
+        """A collection not yet configured: ``given``, or the default method where it names none (the
+        quality preset; its prompt and read without the fit for a model the preset ships no fit for)."""
+        options = cfg.with_default_method(given)
+        if options is not given:
+            from metaeol_edge.core.config import EmbedConfig
+            from metaeol_edge.core.embedder import MetaEOL
+
+            # Built only to ask where its fit is: nothing is loaded.
+            with MetaEOL.from_config(EmbedConfig.of(**(options | runtime))) as model:
+                if model.postprocess and model.postprocess_source() is None:
+                    options = given | cfg.WITHOUT_FIT
+        return cls(name, path, store, options, overlap, runtime, approx)
 
     @property
     def store(self) -> Store:

@@ -42,11 +42,13 @@ def _defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(EmbedConfig)}
 
 
-DEFAULT_METHOD = {"templates": "prompteol-icl-music", "layer": 1.0}
-"""What a new collection embeds with when given no method: the quality preset's one prompt and read, without
-its whitening fit (which ships for two models only), so it works for any model. Chosen by quality per
-second on ``benchmarks/retrieval.py``'s rows (docs/search.md): within a point of MetaEOL's nDCG@10 on the
-STS-B, SICK and MRPC pairs at an eighth of the prompts."""
+DEFAULT_METHOD = {"preset": "quality"}
+"""What a new collection embeds with when given no method: the quality preset, one prompt per chunk. Chosen
+by quality per second on ``benchmarks/retrieval.py``'s rows (docs/benchmarks/search.md): its mean nDCG@10
+over the STS-B, SICK and MRPC pairs is within 0.2 of MetaEOL's, at one prompt per chunk instead of eight."""
+WITHOUT_FIT = {"templates": "prompteol-icl-music", "layer": 1.0}
+"""The quality preset's prompt and read, without its whitening fit: the default for a model the preset
+ships no fit for (its rows: about a point of nDCG@10 below the preset)."""
 METHOD_OPTIONS = ("preset", "templates", "method", "layer", "postprocess")
 
 

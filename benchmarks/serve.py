@@ -85,10 +85,10 @@ def encode_seconds(sentences: list[str], model: str, templates: str) -> float:
     return json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def start_server(model: str, templates: str) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, templates: str, *extra: str) -> tuple[subprocess.Popen, str]:
     """``metaeol serve --no-cache`` on a free port of 127.0.0.1: (process, URL), its log drained."""
     cmd = [sys.executable, "-m", "metaeol_edge", "serve", "--model", model, "-t", templates]
-    server = subprocess.Popen([*cmd, "--no-cache", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen([*cmd, "--no-cache", "--port", "0", *extra], stderr=subprocess.PIPE, text=True)
     url = None
     while url is None:
         line = server.stderr.readline()
@@ -105,7 +105,8 @@ def fairness(args: argparse.Namespace, big: list[str]) -> dict:
     import httpx
 
     encode_rate = len(big) / encode_seconds(big, args.model, args.templates)
-    server, url = start_server(args.model, args.templates)
+    # The big request takes longer than the default --timeout (120 s) on 2 cores: it must finish to be timed.
+    server, url = start_server(args.model, args.templates, "--timeout", "1800")
     body = {"model": args.model, "input": big}
     out: dict = {"big_sentences": len(big)}
     try:

@@ -80,6 +80,10 @@ def _settle(future: Future, result: object = None, error: BaseException | None =
         pass
 
 
+BATCH_SECONDS = 0.5  # an engine batch's length, at the measured rate: what a new request may wait behind
+FIRST_BATCH = 8  # sentences in a model's first batch, before any rate is known
+
+
 class ModelWorker:
     """Owns one model; embeds the waiting requests' sentences in engine batches, shared fairly.
 
@@ -107,6 +111,7 @@ class ModelWorker:
         self._clients: dict[str, deque[_Job]] = {}  # in turn order; each client's requests, in turn order
         self._accepting = True
         self._stopping = False
+        self._rate: float | None = None  # sentences/s of this model's batches so far (a moving average)
         self._thread = threading.Thread(target=self._run, name=f"metaeol-{name}", daemon=True)
         self._thread.start()
 
@@ -179,8 +184,8 @@ class ModelWorker:
             if not jobs:
                 del self._clients[client]
         slices: dict[_Job, int] = {}  # job -> where its slice starts
-        size = 0
-        while self._clients and size < self.limits.batch_size:
+        size, limit = 0, self._batch_limit()
+        while self._clients and size < limit:
             for client in list(self._clients):
                 jobs = self._clients.pop(client)
                 job = jobs[0]
@@ -193,9 +198,18 @@ class ModelWorker:
                     jobs.rotate(-1)  # the client's next request has the next turn
                 if jobs:
                     self._clients[client] = jobs  # to the end of the turn order
-                if size == self.limits.batch_size:
+                if size == limit:
                     break
         return [(job, first, job.taken) for job, first in slices.items()]
+
+    def _batch_limit(self) -> int:
+        """Sentences in the next batch: about ``BATCH_SECONDS`` of work at the rate measured so far, at most
+        ``--batch-size``. A request that arrives waits for the batch running, so a batch of a few seconds
+        (64 PromptEOL sentences on 2 cores) would hold a one-sentence request that long; the engine's
+        vectors do not depend on the batch, and its throughput barely does."""
+        if self._rate is None:
+            return min(self.limits.batch_size, FIRST_BATCH)
+        return max(1, min(self.limits.batch_size, int(self._rate * BATCH_SECONDS)))
 
     def _embed(self, batch: list[tuple[_Job, int, int]]) -> None:
         for truncate in (True, False):
@@ -250,6 +264,7 @@ class ModelWorker:
     ) -> tuple[np.ndarray, list[int], EncodeStats]:
         """One engine batch. ``start``: the first sentence's index in its request (errors name it)."""
         stats = EncodeStats()
+        t0 = time.perf_counter()
         parts = self.model.encode_batches(
             sentences,
             batch_size=len(sentences),
@@ -260,6 +275,8 @@ class ModelWorker:
             start=start,
         )
         vectors = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+        rate = len(sentences) / max(time.perf_counter() - t0, 1e-6)
+        self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
         tokens = self.model.token_counts(sentences)
         self.observe(Result(vectors, sum(tokens), stats))
         return vectors, tokens, stats

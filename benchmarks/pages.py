@@ -825,6 +825,30 @@ def page_scale() -> str:
         ]
     ]
     lines += table(head, body, 6) + made_by(command_of("serve.json", d))
+    fair = d.get("issue30")
+    if fair:
+        small, chunked, stop = fair["small_behind_big"], fair["chunked_1gb"], fair["sigterm"]
+        lat = small["latency_s"] or {"p50": float("nan"), "p95": float("nan"), "max": float("nan")}
+        lines += [
+            "",
+            "## A big request beside small ones, a chunked body, a stop",
+            "",
+            f"One request of {fair['big_sentences']:,} sentences, and meanwhile one-sentence requests every 0.25 s; "
+            "then a 1 GB body sent chunked (no Content-Length); then SIGTERM while a big request runs.",
+            "",
+        ]
+        head = ["1-sentence requests behind it, p50 / p95 / max", "big request", "`MetaEOL.encode`", "ratio",
+                "1 GB chunked body", "SIGTERM to exit"]  # fmt: skip
+        body = [[
+            f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['max']:.2f} s ({small['requests']} requests)",
+            f"{small['big_sentences_per_s']:.2f} sentences/s",
+            f"{small['encode_sentences_per_s']:.2f} sentences/s",
+            f"{small['ratio']:.3f}",
+            f"{chunked['status']} after {chunked['bytes_sent'] / 1e6:.1f} MB sent, "
+            f"RSS +{chunked['rss_growth_mb']:.0f} MB",
+            f"{stop['seconds_to_exit']:.1f} s (exit {stop['exit_code']}, the big request: {stop['big_status']})",
+        ]]  # fmt: skip
+        lines += table(head, body, 6) + made_by(command_of("serve.json", d))
 
     d = load("bulk.json")
     lines += [
@@ -893,6 +917,102 @@ def page_scale() -> str:
     return "\n".join(lines) + "\n"
 
 
+def page_search() -> str:
+    """Search (retrieval.json) and the page (page.json)."""
+    lines = [GENERATED, "", "# Search and the page", ""]
+    d = load("retrieval.json")
+    if d["retrieval"]:
+        queries = sorted({r["queries"] for r in d["retrieval"]})
+        lines += [
+            "## Retrieval quality",
+            "",
+            "Queries and their relevant documents from equivalence pairs of the test sets (STS-B gold >= 4, SICK "
+            "relatedness >= 4 and entailment, MRPC positives), "
+            f"{' or '.join(str(q) for q in queries)} seeded queries per set; the corpus is the relevant "
+            "sentences plus seeded distractors from all three sets. nDCG@10 / recall@10 / MRR, in percent.",
+            "",
+        ]
+        datasets = list(dict.fromkeys(r["dataset"] for r in d["retrieval"]))
+        names = {"stsb": "STS-B", "sick": "SICK", "mrpc": "MRPC"}
+        head = ["model", "configuration"] + [names.get(x, x) for x in datasets] + ["mean nDCG@10"]
+        body = []
+        for (model, config) in dict.fromkeys((r["model"], r["config"]) for r in d["retrieval"]):
+            rows = {r["dataset"]: r for r in d["retrieval"] if (r["model"], r["config"]) == (model, config)}
+            cells = [
+                f"{rows[x]['ndcg10']:.1f} / {rows[x]['recall10']:.1f} / {rows[x]['mrr']:.1f}" if x in rows else "-"
+                for x in datasets
+            ]
+            mean = sum(r["ndcg10"] for r in rows.values()) / len(rows)
+            body.append([model, config, *cells, f"{mean:.2f}"])
+        lines += table(head, body, 2) + made_by(d["command"])
+    if d["latency"]:
+        lines += [
+            "",
+            "## Search latency",
+            "",
+            "Top-10 over seeded synthetic clustered vectors (L2-normalised float32), one query at a time, each size "
+            "in a process of its own; recall@10 against exact search.",
+            "",
+        ]
+        head = ["index", "vectors", "dim", "p50", "p95", "recall@10", "peak RSS"]
+        body = [
+            [r["index"], f"{r['vectors']:,}", str(r["dim"]), f"{r['p50_ms']:.1f} ms", f"{r['p95_ms']:.1f} ms",
+             f"{r['recall10']:.3f}", f"{r['rss_mb']:.0f} MB"]
+            for r in d["latency"]
+        ]  # fmt: skip
+        lines += table(head, body, 1) + made_by(d["command"])
+    if d["throughput"]:
+        lines += [
+            "",
+            "## Index throughput",
+            "",
+            "The same chunks, one file each, through `Collection.index` and through `MetaEOL.encode` (what "
+            "`metaeol embed` runs), embedding cache off, the model loaded before the clock starts.",
+            "",
+        ]
+        embed = next((r for r in d["throughput"] if r["path"] == "embed"), None)
+        body = [
+            [r["path"], str(r["chunks"]), f"{r['chunks_per_s']:.2f}",
+             f"{r['chunks_per_s'] / embed['chunks_per_s']:.3f}" if embed else "-"]
+            for r in d["throughput"]
+        ]  # fmt: skip
+        lines += table(["path", "chunks", "chunks/s", "against embed"], body, 1) + made_by(d["command"])
+    if d.get("reindex"):
+        r = d["reindex"]
+        lines += [
+            "",
+            "## Re-indexing an unchanged folder",
+            "",
+            f"{r['files']:,} small files in 20 folders, indexed once, then `index` again with nothing changed "
+            "(the fake backend made the first index; the second embeds nothing, which the row checks).",
+            "",
+        ]
+        body = [[f"{r['files']:,}", f"{r.get('unchanged', '-')}", f"{r['seconds']:.3f} s", str(r["embedded"]),
+                 f"{r['rss_mb']:.0f} MB"]]  # fmt: skip
+        head = ["files", "found unchanged", "second index", "chunks embedded", "peak RSS"]
+        lines += table(head, body, 0) + made_by(d["command"])
+    p = load("page.json")
+    lines += [
+        "",
+        "## The page",
+        "",
+        f"Headless {p['chromium'].split(' built')[0]} against `metaeol serve` ({p['model']}, a warm server), "
+        f"{p['searches']} searches; times from the page's own user-timing marks.",
+        "",
+    ]
+    head = ["load to ready p50 / p95", "search round trip p50 / p95", "load to first result p50 / p95",
+            "page files", "first view's API answers"]  # fmt: skip
+    body = [[
+        f"{p['load_to_ready_ms']['p50']:.0f} / {p['load_to_ready_ms']['p95']:.0f} ms",
+        f"{p['search_round_trip_ms']['p50']:.0f} / {p['search_round_trip_ms']['p95']:.0f} ms",
+        f"{p['load_to_first_result_ms']['p50']:.0f} / {p['load_to_first_result_ms']['p95']:.0f} ms",
+        f"{p['transfer']['files_wire_bytes']:,} bytes",
+        f"{p['transfer']['api_wire_bytes']:,} bytes",
+    ]]  # fmt: skip
+    lines += table(head, body, 0) + made_by(p["command"])
+    return "\n".join(lines) + "\n"
+
+
 def page_index() -> str:
     lines = [
         GENERATED,
@@ -909,6 +1029,8 @@ def page_index() -> str:
         "- [Speed](speed.md): the engine against the research code, levels and the CPU's ceiling, a busy machine, "
         "the default level's accuracy, layers, the integrity checks",
         "- [Server, bulk jobs and memory](scale.md)",
+        "- [Search and the page](search.md): retrieval quality per configuration, search latency, index "
+        "throughput, the page's load and search times",
         "",
         "Results files read: " + ", ".join(f"`{p.name}`" for p in sorted(RESULTS.glob("*.json"))) + ".",
     ]
@@ -923,6 +1045,7 @@ def pages() -> dict[Path, str]:
         PAGES / "reference.md": page_reference(),
         PAGES / "speed.md": page_speed(),
         PAGES / "scale.md": page_scale(),
+        PAGES / "search.md": page_search(),
     }
 
 

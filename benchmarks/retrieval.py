@@ -237,7 +237,7 @@ def worker(spec: dict) -> dict:
             with Collection.open(Path(tmp) / "c.sqlite3", cache=False) as c:
                 report = c.index(folder, show_progress_bar=False)
             seconds = time.perf_counter() - t0
-        return {"path": "reindex unchanged", "files": spec["files"], "seconds": seconds,
+        return {"path": "reindex unchanged", "files": spec["files"], "seconds": seconds, "unchanged": report.unchanged,
                 "embedded": report.chunks_embedded, "rss_mb": peak_rss_mb()}  # fmt: skip
     raise SystemExit(f"unknown measurement {kind!r}")
 
@@ -342,12 +342,15 @@ def main() -> None:
                 print(json.dumps(report["latency"][-1]), flush=True)
     if "throughput" in sections and data is not None:
         texts = random.Random(args.seed).sample(data["corpus"], min(args.throughput_chunks, len(data["corpus"])))
-        from metaeol_edge.faces.search.config import DEFAULT_METHOD
+        from metaeol_edge.faces.search import Collection
 
-        base = ({"backend": args.backend} if args.backend else {}) | DEFAULT_METHOD  # what `index` embeds with
+        base = {"backend": args.backend} if args.backend else {}
         for model in models:
+            with tempfile.TemporaryDirectory() as tmp:
+                with Collection.open(Path(tmp) / "p.sqlite3", model=model, **base) as c:
+                    options = {k: v for k, v in c.options.items() if k != "model"}  # what `index` embeds with
             for path in ("embed", "index"):
-                got = measure({"kind": "throughput", "path": path, "model": model, "options": base, "texts": texts})
+                got = measure({"kind": "throughput", "path": path, "model": model, "options": options, "texts": texts})
                 report["throughput"].append({"model": model} | got)
                 print(json.dumps(report["throughput"][-1]), flush=True)
         got = measure({"kind": "reindex", "files": args.reindex_files, "texts": texts})

@@ -164,7 +164,11 @@ def test_retrieval_benchmark_writes_its_rows_on_the_fake_backend(tmp_path, fake_
     assert {r["index"] for r in report["latency"]} >= {"exact"}
     for row in report["latency"]:
         assert {"index", "vectors", "dim", "p50_ms", "p95_ms", "recall10", "rss_mb"} <= set(row)
-        assert row["vectors"] == 300 and row["dim"] == 16 and row["recall10"] >= 0.99
+        assert row["vectors"] == 300 and row["dim"] == 16
+        # Exact is the yardstick; the graph is built on every core (not bit-reproducible), and near-ties of these
+        # tiny random clusters may swap a 10th neighbour. Its recall bar is tests/test_search.py's, on a seeded set.
+        assert row["recall10"] == 1.0 if row["index"] == "exact" else row["recall10"] >= 0.95
     assert [r["path"] for r in report["throughput"]] == ["embed", "index"]
     assert all(r["chunks"] == 4 and r["chunks_per_s"] > 0 for r in report["throughput"])
-    assert report["reindex"]["files"] == 12 and report["reindex"]["embedded"] == 0  # unchanged: nothing embedded
+    assert report["reindex"]["files"] == report["reindex"]["unchanged"] == 12  # every file seen, none changed
+    assert report["reindex"]["embedded"] == 0

@@ -1,10 +1,10 @@
-"""File helpers shared by the modules: installed data folders and atomic writes."""
+"""File helpers shared by the modules: installed data folders, atomic writes, SQLite schema migrations."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -63,3 +63,25 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
         yield f
         f.flush()
         os.fsync(f.fileno())
+
+
+def apply_migrations(db, version: int, migrations: Sequence[Callable], application_id: int) -> None:
+    """Bring an SQLite file (``db``, in autocommit mode) from schema ``version`` to ``len(migrations)``.
+
+    All or nothing, under SQLite's write lock; the version is read again under it, since another
+    process may have migrated while this one waited. Stamps ``application_id``, which tells the
+    file from a foreign SQLite database.
+    """
+    if version == len(migrations):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for migrate in migrations[version:]:
+            migrate(db)
+        db.execute(f"PRAGMA application_id = {application_id}")
+        db.execute(f"PRAGMA user_version = {len(migrations)}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise

@@ -36,6 +36,7 @@ import platformdirs
 
 from metaeol_edge.core.identity import CacheKey, key_digest
 from metaeol_edge.errors import InputError
+from metaeol_edge.files import apply_migrations
 
 __all__ = [
     "CacheKey",
@@ -254,20 +255,7 @@ class EmbeddingCache:
             db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
-        if version == SCHEMA_VERSION:
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            # Another process may have migrated while we waited for the lock.
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for migrate in MIGRATIONS[version:]:
-                migrate(db)
-            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        apply_migrations(db, version, MIGRATIONS, APPLICATION_ID)
 
     @classmethod
     def open(cls, path: str | Path | None = None, max_bytes: int | None = None) -> EmbeddingCache | None:

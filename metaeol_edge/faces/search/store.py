@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from metaeol_edge.errors import InputError
+from metaeol_edge.files import apply_migrations
 
 APPLICATION_ID = 0x4D45434C  # "MECL": a metaeol-edge collection
 BUSY_TIMEOUT_MS = 60_000
@@ -143,19 +144,7 @@ class Store:
             )
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
-        if version == SCHEMA_VERSION:
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated
-            for migrate in MIGRATIONS[version:]:
-                migrate(db)
-            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        apply_migrations(db, version, MIGRATIONS, APPLICATION_ID)
 
     def close(self) -> None:
         with self._lock:

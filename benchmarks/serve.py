@@ -217,17 +217,7 @@ def main() -> None:
         sys.exit(run.stderr)
     encode_rate = len(flat) / json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
 
-    cmd = [sys.executable, "-m", "metaeol_edge", "serve", "--model", args.model, "-t", args.templates]
-    cmd += ["--no-cache", "--port", "0"]
-    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    url = None
-    while url is None:
-        line = server.stderr.readline()
-        if not line:
-            sys.exit("the server stopped before it was ready")
-        if line.startswith("serving ") and " on http" in line:
-            url = line.strip().rsplit(" on ", 1)[1]
-    threading.Thread(target=server.stderr.read, daemon=True).start()  # drain its access log
+    server, url = start_server(args.model, args.templates)
 
     latencies: list[float] = []
     errors: list[str] = []

@@ -102,14 +102,23 @@ def sample(root: Path, queries: int | None, distractors: int | None, seed: int) 
 # -- scores ---------------------------------------------------------------------------------------------
 
 
-def scores(vectors: dict[str, np.ndarray], corpus: list[str], chosen: dict[str, list[str]]) -> dict[str, float]:
-    """nDCG@10, recall@10 and MRR (binary relevance), a query never retrieving itself."""
+def scores(
+    vectors: dict[str, np.ndarray],
+    corpus: list[str],
+    chosen: dict[str, list[str]],
+    query_vectors: dict[str, np.ndarray] | None = None,
+) -> dict[str, float]:
+    """nDCG@10, recall@10 and MRR (binary relevance), a query never retrieving itself.
+
+    ``query_vectors``: the queries embedded another way than the documents (a query-side template).
+    """
+    query_vectors = query_vectors or vectors
     matrix = np.stack([vectors[s] for s in corpus])
     matrix = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
     index = {s: i for i, s in enumerate(corpus)}
     ndcg, recall, mrr = [], [], []
     for q, relevant in chosen.items():
-        v = vectors[q] / np.linalg.norm(vectors[q])
+        v = query_vectors[q] / np.linalg.norm(query_vectors[q])
         sims = matrix @ v
         sims[index[q]] = -np.inf
         order = np.argsort(-sims, kind="stable")
@@ -152,10 +161,24 @@ def worker(spec: dict) -> dict:
             model = MetaEOL(spec["model"], **spec["options"])
             t0 = time.perf_counter()
             vectors = model.encode(texts, show_progress_bar=False)
+            query_side = spec.get("query")
+            if query_side:
+                # Queries through their own prompt at the documents' layer; where the documents' configuration
+                # is a fit, the queries get that same fit (one space), applied to their raw states.
+                queries = sorted({q for c in data["queries"].values() for q in c})
+                qmodel = MetaEOL(spec["model"], **query_side["options"], layer=model.layer, postprocess=False)
+                raw = qmodel.encode(queries, show_progress_bar=False, normalize_embeddings=False)
+                qmodel.close()
+                if model.postprocess:
+                    from metaeol_edge.core import postprocess as pp
+
+                    raw = pp.load(model.postprocess_source()).apply(raw)
+                query_vectors = dict(zip(queries, raw, strict=True))
             model.close()
         seconds = time.perf_counter() - t0
         by_text = dict(zip(texts, vectors, strict=True))
-        rows = [{"dataset": name, "queries": len(c)} | scores(by_text, data["corpus"], c)
+        by_query = query_vectors if spec.get("query") else None
+        rows = [{"dataset": name, "queries": len(c)} | scores(by_text, data["corpus"], c, by_query)
                 for name, c in data["queries"].items()]  # fmt: skip
         return {"rows": rows, "sentences_per_s": len(texts) / seconds, "rss_mb": peak_rss_mb()}
     if kind == "latency":
@@ -243,8 +266,13 @@ def worker(spec: dict) -> dict:
 
 
 def measure(spec: dict) -> dict:
-    cmd = [sys.executable, str(HERE), "--worker", json.dumps(spec)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    # The spec goes through a file: a large sample's sentences are over the command line's limit.
+    with tempfile.NamedTemporaryFile("w", suffix=".json", encoding="utf-8", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        run = subprocess.run([sys.executable, str(HERE), "--worker", f"@{f.name}"], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
     if run.returncode != 0:
         raise SystemExit(f"a measurement failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -253,8 +281,15 @@ def measure(spec: dict) -> dict:
 # -- the run ----------------------------------------------------------------------------------------------
 
 
-def configurations(args) -> list[tuple[str, dict]]:
-    """(config, MetaEOL options): the paper's MetaEOL, then each preset."""
+QUERY_PROMPTS = HERE.parent / "query_prompts"
+
+
+def configurations(args) -> list[tuple[str, dict, dict | None]]:
+    """(config, MetaEOL options, query side): the paper's MetaEOL, then each preset, then query-side templates.
+
+    The query side (issue 31, item 5): documents as the configuration embeds them, queries through a
+    prompt of their own (benchmarks/query_prompts/), read at the documents' layer and given their fit.
+    """
     from metaeol_edge.presets import load_presets
 
     base = {"backend": args.backend} if args.backend else {}
@@ -264,6 +299,16 @@ def configurations(args) -> list[tuple[str, dict]]:
     # only): what `metaeol index` can use for any model. And the paper's one-template PromptEOL.
     configs += [("quality without fit", base | {"templates": "prompteol-icl-music", "layer": 1.0})]
     configs += [("prompteol", base | {"templates": "prompteol"})]
+    configs = [(name, options, None) for name, options in configs]
+    for docs, options, query in (
+        ("preset quality", base | {"preset": "quality"}, "search-query-icl"),
+        ("preset quality", base | {"preset": "quality"}, "seeks-icl"),
+        ("quality without fit", base | {"templates": "prompteol-icl-music", "layer": 1.0}, "search-query-icl"),
+        ("quality without fit", base | {"templates": "prompteol-icl-music", "layer": 1.0}, "seeks-icl"),
+        ("prompteol", base | {"templates": "prompteol"}, "seeks"),
+    ):
+        side = {"options": base | {"templates": str(QUERY_PROMPTS / f"{query}.json")}}
+        configs.append((f"{docs} + query {query}", options, side))
     return configs
 
 
@@ -286,7 +331,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        spec = Path(args.worker[1:]).read_text(encoding="utf-8") if args.worker.startswith("@") else args.worker
+        print(json.dumps(worker(json.loads(spec))))
         return
     sections = args.sections.split(",")
     out = Path(args.out or RESULTS / "retrieval.json")
@@ -306,10 +352,11 @@ def main() -> None:
     wanted = set(args.configs.split(",")) if args.configs else None
     if "retrieval" in sections and data is not None:
         for model in models:
-            for config, options in configurations(args):
+            for config, options, query in configurations(args):
                 if wanted and config not in wanted:
                     continue
-                got = measure({"kind": "retrieval", "model": model, "config": config, "options": options, "data": data})
+                spec = {"kind": "retrieval", "model": model, "config": config, "options": options, "data": data}
+                got = measure(spec | ({"query": query} if query else {}))
                 for row in got["rows"]:
                     report["retrieval"].append({"model": model, "config": config} | row
                                                | {"sentences_per_s": got["sentences_per_s"]})  # fmt: skip

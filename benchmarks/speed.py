@@ -2,13 +2,15 @@
 
     python benchmarks/speed.py                            # everything below, rows -> benchmarks/results/speed.json
     python benchmarks/speed.py --models gemma3-270m --sections paths,ceiling --out /tmp/g.json
-    python benchmarks/speed.py --accuracy                 # STS-B test, all 1,379 pairs: shipped vs auto level
+    python benchmarks/speed.py --accuracy                 # STS-B test, all 1,379 pairs: shipped vs the default
 
 On one seeded random sample of STS-B test sentences (``--n``, ``--seed``), each
 measurement in a process of its own, one after another, embedding cache off:
 
 * ``paths``: for MetaEOL, PromptEOL and each preset, sentences/s of
-  - ``engine``: ``MetaEOL(model, ...)`` as a user gets it (level ``auto``, lanes);
+  - ``default``: ``MetaEOL(model, ...)`` as a user gets it (backend and level ``auto``: on a CPU with AMX
+    tiles and PyTorch installed, PyTorch bf16 with shared template starts; else the engine);
+  - ``engine``: the llama.cpp engine (level ``auto``, lanes);
   - ``engine-0.2``: 0.2's default (the shipped file, one context with every core as threads);
   - ``torch-fp32`` and ``torch-bf16``: the PyTorch reference (``metaeol_edge.reference``, the
     official recipe's framework, ``torch.set_num_threads`` = cores) on the shipped file dequantized;
@@ -19,7 +21,8 @@ measurement in a process of its own, one after another, embedding cache off:
 * ``ceiling``: llama-bench-style prompt processing per level (one 512-token sequence,
   one output, every core as threads), and the engine's tokens/s against it.
 * ``load``: PromptEOL beside 0, 1 and 2 CPU-bound processes (``--background-load``
-  N adds N): lanes (the default), one context with every core as threads (with
+  N adds N): the default path (and with ``OMP_WAIT_POLICY=active``, spinning threads),
+  the engine's lanes, one context with every core as threads (with
   and without ``OMP_WAIT_POLICY=passive``), one thread, and two one-thread processes
   (``metaeol embed --workers``' way), each with its throughput relative to idle.
 
@@ -100,7 +103,7 @@ def worker(spec: dict) -> dict:
     kind, model_id, method = spec["kind"], spec["model"], spec.get("method", "metaeol")
     result: dict = {}
     if kind == "engine":
-        options = {"level": spec.get("level"), "n_threads": spec.get("threads"), "cache": False}
+        options = {"level": spec.get("level"), "n_threads": spec.get("threads"), "cache": False, "backend": "llama.cpp"}
         if spec.get("lanes"):
             options["backend_options"] = {"lanes": spec["lanes"]}
         texts = texts[spec.get("part", 0) :: spec.get("parts", 1)]
@@ -113,6 +116,19 @@ def worker(spec: dict) -> dict:
         seconds = time.perf_counter() - start
         result |= {"level": model.level, "lanes": engine.lanes, "threads": engine.n_threads}
         result["decoded_per_sentence"] = (engine.tokens_decoded - before) / len(texts)
+        model.close()
+    elif kind == "default":
+        # What a user gets from MetaEOL(model, ...): backend and level both `auto` on this machine.
+        model = MetaEOL(model_id, **_method_kwargs(method), cache=False)
+        backend = model.backend
+        model.encode(texts[:2], show_progress_bar=False)  # load, warm up (and the templates' shared starts)
+        count = (lambda: backend.engine.tokens_decoded) if hasattr(backend, "engine") else (lambda: backend.tokens_run)
+        before = count()
+        start = time.perf_counter()
+        vectors = model.encode(texts, show_progress_bar=False)
+        seconds = time.perf_counter() - start
+        result |= {"level": model.level, "backend": model.resolved_config.backend}
+        result["decoded_per_sentence"] = (count() - before) / len(texts)
         model.close()
     elif kind == "ceiling":
         from metaeol_edge.engine import Engine, Prompt, default_threads
@@ -265,6 +281,7 @@ def run_paths(r: Runner, model_id: str, methods: list[str], rows: list[dict]) ->
         paths = [
             ("torch-fp32", {"kind": "torch", "dtype": "float32"}),
             ("torch-bf16", {"kind": "torch", "dtype": "bfloat16"}),
+            ("default", {"kind": "default"}),
             ("engine", {"kind": "engine"}),
             ("engine-0.2", {"kind": "engine", "level": "shipped", "threads": cores()}),
         ]
@@ -280,7 +297,9 @@ def run_paths(r: Runner, model_id: str, methods: list[str], rows: list[dict]) ->
         for name, result in got.items():
             row = base | {"path": name, "sentences_per_s": result["sentences"] / result["seconds"]}
             row |= {
-                k: result[k] for k in ("level", "lanes", "threads", "decoded_per_sentence", "rss_mb") if k in result
+                k: result[k]
+                for k in ("level", "backend", "lanes", "threads", "decoded_per_sentence", "rss_mb")
+                if k in result
             }
             if name in vectors and "torch-fp32" in vectors and name != "torch-fp32":
                 row["cos_min_to_torch_fp32"] = cos_min(vectors[name], vectors["torch-fp32"])
@@ -335,7 +354,9 @@ def run_ceilings(r: Runner, model_id: str, rows: list[dict]) -> dict[str, float]
 def run_load(r: Runner, model_id: str, loads: list[int], rows: list[dict]) -> None:
     passive = os.environ | {"OMP_WAIT_POLICY": "passive"}
     policies = [
-        ("lanes (default)", {}, None),
+        ("default path (backend auto)", {"kind": "default"}, None),
+        ("default path, OMP active", {"kind": "default"}, os.environ | {"OMP_WAIT_POLICY": "active"}),
+        ("lanes (the engine's default)", {}, None),
         ("1 context x all threads", {"threads": cores(), "lanes": 1}, None),
         ("1 context x all threads, OMP passive", {"threads": cores(), "lanes": 1}, passive),
         ("1 context x 1 thread", {"threads": 1, "lanes": 1}, None),
@@ -366,10 +387,13 @@ def accuracy(args: argparse.Namespace) -> None:
         for method in args.methods.split(","):
             row = {"model": model_id, "method": METHODS.get(method, method), "pairs": len(data.gold)}
             for level in args.accuracy_levels.split(","):
-                with MetaEOL(model_id, **_method_kwargs(method), level=level) as m:
+                # shipped: the file as it is, in llama.cpp; auto: the default path (backend and level auto).
+                options = {"level": "shipped", "backend": "llama.cpp"} if level == "shipped" else {"level": level}
+                with MetaEOL(model_id, **_method_kwargs(method), **options) as m:
                     row[level] = run_sts(data, lambda s, m=m: m.encode(s, show_progress_bar=False))["score"]
                     row[f"{level}_file"] = m.model_path.name
                     row[f"{level}_level"] = m.level
+                    row[f"{level}_backend"] = m.resolved_config.backend
             if "shipped" in row and "auto" in row:
                 row["delta"] = row["auto"] - row["shipped"]
             rows.append(row)

@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 # default a user gets) is tested where it is named (tests/test_quantization.py, tests/test_golden.py).
 # Set here, before any test, so the CLI's and bulk's subprocesses inherit it too.
 os.environ["METAEOL_LEVEL"] = "shipped"
+# And the engine: on a CPU with AMX tiles `auto` would run PyTorch (metaeol_edge.backends.choice), whose
+# choice and vectors tests/test_backend_choice.py checks where it names it.
+os.environ["METAEOL_BACKEND"] = "llama.cpp"
 
 
 def senteval_dir() -> Path:

@@ -33,11 +33,12 @@ SENTENCES = [
 def test_engine_layers_match_pytorch_hidden_states_on_the_f32_model(model_id, n_layer):
     path = registry.quantized(model_id, "f32")
     layers = [1, n_layer // 2, n_layer, -1]
-    ref = Reference(path, "metaeol", layer=layers).encode(SENTENCES, per_template=True)
+    sentences = SENTENCES[2:]  # quotes, accents and a long one: 24 prompts per layer, every template
+    ref = Reference(path, "metaeol", layer=layers).encode(sentences, per_template=True)
     with MetaEOL(path, "metaeol", layer=layers, cache=False, early_exit=False) as model:
-        got = model.encode(SENTENCES, per_template=True)
+        got = model.encode(sentences, per_template=True)
     for layer, r, g in zip(layers, ref, got, strict=True):
-        assert r.shape == g.shape == (len(SENTENCES), 8, model.dim)
+        assert r.shape == g.shape == (len(sentences), 8, model.dim)
         cos = cosine(r, g)
         print(f"{model_id} layer {layer}: min cosine to PyTorch {cos.min():.6f}")  # shown with pytest -s
         assert cos.min() >= 0.999, (layer, cos.min())

@@ -2,14 +2,18 @@
 
 Every backend answers one question, :meth:`Backend.states`: for these prompts,
 the state of the token(s) each one asks for, at these layers. The recipe
-(:mod:`metaeol_edge.embedder`) is written once on top of it. Three are built in:
+(:mod:`metaeol_edge.embedder`) is written once on top of it. These are built in:
 
 * ``llama.cpp`` (:class:`LlamaCppBackend`): the engine of :mod:`metaeol_edge.engine`,
   what users run;
 * ``pytorch`` (:class:`metaeol_edge.reference.TorchBackend`): the full-precision
-  reference, extra ``[reference]``;
+  reference, extra ``[reference]``; with ``share_prefixes`` and bfloat16 it is
+  what ``auto`` runs on a CPU with AMX tiles (:mod:`metaeol_edge.backends.choice`);
 * ``naive`` (:class:`metaeol_edge.naive.NaiveBackend`): llama.cpp's own
-  ``Llama.embed``, the yardstick the engine is checked and timed against.
+  ``Llama.embed``, the yardstick the engine is checked and timed against;
+* ``fake``: states hashed from the text, no model run (the logic tests).
+
+``auto`` (the default) picks llama.cpp or PyTorch for this machine.
 
 A backend is used by one thread at a time: the embedder holds a lock around it.
 """
@@ -216,6 +220,12 @@ def _pytorch(model_path: Path, **options: object) -> Backend:
     return TorchBackend(model_path, **options)  # type: ignore[arg-type]
 
 
+def _pytorch_tag(options: dict[str, object]) -> str:
+    # Shared template starts give the same vectors in other matmul shapes: equal to about 1e-7, not in bits.
+    tag = f"pytorch-{options.get('dtype', 'float32')}-{options.get('device', '')}"
+    return tag + ("-shared" if options.get("share_prefixes") else "")
+
+
 def _fake(model_path: Path, **options: object) -> Backend:
     from metaeol_edge.backends.fake import FakeBackend
 
@@ -231,9 +241,7 @@ def _fake_tag(options: dict[str, object]) -> str:
 _BACKENDS: dict[str, BackendSpec] = {
     "llama.cpp": BackendSpec("llama.cpp", LlamaCppBackend, llama_cpp_cache_tag),
     "naive": BackendSpec("naive", _naive, lambda options: "naive"),
-    "pytorch": BackendSpec(
-        "pytorch", _pytorch, lambda options: f"pytorch-{options.get('dtype', 'float32')}-{options.get('device', '')}"
-    ),
+    "pytorch": BackendSpec("pytorch", _pytorch, _pytorch_tag),
     # Deterministic states from text alone, no model run: the tests of everything but the engine.
     "fake": BackendSpec("fake", _fake, _fake_tag),
 }

@@ -21,6 +21,7 @@ hidden_states[:, -1]`` (left padding keeps the last token last).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from metaeol_edge.methods import Prompt
 from metaeol_edge.methods.layers import FINAL, check_resolved
 
 DTYPES = ("float32", "float16", "bfloat16")
+MAX_PREFIXES = 256  # template starts whose keys and values are kept (``share_prefixes``)
 
 
 def _imports():
@@ -44,6 +46,24 @@ def _imports():
             "pip install 'metaeol-edge[reference]'"
         ) from exc
     return torch, transformers
+
+
+def _silence_gguf_bar():
+    """Hide the bar transformers draws with plain tqdm (not its own switch) while it dequantizes a GGUF
+    file; returns what puts it back. Where that module or name is gone, nothing changes."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return lambda: None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        return lambda: None
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+
+    def restore() -> None:
+        gguf_utils.tqdm = bar
+
+    return restore
 
 
 def default_device() -> str:
@@ -68,7 +88,16 @@ class TorchBackend(Backend):
         device: str | None = None,
         batch_size: int = 16,
         label: str | None = None,
+        share_prefixes: bool = False,
     ) -> None:
+        if share_prefixes and "torch" not in sys.modules:
+            # The fast path (auto's on a CPU with AMX): PyTorch's OpenMP threads sleep when out of work
+            # instead of spinning, so a core taken by another process does not stall every matmul. That costs
+            # idle speed (more for MetaEOL's many small batches) and saves a collapse when busy: the paths and
+            # load sections of benchmarks/speed.py, whose load rows time both policies. Read once, when PyTorch
+            # loads: the user's own setting wins, and where PyTorch is already imported it is too late and
+            # nothing changes. The reference keeps PyTorch's defaults.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         torch, transformers = _imports()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -77,6 +106,13 @@ class TorchBackend(Backend):
         self.device = device or default_device()
         self.cache_tag = f"pytorch-{dtype}-{self.device}"
         self.batch_size = batch_size
+        # The engine's trick in PyTorch: a template's shared start is computed once and its keys and values
+        # reused by every prompt of the template, which then runs only its own tokens (right-padded, so no
+        # real token sees a pad). Off by default: the reference runs the official recipe's batches.
+        self.share_prefixes = share_prefixes
+        self._prefixes: dict[tuple[int, ...], object] = {}
+        self.tokens_run = 0
+        self._cache_arg = "past_key_values"
         label = label or os.fspath(model)
         path = Path(os.fspath(model)).expanduser()
         kwargs: dict[str, object] = {}
@@ -86,11 +122,23 @@ class TorchBackend(Backend):
             source, kwargs["gguf_file"] = str(path.parent), path.name
         else:
             source = os.fspath(model)
+        # Quiet while loading: transformers draws progress bars for the GGUF dequantization and warns about
+        # float32 kernels for packed weights (these are dequantized to plain tensors), on the default path too.
+        log = transformers.utils.logging
+        bars, level = log.is_progress_bar_enabled(), log.get_verbosity()
+        log.disable_progress_bar()
+        log.set_verbosity_error()
+        gguf_bar = _silence_gguf_bar()
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
             lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
         except (OSError, ValueError) as exc:  # no such folder or hub id, no network, an unknown architecture
             raise MetaEOLError(f"transformers cannot load {label!r}: {exc}") from exc
+        finally:
+            gguf_bar()
+            log.set_verbosity(level)
+            if bars:
+                log.enable_progress_bar()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -98,6 +146,10 @@ class TorchBackend(Backend):
         text_config = lm.config.get_text_config()
         self.n_layer = int(text_config.num_hidden_layers)
         self.dim = int(text_config.hidden_size)
+        import inspect
+
+        if "cache" in inspect.signature(self.model.forward).parameters:  # transformers >= 5.2x renamed it
+            self._cache_arg = "cache"
 
     @property
     def on_cuda(self) -> bool:
@@ -113,6 +165,8 @@ class TorchBackend(Backend):
         check_resolved(layers, self.n_layer)
         if not prompts:
             return np.empty((len(layers), 0, self.dim), dtype=np.float32)
+        if self.share_prefixes and all(p.pool is None and p.rewrite is None for p in prompts):
+            return self._read_shared(list(prompts), list(layers), progress)
         # Batch prompts of similar length together: less padding, same vectors.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].text))
         sorted_rows = self._read_states([prompts[i] for i in order], list(layers), progress)
@@ -170,6 +224,81 @@ class TorchBackend(Backend):
             if hook is not None:
                 hook.remove()
         return np.concatenate(result, axis=1)
+
+    def _read_shared(self, prompts: list[Prompt], layers: list[int], progress: Progress | None) -> np.ndarray:
+        """(L, len(prompts), dim) with each template's shared token start computed once (``share_prefixes``)."""
+        import copy
+
+        torch = self.torch
+        tokens = [self.tokenize(p.text) for p in prompts]
+        out = np.empty((len(layers), len(prompts), self.dim), dtype=np.float32)
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p.prefix, []).append(i)
+        captured: list = []
+        hook = None
+        if self.n_layer in layers:
+            block = self.model.layers[-1]
+            hook = block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+        pad = self.tokenizer.pad_token_id or 0
+        try:
+            with torch.inference_mode():
+                for prefix, idx in groups.items():
+                    # The shared start in tokens: the template prefix's tokens, as far as every prompt of the
+                    # group begins with them (a word may tokenize across the boundary), leaving every prompt at
+                    # least one token of its own. Keyed by the template, so the store stays one per template.
+                    start_tokens = self.tokenize(prefix) if prefix else []
+                    n = min(len(start_tokens), *(len(tokens[i]) - 1 for i in idx))
+                    for i in idx:
+                        k = 0
+                        while k < n and tokens[i][k] == start_tokens[k]:
+                            k += 1
+                        n = k
+                    key = tuple(start_tokens[:n])
+                    if n and key not in self._prefixes:
+                        if len(self._prefixes) >= MAX_PREFIXES:  # many templates over a long life: oldest out
+                            self._prefixes.pop(next(iter(self._prefixes)))
+                        ids = torch.tensor([start_tokens[:n]], device=self.device)
+                        ran = self.model(input_ids=ids, use_cache=True)
+                        # transformers >= 5.2x names the returned cache `cache` and warns on the old name.
+                        self._prefixes[key] = ran["cache"] if "cache" in ran else ran["past_key_values"]
+                        self.tokens_run += n
+                    idx = sorted(idx, key=lambda i: len(tokens[i]))
+                    for start in range(0, len(idx), self.batch_size):
+                        rows = idx[start : start + self.batch_size]
+                        own = [tokens[i][n:] for i in rows]
+                        width = max(map(len, own))
+                        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                        for b, t in enumerate(own):
+                            ids[b, : len(t)] = torch.tensor(t)
+                        past = None
+                        if n:
+                            past = copy.deepcopy(self._prefixes[key])
+                            past.batch_repeat_interleave(len(rows))
+                        positions = (n + torch.arange(width)).expand(len(rows), width)
+                        captured.clear()
+                        hidden = self.model(
+                            input_ids=ids.to(self.device),
+                            position_ids=positions.to(self.device),
+                            use_cache=past is not None,
+                            **{self._cache_arg: past},
+                            output_hidden_states=True,
+                        ).hidden_states
+                        self.tokens_run += sum(map(len, own))
+                        last = torch.tensor([len(t) - 1 for t in own], device=self.device)
+                        arange = torch.arange(len(rows), device=self.device)
+                        for li, layer in enumerate(layers):
+                            if layer == FINAL:
+                                h = hidden[-1]
+                            else:
+                                h = captured[-1] if layer == self.n_layer else hidden[layer]
+                            out[li, rows] = h[arange, last].float().cpu().numpy()
+                        if progress:
+                            progress(len(rows))
+        finally:
+            if hook is not None:
+                hook.remove()
+        return out
 
     def _rewrite_hooks(self, batch: list[Prompt], width: int, lengths: list[int]) -> list:
         """Token Prepending: pre-hooks that overwrite each placeholder's row with its prompt's last row."""

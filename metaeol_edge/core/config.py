@@ -55,7 +55,7 @@ class EmbedConfig:
     max_length: int = 512
     truncate: bool = True
     # the backend
-    backend: str = "llama.cpp"
+    backend: str | None = None  # None: $METAEOL_BACKEND, else auto (metaeol_edge.backends.choice)
     backend_options: tuple[tuple[str, Any], ...] = field(default=())
     n_gpu_layers: int = 0
     engine_mode: str | None = None
@@ -107,6 +107,9 @@ def decisive_options(options: Mapping[str, Any]) -> dict[str, Any]:
     merged = defaults | dict(options)
     merged = {k: v for k, v in merged.items() if k not in NOT_IDENTITY}
     merged["backend_options"] = dict(_freeze(merged["backend_options"] or {}))
+    # An identity is written from a resolved configuration (MetaEOL.resolved_config); 0.2's, which had one
+    # backend, named none.
+    merged["backend"] = merged.get("backend") or "llama.cpp"
     on = merged.pop("cache", True) not in (False, None)
     merged["cache_dtype"] = (merged.get("cache_dtype") or "float32") if on else "float32"
     return json.loads(json.dumps(merged, default=str))

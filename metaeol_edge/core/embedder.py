@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from metaeol_edge.backends import Backend, open_backend, spec_for
+from metaeol_edge.backends import choice as backend_choice
 from metaeol_edge.backends.engine import check_engine_options
 from metaeol_edge.core import identity
 from metaeol_edge.core import postprocess as pp
@@ -456,9 +457,12 @@ class MetaEOL(Embedder):
     ``engine_mode``: ``"one-at-a-time"`` or ``"packed"`` (many prompts per
     decode, for GPUs; its own cache entries); None picks per device.
     ``method`` names a registered method (:mod:`metaeol_edge.methods`; default
-    ``eol``, the paper's) or is a ``Method``; ``backend`` is ``llama.cpp``
-    (default), ``naive`` or ``pytorch`` (:mod:`metaeol_edge.backends`), with
-    ``backend_options`` for it.
+    ``eol``, the paper's) or is a ``Method``; ``backend`` is ``llama.cpp``,
+    ``naive``, ``pytorch`` (:mod:`metaeol_edge.backends`) or ``auto`` (None,
+    the default, means ``$METAEOL_BACKEND``, else ``auto``: llama.cpp, or
+    PyTorch in bfloat16 on a CPU with AMX tiles, :mod:`metaeol_edge.backends.choice`),
+    with ``backend_options`` for it. ``resolved_config`` is the configuration
+    with the backend ``auto`` chose.
     """
 
     def __init__(
@@ -468,7 +472,7 @@ class MetaEOL(Embedder):
         *,
         preset: str | None = None,
         method: str | Method | None = None,
-        backend: str = "llama.cpp",
+        backend: str | None = None,
         backend_options: dict[str, object] | None = None,
         n_gpu_layers: int = 0,
         engine_mode: str | None = None,
@@ -523,6 +527,8 @@ class MetaEOL(Embedder):
             self.preset = named.for_model(known_sha256)
             templates, layer, postprocess = _apply_preset(self.preset, templates, layer, postprocess)
         self._source_fingerprint: str | None = known_sha256
+        backend, backend_options = self._choose_backend(settings, wanted_level, label)
+        self.resolved_config = config.replace(backend=backend, backend_options=backend_options)
         self.level, self.level_reason = self._choose_level(wanted_level, backend, label)
         if self.level != quantization.SHIPPED:
             known_sha256 = self._derive_level(model, label)
@@ -581,6 +587,30 @@ class MetaEOL(Embedder):
         self._owns_cache = not isinstance(cache, EmbeddingCache)
 
     # -- the model -----------------------------------------------------------------
+
+    def _choose_backend(self, settings: dict, wanted_level: str, label: str) -> tuple[str, dict | None]:
+        """(backend, its options): the one asked for, or what ``auto`` runs here (:mod:`.backends.choice`)."""
+        asked = backend_choice.requested(settings["backend"])
+        if asked != backend_choice.AUTO:
+            self.backend_reason = "asked for"
+            return asked, settings["backend_options"]
+        given = {
+            "n_threads": settings["n_threads"] is not None,
+            "engine_mode": settings["engine_mode"] is not None,
+            "n_gpu_layers": settings["n_gpu_layers"] != 0,
+            "backend_options": bool(settings["backend_options"]),
+            "level": wanted_level != quantization.AUTO,
+        }
+        picked = backend_choice.choose(
+            self.info.architecture,
+            self.info.split_count,
+            [name for name, set_ in given.items() if set_],
+            backend_choice.cpu_flags(),
+            backend_choice.torch_installed(),
+        )
+        self.backend_reason = picked.reason
+        backend_choice.announce(label, picked, store.home())
+        return picked.name, (dict(picked.options) or settings["backend_options"])
 
     def _choose_level(self, wanted: str, backend: str, label: str) -> tuple[str, str]:
         """(level, why). ``auto`` decides for the llama.cpp engine on a whole (unsplit) file; the PyTorch

@@ -621,7 +621,7 @@ def _embed_file(
         cores = threads or usable_cores()
         if n_workers < 1 or cores < 1:
             raise InputError("workers and threads must be at least 1")
-        identity = job_identity(source, rows, shard_size, model, config, encode)
+        identity = job_identity(source, rows, shard_size, model, model.resolved_config, encode)
         done = _prepare(folder, identity)
         ours = True
         n_shards = math.ceil(rows / shard_size)
@@ -633,8 +633,8 @@ def _embed_file(
             for i, group in enumerate(source.shards(shard_size))
             if i not in done
         )
-        # Workers run the level chosen here: `auto` decided on another machine could differ.
-        pinned = config.replace(level=model.level)
+        # Workers run the level and backend chosen here: `auto` decided on another machine could differ.
+        pinned = model.resolved_config.replace(level=model.level)
         if ray is not None:
             executor: Any = RayPool(pinned, encode, n_workers, max(1, cores // n_workers), ray)
         elif n_workers > 1:
@@ -730,7 +730,8 @@ def _workers(workers: int | str, model: Any, ray: str | None = None) -> int:
         workers = int(workers)
     blocked = None if ray is not None else spawn_blocker()
     if workers == "auto":
-        n = auto_workers(model.info.size)  # every part of a split model
+        # PyTorch runs every core in one process; llama.cpp's small models go faster as one process per core.
+        n = 1 if model.resolved_config.backend == "pytorch" else auto_workers(model.info.size)
         if n > 1 and blocked:
             warnings.warn(f"embedding in this process, not {n} worker processes: {blocked}", stacklevel=3)
             return 1

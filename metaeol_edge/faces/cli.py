@@ -130,8 +130,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--backend",
             default=None,
-            help="where prompts become hidden states: llama.cpp (default), naive, pytorch, or fake "
-            "(hashed from the text, no model run: for tests)",
+            help="where prompts become hidden states: auto (default: llama.cpp, or PyTorch bf16 on a CPU with "
+            "AMX tiles; $METAEOL_BACKEND), llama.cpp, naive, pytorch, or fake (hashed from the text, no model "
+            "run: for tests)",
         )
 
     e = sub.add_parser("embed", help="embed sentences from a file")
@@ -409,7 +410,7 @@ def _config(args: argparse.Namespace) -> EmbedConfig:
         templates=args.templates,
         preset=args.preset,
         method=_method(args),
-        backend=getattr(args, "backend", None) or "llama.cpp",
+        backend=getattr(args, "backend", None),
         level=args.level,
         n_gpu_layers=args.n_gpu_layers,
         engine_mode=args.engine_mode,
@@ -1008,7 +1009,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "level": (args.level or "shipped").lower() if args.reference else model.level,
             "model_file": model.model_path.name,
             "backend": (
-                f"pytorch {model.device} {args.dtype or 'float32'}" if args.reference else args.backend or "llama.cpp"
+                f"pytorch {model.device} {args.dtype or 'float32'}" if args.reference else model.resolved_config.backend
             ),
             "templates": model.templates.name,
             "method": model.method.name,

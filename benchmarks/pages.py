@@ -926,7 +926,7 @@ def page_scale() -> str:
     return "\n".join(lines) + "\n"
 
 
-LATENCY_1M = "retrieval_latency_1m.json"  # the approximate index at 1,000,000 vectors: a run of its own (its build)
+LATENCY = "retrieval_latency.json"  # the latency rows at every size and search depth: a run of their own (the builds)
 
 
 def query_side() -> list[str]:
@@ -992,7 +992,8 @@ def page_search() -> str:
         lines += table(head, body, 2) + made_by(d["command"])
     if (RESULTS / "retrieval_queries.json").is_file():
         lines += query_side()
-    if d["latency"]:
+    own = load(LATENCY) if (RESULTS / LATENCY).is_file() else d
+    if own["latency"]:
         lines += [
             "",
             "## Search latency",
@@ -1001,14 +1002,14 @@ def page_search() -> str:
             "in a process of its own; recall@10 against exact search.",
             "",
         ]
-        head = ["index", "vectors", "dim", "p50", "p95", "recall@10", "peak RSS", "build"]
-        more = load(LATENCY_1M) if (RESULTS / LATENCY_1M).is_file() else {"latency": [], "command": ""}
+        head = ["index", "vectors", "dim", "search depth", "p50", "p95", "recall@10", "peak RSS", "build"]
         body = [
-            [r["index"], f"{r['vectors']:,}", str(r["dim"]), f"{r['p50_ms']:.1f} ms", f"{r['p95_ms']:.1f} ms",
-             f"{r['recall10']:.3f}", f"{r['rss_mb']:.0f} MB", f"{r['build_s']:.0f} s" if r.get("build_s") else "-"]
-            for r in d["latency"] + more["latency"]
+            [r["index"], f"{r['vectors']:,}", str(r["dim"]), str(r["depth"]) if r.get("depth") else "-",
+             f"{r['p50_ms']:.1f} ms", f"{r['p95_ms']:.1f} ms", f"{r['recall10']:.3f}", f"{r['rss_mb']:.0f} MB",
+             f"{r['build_s']:.0f} s" if r.get("build_s") else "-"]
+            for r in own["latency"]
         ]  # fmt: skip
-        lines += table(head, body, 1) + made_by(d["command"], more["command"])
+        lines += table(head, body, 1) + made_by(own["command"])
     if d["throughput"]:
         lines += [
             "",

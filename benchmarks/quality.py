@@ -215,6 +215,12 @@ def result_row(
     )
 
 
+def model_name(model: str) -> str:
+    """What rows and folders call a model: a registry id as it is, a .gguf path by its file name (a path's
+    folders would make the saved vectors' folder an absolute path, outside ``--save-dir``)."""
+    return Path(model).name if model.endswith(".gguf") else model
+
+
 def row_dir(base: Path | None, *parts: str) -> Path | None:
     if base is None:
         return None
@@ -245,7 +251,9 @@ def run_dev(args, root: Path, exclude: set[str]) -> list[dict]:
                     except ValueError as exc:  # e.g. whitening with fewer sentences than dimensions
                         print(f"  skipped {lever} at {layer_name(option)}: {exc}", file=sys.stderr)
                         continue
-                    rows.append(result_row(args.model, templates, option, lever, fit_on, "dev", dev, s, corpus))
+                    rows.append(
+                        result_row(model_name(args.model), templates, option, lever, fit_on, "dev", dev, s, corpus)
+                    )
     # Per template set: one choice of a single layer (what a preset can name) and one of a pair of
     # layers, with the generic fit or none; and, with --dev-in-domain, one with the in-domain fit.
     best: dict[tuple[str, str], dict] = {}
@@ -284,7 +292,7 @@ def parse_layer_name(name: str) -> tuple[int, ...]:
 
 
 def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[dict]:
-    choices = dev_choices(previous, args.model)
+    choices = dev_choices(previous, model_name(args.model))
     rows = []
     fits = {"generic": fit_corpus("generic", root, args.fit_sentences, exclude)}
     in_domain = [t for t in args.tasks if t in IN_DOMAIN and not args.generic_only]
@@ -313,14 +321,14 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
                 if fit_on == "in-domain" and task not in in_domain:
                     continue
                 corpus = None if fit_on == "none" else fits["generic" if fit_on == "generic" else task]
-                where = row_dir(args.save_dir, args.model, templates, layer_name(option), lever, fit_on)
-                fits_dir = row_dir(args.save_fits, args.model, templates, layer_name(option), lever, fit_on)
+                where = row_dir(args.save_dir, model_name(args.model), templates, layer_name(option), lever, fit_on)
+                fits_dir = row_dir(args.save_fits, model_name(args.model), templates, layer_name(option), lever, fit_on)
                 try:
                     s = score(data, vec, option, lever, corpus, where and where / task, fits_dir)
                 except ValueError as exc:  # e.g. whitening with fewer sentences than dimensions
                     print(f"  skipped {lever} fitted on {fit_on} for {task}: {exc}", file=sys.stderr)
                     continue
-                row = result_row(args.model, templates, option, lever, fit_on, "test", data, s, corpus)
+                row = result_row(model_name(args.model), templates, option, lever, fit_on, "test", data, s, corpus)
                 rows.append(row | {"dev_choice": chosen})
                 print(f"{templates:>24} {task:>6} {layer_name(option):>8} {lever:>11} {fit_on:>9} {s:6.2f}")
     return rows
@@ -367,7 +375,7 @@ def run_speed(args, root: Path) -> list[dict]:
             name = layer_name((layer,))
             rows.append(
                 dict(
-                    model=args.model,
+                    model=model_name(args.model),
                     method=templates,
                     layer=name,
                     split="speed",

@@ -2,7 +2,8 @@
 
     python benchmarks/retrieval.py                      # everything, rows -> benchmarks/results/retrieval.json
     python benchmarks/retrieval.py --sections retrieval --queries 200 --distractors 2000   # a seeded, smaller sample
-    python benchmarks/retrieval.py --sections latency --sizes 10000,100000,1000000
+    python benchmarks/retrieval.py --sections latency --sizes 10000,100000,1000000 --depths 256,512,1024,2048 \
+        --out benchmarks/results/retrieval_latency.json
 
 * ``retrieval``: queries and their relevant documents come from equivalence pairs of the SentEval
   data (``$METAEOL_DATA`` or ``../shared/senteval``; skipped, saying why, where absent): STS-B test
@@ -198,7 +199,7 @@ def worker(spec: dict) -> dict:
         exact = [exact_top_k(data, ids, q[None], 10)[0] for q in queries[: min(100, len(queries))]]
         if spec["index"] == "exact":
             search = lambda q: exact_top_k(data, ids, q[None], 10)[0]  # noqa: E731
-            build = 0.0
+            build, depths = 0.0, [None]
         else:
             t0 = time.perf_counter()
             index = ApproxIndex(dim)
@@ -206,16 +207,25 @@ def worker(spec: dict) -> dict:
             build = time.perf_counter() - t0
             del data
             search = lambda q: index.search(q[None], 10)[0]  # noqa: E731
-        search(queries[0])
-        times, found = [], []
-        for q in queries:
-            t0 = time.perf_counter()
-            found.append(search(q))
-            times.append(1000 * (time.perf_counter() - t0))
-        recall = np.mean([len({i for i, _ in f} & {i for i, _ in e}) / 10 for f, e in zip(found, exact, strict=False)])
-        return {"index": spec["index"], "vectors": n, "dim": dim, "p50_ms": float(np.percentile(times, 50)),
-                "p95_ms": float(np.percentile(times, 95)), "recall10": float(recall), "rss_mb": peak_rss_mb(),
-                "build_s": build}  # fmt: skip
+            # One graph, searched at several depths (usearch's expansion_search; the build is the slow part).
+            depths = spec.get("expansions") or [None]
+        rows = []
+        for depth in depths:
+            if depth is not None:
+                index.depth = depth
+            search(queries[0])
+            times, found = [], []
+            for q in queries:
+                t0 = time.perf_counter()
+                found.append(search(q))
+                times.append(1000 * (time.perf_counter() - t0))
+            recall = np.mean([len({i for i, _ in f} & {i for i, _ in e}) / 10
+                              for f, e in zip(found, exact, strict=False)])  # fmt: skip
+            rows.append({"index": spec["index"], "vectors": n, "dim": dim,
+                         "p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
+                         "recall10": float(recall), "rss_mb": peak_rss_mb(), "build_s": build,
+                         "depth": index.depth if spec["index"] != "exact" else None})  # fmt: skip
+        return {"rows": rows}
     if kind == "throughput":
         from metaeol_edge import MetaEOL
         from metaeol_edge.faces.search import Collection
@@ -324,6 +334,7 @@ def main() -> None:
     ap.add_argument("--approx-sizes", default=None, help="sizes that also get the approximate index (all)")
     ap.add_argument("--reindex-files", type=int, default=1000, help="files of the unchanged-folder re-index")
     ap.add_argument("--dim", type=int, default=576, help="the vectors' width (smollm2-135m's)")
+    ap.add_argument("--depths", default=None, help="search depths of the approximate index (default: its own)")
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--throughput-chunks", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
@@ -379,14 +390,16 @@ def main() -> None:
         if not have_usearch():
             report["skipped"].append("approximate latency: pip install -e '.[search]' (usearch)")
         approx_sizes = {int(x) for x in (args.approx_sizes or args.sizes).split(",")}
+        expansions = [int(x) for x in args.depths.split(",")] if args.depths else None
         for n in (int(x) for x in args.sizes.split(",")):
             for index in indexes:
                 if index == "approximate" and n not in approx_sizes:
                     continue
                 spec = {"kind": "latency", "index": index, "vectors": n, "dim": args.dim,
-                        "queries": args.latency_queries, "seed": args.seed}  # fmt: skip
-                report["latency"].append(measure(spec))
-                print(json.dumps(report["latency"][-1]), flush=True)
+                        "queries": args.latency_queries, "seed": args.seed, "expansions": expansions}  # fmt: skip
+                for row in measure(spec)["rows"]:
+                    report["latency"].append(row)
+                    print(json.dumps(row), flush=True)
     if "throughput" in sections and data is not None:
         texts = random.Random(args.seed).sample(data["corpus"], min(args.throughput_chunks, len(data["corpus"])))
         from metaeol_edge.faces.search import Collection

@@ -105,6 +105,40 @@ def gemma3() -> Path:
     return registry.resolve_model("gemma3-270m")
 
 
+SHALLOW_BLOCKS = 4
+"""Blocks of the shallow copies below: enough for two layer reads and the final norm."""
+
+
+def _shallow(model_id: str) -> Path:
+    # The store's early-exit copy (what MetaEOL(model_id, layer=4) writes and reads): written once, as a user's
+    # would be; the gguf package takes 19 s to write gemma3-270m's 262,144-token vocabulary.
+    from metaeol_edge.models import digest, store
+    from metaeol_edge.models.modelfile import truncate_gguf
+
+    source = registry.resolve_model(model_id)
+    path = store.derived_path(source, registry.get_spec(model_id).sha256, digest.early_exit_tag(SHALLOW_BLOCKS))
+    if not path.is_file():
+        truncate_gguf(source, path, SHALLOW_BLOCKS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_shallow() -> Path:
+    """smollm2-135m's file cut to its first 4 blocks (the early-exit copy, ``truncate_gguf``): a real model
+    through llama.cpp, real tokenizer and weights, 4 of its 30 blocks to run. For tests of the
+    engine's mechanics (lanes, packing, prefix sharing, chunks, several layers): what they check, bit for bit or
+    against a decode of the whole prompt, does not depend on the depth. The full model's numbers stay checked
+    against the golden vectors, the naive recipe and PyTorch (tests/test_golden.py, test_embedder.py,
+    test_reference.py)."""
+    return _shallow("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_shallow() -> Path:
+    """gemma3-270m's first 4 blocks (sliding-window attention, as in the full model's lower blocks)."""
+    return _shallow("gemma3-270m")
+
+
 @pytest.fixture(scope="session")
 def fake_model(tmp_path_factory) -> Path:
     """A GGUF file of a few KB with smollm2-135m's header (30 blocks, 576 dimensions, 8192 tokens of context)

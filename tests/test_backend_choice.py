@@ -2,7 +2,8 @@
 
 The rules are checked on their own (no model), then once end to end on smollm2-135m: auto's PyTorch path
 gives the engine's vectors, its shared starts give the unshared reference's, and its cache entries and
-bulk identity name the backend it chose.
+bulk identity name the backend it chose. The PyTorch path's own parts: the checked PyTorch copy of a GGUF
+file in the store (read from the second load on) and the cut of shared prompts into forwards.
 """
 
 from __future__ import annotations
@@ -79,15 +80,80 @@ def test_auto_on_an_amx_cpu_runs_shared_bf16_pytorch_with_the_engines_vectors(sm
         auto.backend.model.float()
         auto.backend._prefixes.clear()
         shared = auto.encode(sentences)
+        auto.backend.shared_tokens = 1  # one prompt a forward: the cut into forwards changes nothing either
+        one_by_one = auto.encode(sentences)
         auto.backend.share_prefixes = False  # each prompt run whole, as the reference does
         plain = auto.encode(sentences)
     with MetaEOL(smollm2, templates="prompteol", layer=layers, backend="llama.cpp", level="shipped") as engine:
         want = engine.encode(sentences)
-    got, shared, plain, want = (np.stack(x) for x in (got, shared, plain, want))  # (layer, sentence, dim)
+    got, shared, one_by_one, plain, want = (np.stack(x) for x in (got, shared, one_by_one, plain, want))
     cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)  # noqa: E731
-    assert cos(shared, plain).min() > 0.999999
+    assert cos(shared, plain).min() > 0.999999 and cos(one_by_one, plain).min() > 0.999999
     assert cos(got, plain).min() > 0.999  # bf16 against float32
     assert cos(got, want).min() > 0.998  # and against the Q4_1 file in llama.cpp
     # An engine setting keeps llama.cpp, and says which.
     with MetaEOL(smollm2, templates="prompteol", n_threads=1) as threaded:
         assert threaded.resolved_config.backend == "llama.cpp" and "n_threads" in threaded.backend_reason
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_converted_once_then_read_from_its_checked_pytorch_copy(smollm2_shallow, tmp_path, monkeypatch):
+    """transformers converts a GGUF file's tokenizer and tensors in Python each time (26 s for smollm2-135m): the
+    first load keeps a copy in the store, and later ones read it, with the same tensors and tokens."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    from metaeol_edge.backends.torch import COPY_STAMP, TorchBackend, _copy_is_current, torch_copy_path
+    from metaeol_edge.methods import Prompt
+
+    monkeypatch.setenv("METAEOL_HOME", str(tmp_path / "home"))
+    copy = torch_copy_path(smollm2_shallow, "float32")
+    assert copy.parent == tmp_path / "home" / "models" / "derived" and not copy.exists()
+    prompts = [Prompt('This sentence : "Zoë\'s café 東京 🙂" means in one word:"', "", "k")]
+    first = TorchBackend(smollm2_shallow, dtype="float32")
+    assert first.loaded_from == str(smollm2_shallow.parent) and _copy_is_current(copy, transformers.__version__)
+    second = TorchBackend(smollm2_shallow, dtype="float32")
+    assert second.loaded_from == str(copy)
+    for a, b in zip(first.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+        assert a[0] == b[0] and a[1].equal(b[1])
+    assert first.tokenize(prompts[0].text) == second.tokenize(prompts[0].text)
+    want = first.states(prompts, [-1, 2])
+    assert np.array_equal(want, second.states(prompts, [-1, 2]))
+    # A copy damaged since (a file gone) is not read: the GGUF file is, and the copy written again.
+    next(copy.glob("*.safetensors")).unlink()
+    third = TorchBackend(smollm2_shallow, dtype="float32")
+    assert third.loaded_from == str(smollm2_shallow.parent) and np.array_equal(want, third.states(prompts, [-1, 2]))
+    assert TorchBackend(smollm2_shallow, dtype="float32").loaded_from == str(copy)
+    # A copy from another transformers version, or a half-written one (no stamp), is not read.
+    (copy / COPY_STAMP).write_text(json.dumps({"transformers": "0.0"}))
+    assert not _copy_is_current(copy, transformers.__version__)
+    (copy / COPY_STAMP).unlink()
+    assert not _copy_is_current(copy, transformers.__version__)
+    assert not list(copy.parent.glob("*.part"))  # nothing left of the writing
+
+
+def test_the_shared_forwards_token_budget_is_checked():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from metaeol_edge.backends.torch import TorchBackend
+
+    for bad in (0, -5, 1.5, True, "2048"):
+        with pytest.raises(ValueError, match="shared_tokens must be a positive integer"):
+            TorchBackend("nothing-here.gguf", shared_tokens=bad)
+
+
+def test_shared_forwards_are_cut_at_the_token_budget_counting_padding():
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from metaeol_edge.backends.torch import TorchBackend
+
+    cut = lambda budget, lengths: TorchBackend._token_batches(  # noqa: E731
+        SimpleNamespace(shared_tokens=budget), list(range(len(lengths))), lengths
+    )
+    # Sorted by length: a batch's width is its last prompt's, so 3 prompts of up to 4 tokens take 12.
+    assert cut(12, [2, 3, 4, 4, 5, 9]) == [[0, 1, 2], [3, 4], [5]]
+    assert cut(4, [9, 9]) == [[0], [1]]  # a prompt over the budget still runs, alone
+    assert cut(2048, [20] * 64) == [list(range(64))]
+    assert cut(10**6, [1] * 130) == [list(range(64)), list(range(64, 128)), [128, 129]]  # at most 64 prompts

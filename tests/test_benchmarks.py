@@ -112,13 +112,15 @@ def test_gpu_benchmark_writes_its_rows_on_a_machine_without_a_gpu(tmp_path, smol
 
 
 @pytest.mark.slow
-def test_quality_chooses_on_dev_and_every_test_score_is_recomputable_from_saved_files(tmp_path, smollm2):
+def test_quality_chooses_on_dev_and_every_test_score_is_recomputable_from_saved_files(tmp_path, smollm2_shallow):
     """benchmarks/quality.py on a tiny SentEval tree: the dev stage names a choice, the test stage scores
-    it and the fixed rows, and rescore.py gives back each test row's score from the saved vectors alone."""
+    it and the fixed rows, and rescore.py gives back each test row's score from the saved vectors alone. The
+    script is the subject: it runs smollm2-135m's first 4 blocks (a .gguf path, named by its file name)."""
     from tiny_senteval import write
 
     root = write(tmp_path / "senteval", n=24)
-    common = ["--data", root, "--output", tmp_path / "out", "--templates", "prompteol", "--layers=-1,20"]
+    common = ["--data", root, "--output", tmp_path / "out", "--templates", "prompteol", "--layers=-1,2",
+              "--model", smollm2_shallow]  # fmt: skip
     dev = script("quality.py", "dev", *common, "--dev-pairs", 12, "--dev-fit", 30, "--threads", 1)
     assert dev.returncode == 0, dev.stderr
     assert "dev choice for prompteol (single)" in dev.stdout
@@ -132,6 +134,7 @@ def test_quality_chooses_on_dev_and_every_test_score_is_recomputable_from_saved_
     rows = [r | {"command": run["command"]} for run in runs for r in run["rows"]]
     tested = [r for r in rows if r["split"] == "test"]
     assert {r["fit_on"] for r in tested} == {"none", "generic", "in-domain"}
+    assert {r["model"] for r in rows} == {smollm2_shallow.name}
     assert any(r["dev_choice"] == "single" for r in tested)  # the dev run's choice was scored on test
     assert all(r["command"].startswith("python benchmarks/quality.py") for r in rows)
     assert "| dev, single |" in (tmp_path / "out" / "quality.md").read_text()
@@ -154,7 +157,8 @@ def test_retrieval_benchmark_writes_its_rows_on_the_fake_backend(tmp_path, fake_
         "retrieval.py", "--models", fake_model, "--backend", "fake", "--configs", "metaeol,prompteol + query seeks",
         "--queries", "5",
         "--distractors", "30", "--sizes", "300", "--dim", "16", "--latency-queries", "10", "--sections",
-        "retrieval,latency,throughput", "--throughput-chunks", "4", "--reindex-files", "12", "--out", out, env=env,
+        "retrieval,latency,throughput", "--throughput-chunks", "4", "--reindex-files", "12", "--depths", "64,512",
+        "--out", out, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
@@ -164,6 +168,8 @@ def test_retrieval_benchmark_writes_its_rows_on_the_fake_backend(tmp_path, fake_
         assert {"model", "config", "dataset", "queries", "ndcg10", "recall10", "mrr"} <= set(row)
         assert 0 <= row["ndcg10"] <= 100 and 0 <= row["recall10"] <= 100 and row["queries"] > 0
     assert {r["index"] for r in report["latency"]} >= {"exact"}
+    # One graph, searched at each depth asked for (where usearch is installed); exact search has no depth.
+    assert [r["depth"] for r in report["latency"]] in ([None], [None, 64, 512])
     for row in report["latency"]:
         assert {"index", "vectors", "dim", "p50_ms", "p95_ms", "recall10", "rss_mb"} <= set(row)
         assert row["vectors"] == 300 and row["dim"] == 16

@@ -32,9 +32,12 @@ def test_every_load_path_uses_the_safe_parameters(monkeypatch):
     assert high.llama_cpp.llama_model_default_params().use_extra_bufts is True  # restored
 
 
+# The engine's mechanics (lanes, prefixes, chunks, layers) on smollm2-135m's first 4 blocks (conftest's
+# smollm2_shallow, a real llama.cpp model with 4 of 30 blocks to run): what is checked here, bit for bit or against
+# a whole-prompt decode, does not depend on the depth. The full model's vectors: tests/test_golden.py.
 @pytest.fixture(scope="module")
-def engine(smollm2):
-    e = Engine(smollm2)
+def engine(smollm2_shallow):
+    e = Engine(smollm2_shallow)
     yield e
     e.close()
 
@@ -63,13 +66,15 @@ def test_prefix_sharing_changes_nothing(engine, sts_sentences):
     alone = [Prompt(p.tokens) for p in shared]
     a, b = engine.embed(shared), engine.embed(alone)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cos.min() >= 0.999
+    # 1e-5: on 4 blocks, two sentences' vectors of one template are as close as 0.99984 (measured), and the
+    # split from the prefix moves a vector by about 1e-7.
+    assert cos.min() >= 0.99999
     assert engine.embed(shared).shape == (16, 576)
 
 
 @pytest.mark.slow
-def test_only_new_tokens_are_decoded(smollm2, sts_sentences):
-    engine = Engine(smollm2, lanes=1)  # one context: each lane holds a prefix of its own (test_lanes_*)
+def test_only_new_tokens_are_decoded(smollm2_shallow, sts_sentences):
+    engine = Engine(smollm2_shallow, lanes=1)  # one context: each lane holds a prefix of its own (test_lanes_*)
     t = load_templates("metaeol").templates[0]
     prompts = [Prompt(engine.tokenize(t.render(preprocess(s))), engine.tokenize(t.prefix)) for s in sts_sentences[:8]]
     engine.embed(prompts[:1])  # the template's prefix is now in the cache
@@ -84,15 +89,15 @@ def test_only_new_tokens_are_decoded(smollm2, sts_sentences):
 
 
 @pytest.fixture(scope="module")
-def one_lane(smollm2):
-    e = Engine(smollm2, lanes=1, n_threads=1)
+def one_lane(smollm2_shallow):
+    e = Engine(smollm2_shallow, lanes=1, n_threads=1)
     yield e
     e.close()
 
 
 @pytest.fixture(scope="module")
-def three_lanes(smollm2):
-    e = Engine(smollm2, lanes=3, n_threads=1)
+def three_lanes(smollm2_shallow):
+    e = Engine(smollm2_shallow, lanes=3, n_threads=1)
     yield e
     e.close()
 
@@ -104,7 +109,7 @@ def test_lanes_give_the_same_bytes_as_one_context(one_lane, three_lanes, sts_sen
     prompts = _prompts(one_lane, sts_sentences[:6])
     prompts.append(Prompt(prompts[0].tokens, prompts[0].prefix, rows=(3, len(prompts[0].tokens))))
     assert three_lanes.lanes == 3 and three_lanes.model == three_lanes._lanes[2].model  # one model's weights
-    for layers in (None, [FINAL, 7]):
+    for layers in (None, [FINAL, 2]):
         want = one_lane.embed(prompts, layers=layers)
         got = three_lanes.embed(prompts, layers=layers)
         assert got.tobytes() == want.tobytes()
@@ -188,8 +193,8 @@ def test_lanes_are_for_the_one_at_a_time_mode():
 
 
 @pytest.mark.slow
-def test_long_prompts_are_decoded_in_chunks(smollm2):
-    e = Engine(smollm2, max_length=1500, n_batch=256)
+def test_long_prompts_are_decoded_in_chunks(smollm2_shallow):
+    e = Engine(smollm2_shallow, max_length=1500, n_batch=256)
     try:
         text = " ".join(["the quick brown fox jumps over the lazy dog"] * 100)
         t = load_templates("prompteol").templates[0]
@@ -198,7 +203,7 @@ def test_long_prompts_are_decoded_in_chunks(smollm2):
         chunked = e.embed([Prompt(tokens, e.tokenize(t.prefix))])[0]
         whole = e.embed([Prompt(tokens)])[0]
         cos = float(chunked @ whole / np.linalg.norm(chunked) / np.linalg.norm(whole))
-        assert cos >= 0.999
+        assert cos >= 0.99999  # as in test_prefix_sharing_changes_nothing (5 tokens fewer: 0.96)
         with pytest.raises(ValueError, match="exceeds max_length"):
             e.embed([Prompt(tokens * 2)])
     finally:
@@ -226,16 +231,17 @@ def test_impossible_layers_are_refused_with_the_range(bad):
 @pytest.mark.slow
 def test_several_layers_are_read_in_one_pass(engine, sts_sentences):
     prompts = _prompts(engine, sts_sentences[:2])
-    many = engine.embed(prompts, layers=[FINAL, 15, 30, 1])
+    n = engine.n_layer  # 4: the shallow copy
+    many = engine.embed(prompts, layers=[FINAL, 2, n, 1])
     assert many.shape == (4, 16, 576)
     assert np.array_equal(many[0], engine.embed(prompts))
-    assert np.array_equal(many[1], engine.embed(prompts, layers=[15])[0])
+    assert np.array_equal(many[1], engine.embed(prompts, layers=[2])[0])
     assert np.array_equal(many[3], engine.embed(prompts, layers=[1])[0])
-    # Block 30 is the last block's output before the final norm: same direction up to
+    # Block n is the last block's output before the final norm: same direction up to
     # the norm's per-dimension weight, so not the final vector.
     assert not np.allclose(many[2], many[0])
     with pytest.raises(ValueError, match="block number"):
-        engine.embed(prompts, layers=[31])
+        engine.embed(prompts, layers=[n + 1])
 
 
 def test_llama_cpp_errors_are_shown_and_warnings_are_not():

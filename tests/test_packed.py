@@ -58,15 +58,20 @@ def _prompts(engine: Engine, sentences: list[str], set_name: str = "metaeol") ->
     ]
 
 
+# Below, the packing's mechanics on the models' first 4 blocks (conftest's *_shallow copies, real llama.cpp models
+# at a fraction of the time): a vector's independence of its pack mates, layer reads and early exit, cache keys.
+# The full models' packed vectors are checked against the naive recipe above.
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("model_fixture", ["smollm2_shallow", "gemma3_shallow"])
 def test_a_packed_vector_does_not_depend_on_what_it_is_packed_with(request, model_fixture, sample):
     engine = Engine(request.getfixturevalue(model_fixture), mode="packed")
 
     def same(a: np.ndarray, b: np.ndarray) -> bool:
         # Bit for bit on smollm2-135m. Not on gemma3-270m: its vectors move in the 6th-7th
         # digit with the pack (cause not found: its sliding-window cache is the suspect).
-        if model_fixture == "smollm2":
+        if model_fixture == "smollm2_shallow":
             return np.array_equal(a, b)
         return bool(np.allclose(a, b, rtol=0, atol=1e-4) and cosine(a, b).min() >= 0.999999)
 
@@ -87,9 +92,9 @@ def test_a_packed_vector_does_not_depend_on_what_it_is_packed_with(request, mode
 
 
 @pytest.mark.slow
-def test_packing_without_alignment_makes_a_vector_depend_on_its_pack_mates(smollm2, sample):
+def test_packing_without_alignment_makes_a_vector_depend_on_its_pack_mates(smollm2_shallow, sample):
     """Why ``align`` exists: at align=1 the same prompt moves with what shares its decode."""
-    engine = Engine(smollm2, mode="packed", align=1)
+    engine = Engine(smollm2_shallow, mode="packed", align=1)
     try:
         prompts = _prompts(engine, sample[:2])
         full = engine.embed(prompts)
@@ -99,14 +104,14 @@ def test_packing_without_alignment_makes_a_vector_depend_on_its_pack_mates(smoll
 
 
 @pytest.mark.slow
-def test_any_layer_and_a_long_prompt_in_packed_mode(smollm2, sample):
-    packed, whole = Engine(smollm2, mode="packed", n_batch=64), Engine(smollm2)
+def test_any_layer_and_a_long_prompt_in_packed_mode(smollm2_shallow, sample):
+    packed, whole = Engine(smollm2_shallow, mode="packed", n_batch=64), Engine(smollm2_shallow)
     try:
         prompts = _prompts(packed, sample[:1])  # 8 prefixes
         template = load_templates("metaeol").templates[0]
         long = packed.tokenize(template.render(preprocess(" ".join(sample) * 2)))  # over a 64-token decode
         prompts.append(Prompt(long, prompts[0].prefix))
-        layers = [3, 17, FINAL]
+        layers = [1, 3, FINAL]
         got = packed.embed(prompts, layers=layers)
         want = whole.embed([Prompt(p.tokens) for p in prompts], layers=layers)
         assert got.shape == (3, len(prompts), 576)
@@ -117,20 +122,21 @@ def test_any_layer_and_a_long_prompt_in_packed_mode(smollm2, sample):
 
 
 @pytest.mark.slow
-def test_early_exit_and_a_list_of_layers_in_packed_mode(smollm2, sample):
+def test_early_exit_and_a_list_of_layers_in_packed_mode(smollm2_shallow, sample):
     sample = sample[-4:]  # two real sentences, the two-letter and the non-ASCII one
-    with MetaEOL(smollm2, "prompteol", engine_mode="packed", layer=3, cache=False) as early:
-        assert early.engine.n_layer == 3  # the truncated copy
+    with MetaEOL(smollm2_shallow, "prompteol", engine_mode="packed", layer=2, cache=False) as early:
+        assert early.engine.n_layer == 2  # the truncated copy
         a = early.encode(sample, show_progress_bar=False)
-    with MetaEOL(smollm2, "prompteol", engine_mode="packed", layer=[3, -1], cache=False) as both:
+    with MetaEOL(smollm2_shallow, "prompteol", engine_mode="packed", layer=[2, -1], cache=False) as both:
         low, top = both.encode(sample, show_progress_bar=False)
-    assert cosine(a, low).min() >= 0.9999
-    with MetaEOL(smollm2, "prompteol", engine_mode="packed", cache=False) as final:
+    assert np.array_equal(a, low)  # the cut is in the file; the blocks it keeps compute the same bits
+    with MetaEOL(smollm2_shallow, "prompteol", engine_mode="packed", cache=False) as final:
         assert np.array_equal(top, final.encode(sample, show_progress_bar=False))
 
 
 @pytest.mark.slow
-def test_the_two_modes_never_share_cache_entries(smollm2, sample, tmp_path):
+def test_the_two_modes_never_share_cache_entries(smollm2_shallow, sample, tmp_path):
+    smollm2 = smollm2_shallow
     sample = sample[:3]  # the keys are the subject: a few sentences show them
     cache = tmp_path / "c.sqlite3"
     with MetaEOL(smollm2, "prompteol", engine_mode="one-at-a-time", cache=cache) as one:

@@ -39,15 +39,19 @@ def test_one_shot_metaeol_asks_each_task_of_the_demonstration_first():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model_fixture, set_name",
-    [("smollm2", s) for s in [*SETS, "metaeol-icl"]] + [("gemma3", "pretcot"), ("gemma3", "ke")],
+    [("smollm2_shallow", s) for s in [*SETS, "metaeol-icl"]] + [("gemma3_shallow", s) for s in ("pretcot", "ke")],
 )
 def test_the_engine_agrees_with_the_naive_recipe(request, model_fixture, set_name, sts_sentences, naive_vectors):
     """Two sentences (the set is the subject; the sentences' edge cases are test_embedder.py's): a real one, and
-    one with quotes and no final stop. The recipe decodes each prompt whole, demonstrations and all."""
+    one with quotes and no final stop. The recipe decodes each prompt whole, demonstrations and all. On the models'
+    first 4 blocks (conftest's *_shallow): how a set's prompts are split into a shared start and their own tokens
+    is what can go wrong here, and it is the same at any depth; the full models: tests/test_embedder.py."""
     path = request.getfixturevalue(model_fixture)
     sentences = [sts_sentences[0], 'He said "hello" to me']
     expected = naive_vectors(path, set_name, sentences, per_template=True)
     with MetaEOL(path, templates=set_name, cache=False) as model:
         got = model.encode(sentences, per_template=True)
-    assert cosine(got, expected).min() >= 0.999
-    assert cosine(got.mean(axis=1), expected.mean(axis=1)).min() >= 0.999
+    # 1e-5: on 4 blocks the two sentences' vectors of one template are up to 0.9984 alike (measured), and the
+    # engine's differ from the recipe's by about 1e-7.
+    assert cosine(got, expected).min() >= 0.99999
+    assert cosine(got.mean(axis=1), expected.mean(axis=1)).min() >= 0.99999

@@ -21,6 +21,7 @@ hidden_states[:, -1]`` (left padding keeps the last token last).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from metaeol_edge.methods.layers import FINAL, check_resolved
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_PREFIXES = 256  # template starts whose keys and values are kept (``share_prefixes``)
+MAX_SHARED_ROWS = 64  # prompts in one forward of the shared path: MetaEOL.encode's 32 sentences fit in one
 
 
 def _imports():
@@ -66,6 +68,100 @@ def _silence_gguf_bar():
     return restore
 
 
+COPY_STAMP = "metaeol-copy.json"
+
+
+def torch_copy_path(path: Path, dtype: str) -> Path:
+    """Where the store keeps a GGUF file's PyTorch form in ``dtype`` (safetensors and tokenizer.json).
+
+    transformers reads a GGUF file by converting its tokenizer and dequantizing every tensor in Python, each time
+    a process starts (measured alone on 2 cores: 26 s for smollm2-135m, 0.3 s from a saved folder). So the first
+    load writes the folder, and later ones read it. Named by the file's SHA-256 (the pull's stamp where there is one),
+    as the store's other derived files are, so a changed file never reuses a stale copy."""
+    from metaeol_edge.models import digest, store
+
+    sha = store.stamped_sha256(path) or digest.sha256_file(path)
+    return store.store_dir() / "derived" / f"{path.stem}.{sha[:12]}.torch-{dtype}"
+
+
+def _copy_is_current(folder: Path, version: str) -> bool:
+    """Whether ``folder`` is a complete copy written by this transformers version (another may read it
+    differently: then it is written again)."""
+    import json
+
+    try:
+        stamp = json.loads((folder / COPY_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(stamp, dict) and stamp.get("transformers") == version
+
+
+PROBE = 'A man is "playing" a guitar.\n  Ünïcödé café, naïve façade\t東京 🙂 x1,000.5 -- <s> </s>'
+"""Text whose tokens a copy's tokenizer must give as the GGUF file's does (quotes, accents, CJK, emoji, spaces)."""
+
+
+def _write_copy(folder: Path, lm, tokenizer, version: str) -> None:
+    """Save ``lm`` and ``tokenizer`` (just read from a GGUF file) as ``folder``, checked: read back, every tensor
+    equals the loaded one bit for bit, a forward pass of :data:`PROBE` gives the same states bit for bit (the
+    config too), and the tokenizer the same tokens and special ids; or nothing is kept. Written beside and renamed
+    into place, so a crash leaves no half copy; any failure only means the next load converts again."""
+    import json
+    import tempfile
+
+    import torch
+    import transformers
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+    except OSError:  # a store that cannot be written: load from the GGUF file each time, as before
+        return
+    quantizer, config_quant = getattr(lm, "hf_quantizer", None), getattr(lm.config, "quantization_config", None)
+    try:
+        # The GGUF "quantization" is only how the file was read (its tensors are now plain): the folder is not.
+        lm.hf_quantizer = None
+        if config_quant is not None:
+            del lm.config.quantization_config
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=lm.dtype)
+        want, got = lm.state_dict(), back.state_dict()
+        if set(want) != set(got) or any(not want[k].equal(got[k]) for k in want):
+            return
+        back_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp)
+        for special in (True, False):
+            if (
+                back_tokenizer(PROBE, add_special_tokens=special)["input_ids"]
+                != tokenizer(PROBE, add_special_tokens=special)["input_ids"]
+            ):
+                return
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        if [getattr(back_tokenizer, k) for k in ids] != [getattr(tokenizer, k) for k in ids]:
+            return
+        with torch.inference_mode():
+            probe = torch.tensor([tokenizer(PROBE)["input_ids"]])
+            if not lm.get_decoder()(probe).last_hidden_state.equal(back.get_decoder()(probe).last_hidden_state):
+                return
+        del back
+        (tmp / COPY_STAMP).write_text(json.dumps({"transformers": version}), encoding="utf-8")
+        if _copy_is_current(folder, version):  # another process wrote it meanwhile, and may be reading it
+            return
+        # Another transformers version's copy, or a damaged one, is moved aside first: the name then holds a whole
+        # copy or nothing at every moment.
+        old = folder.with_name(f"{tmp.name}.old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception:  # noqa: BLE001 - disk full, a version that saves otherwise: no copy, the load goes on
+        return
+    finally:
+        lm.hf_quantizer = quantizer
+        if config_quant is not None:
+            lm.config.quantization_config = config_quant
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def default_device() -> str:
     torch, _ = _imports()
     if torch.cuda.is_available():
@@ -89,6 +185,7 @@ class TorchBackend(Backend):
         batch_size: int = 16,
         label: str | None = None,
         share_prefixes: bool = False,
+        shared_tokens: int = 2048,
     ) -> None:
         if share_prefixes and "torch" not in sys.modules:
             # The fast path (auto's on a CPU with AMX): PyTorch's OpenMP threads sleep when out of work
@@ -110,15 +207,24 @@ class TorchBackend(Backend):
         # reused by every prompt of the template, which then runs only its own tokens (right-padded, so no
         # real token sees a pad). Off by default: the reference runs the official recipe's batches.
         self.share_prefixes = share_prefixes
+        self.shared_tokens = shared_tokens
         self._prefixes: dict[tuple[int, ...], object] = {}
+        self._prefix_ids: dict[str, list[int]] = {}
         self.tokens_run = 0
         self._cache_arg = "past_key_values"
         label = label or os.fspath(model)
         path = Path(os.fspath(model)).expanduser()
         kwargs: dict[str, object] = {}
+        if not isinstance(shared_tokens, int) or isinstance(shared_tokens, bool) or shared_tokens < 1:
+            raise ValueError(f"shared_tokens must be a positive integer, not {shared_tokens!r}")
+        copy = None
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise MetaEOLError(f"model file {path} does not exist")
+            try:
+                copy = torch_copy_path(path, dtype)
+            except OSError:  # the file cannot be read whole: transformers says why below
+                copy = None
             source, kwargs["gguf_file"] = str(path.parent), path.name
         else:
             source = os.fspath(model)
@@ -130,8 +236,21 @@ class TorchBackend(Backend):
         log.set_verbosity_error()
         gguf_bar = _silence_gguf_bar()
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
-            lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+            lm = None
+            if copy is not None and _copy_is_current(copy, transformers.__version__):
+                try:
+                    self.tokenizer = transformers.AutoTokenizer.from_pretrained(copy)
+                    lm = transformers.AutoModelForCausalLM.from_pretrained(copy, dtype=getattr(torch, dtype))
+                    source = str(copy)
+                except Exception:  # noqa: BLE001 - a copy damaged since it was written is read again, never trusted
+                    lm = None
+                    shutil.rmtree(copy, ignore_errors=True)
+            if lm is None:
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+                lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+                if copy is not None:
+                    _write_copy(copy, lm, self.tokenizer, transformers.__version__)
+            self.loaded_from = source  # the GGUF file's folder, its PyTorch copy, a folder or a hub id
         except (OSError, ValueError) as exc:  # no such folder or hub id, no network, an unknown architecture
             raise MetaEOLError(f"transformers cannot load {label!r}: {exc}") from exc
         finally:
@@ -184,10 +303,7 @@ class TorchBackend(Backend):
         """(L, len(prompts), dim): each layer's read state of each prompt."""
         torch = self.torch
         captured: list = []
-        hook = None
-        if self.n_layer in layers:  # the last block's output before the final norm
-            block = self.model.layers[-1]
-            hook = block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+        hook = self._last_block_hook(captured) if self.n_layer in layers else None
         result = []
         try:
             with torch.inference_mode():
@@ -208,16 +324,8 @@ class TorchBackend(Backend):
                     finally:
                         for handle in rewrites:
                             handle.remove()
-                    per_layer = []
-                    for layer in layers:
-                        if layer == FINAL:
-                            h = hidden[-1]
-                        elif layer == self.n_layer:
-                            h = captured[-1]
-                        else:
-                            h = hidden[layer]
-                        per_layer.append(self._read(h, batch, width, lengths))
-                    result.append(np.stack(per_layer))
+                    states = [self._layer_state(hidden, captured, k) for k in layers]
+                    result.append(np.stack([self._read(h, batch, width, lengths) for h in states]))
                     if progress:
                         progress(len(batch))
         finally:
@@ -236,10 +344,7 @@ class TorchBackend(Backend):
         for i, p in enumerate(prompts):
             groups.setdefault(p.prefix, []).append(i)
         captured: list = []
-        hook = None
-        if self.n_layer in layers:
-            block = self.model.layers[-1]
-            hook = block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+        hook = self._last_block_hook(captured) if self.n_layer in layers else None
         pad = self.tokenizer.pad_token_id or 0
         try:
             with torch.inference_mode():
@@ -247,7 +352,7 @@ class TorchBackend(Backend):
                     # The shared start in tokens: the template prefix's tokens, as far as every prompt of the
                     # group begins with them (a word may tokenize across the boundary), leaving every prompt at
                     # least one token of its own. Keyed by the template, so the store stays one per template.
-                    start_tokens = self.tokenize(prefix) if prefix else []
+                    start_tokens = self._prefix_tokens(prefix)
                     n = min(len(start_tokens), *(len(tokens[i]) - 1 for i in idx))
                     for i in idx:
                         k = 0
@@ -264,8 +369,7 @@ class TorchBackend(Backend):
                         self._prefixes[key] = ran["cache"] if "cache" in ran else ran["past_key_values"]
                         self.tokens_run += n
                     idx = sorted(idx, key=lambda i: len(tokens[i]))
-                    for start in range(0, len(idx), self.batch_size):
-                        rows = idx[start : start + self.batch_size]
+                    for rows in self._token_batches(idx, [len(tokens[i]) - n for i in idx]):
                         own = [tokens[i][n:] for i in rows]
                         width = max(map(len, own))
                         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -288,10 +392,7 @@ class TorchBackend(Backend):
                         last = torch.tensor([len(t) - 1 for t in own], device=self.device)
                         arange = torch.arange(len(rows), device=self.device)
                         for li, layer in enumerate(layers):
-                            if layer == FINAL:
-                                h = hidden[-1]
-                            else:
-                                h = captured[-1] if layer == self.n_layer else hidden[layer]
+                            h = self._layer_state(hidden, captured, layer)
                             out[li, rows] = h[arange, last].float().cpu().numpy()
                         if progress:
                             progress(len(rows))
@@ -299,6 +400,47 @@ class TorchBackend(Backend):
             if hook is not None:
                 hook.remove()
         return out
+
+    def _token_batches(self, idx: list[int], lengths: list[int]) -> list[list[int]]:
+        """``idx`` (sorted by length, ``lengths`` their own tokens) cut into forwards of at most
+        ``shared_tokens`` padded tokens of their own and :data:`MAX_SHARED_ROWS` prompts: few big matmuls, which
+        is where the CPU's matrix units pay off, and bounded memory (each row also holds a copy of the shared
+        start's keys and values) whatever the batch of sentences."""
+        batches: list[list[int]] = []
+        rows: list[int] = []
+        for i, length in zip(idx, lengths, strict=True):
+            # Sorted: ``length`` is the width the batch would have with this prompt.
+            if rows and ((len(rows) + 1) * length > self.shared_tokens or len(rows) == MAX_SHARED_ROWS):
+                batches.append(rows)
+                rows = []
+            rows.append(i)
+        if rows:
+            batches.append(rows)
+        return batches
+
+    def _last_block_hook(self, captured: list):
+        """A forward hook that appends the last block's output (before the final norm) to ``captured``: the
+        read of layer ``n_layer``, which Hugging Face's ``hidden_states`` only gives after the norm."""
+        block = self.model.layers[-1]
+        return block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+
+    def _layer_state(self, hidden, captured: list, layer: int):
+        """One layer's (B, width, dim) states of the last forward: ``FINAL`` after the final norm, ``n_layer``
+        from the hook, any other block's output from ``hidden_states``."""
+        if layer == FINAL:
+            return hidden[-1]
+        return captured[-1] if layer == self.n_layer else hidden[layer]
+
+    def _prefix_tokens(self, prefix: str) -> list[int]:
+        """A template start's tokens, tokenized once per template (the store keeps at most MAX_PREFIXES)."""
+        if not prefix:
+            return []
+        got = self._prefix_ids.get(prefix)
+        if got is None:
+            if len(self._prefix_ids) >= MAX_PREFIXES:
+                self._prefix_ids.pop(next(iter(self._prefix_ids)))
+            got = self._prefix_ids[prefix] = self.tokenize(prefix)
+        return got
 
     def _rewrite_hooks(self, batch: list[Prompt], width: int, lengths: list[int]) -> list:
         """Token Prepending: pre-hooks that overwrite each placeholder's row with its prompt's last row."""

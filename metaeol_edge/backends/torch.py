@@ -80,8 +80,8 @@ def torch_copy_path(path: Path, dtype: str) -> Path:
     as the store's other derived files are, so a changed file never reuses a stale copy."""
     from metaeol_edge.models import digest, store
 
-    sha = store.stamped_sha256(path) or digest.sha256_file(path)
-    return store.store_dir() / "derived" / f"{path.stem}.{sha[:12]}.torch-{dtype}"
+    sha = digest.fingerprint(path, store.stamped_sha256(path))
+    return store.derived_path(path, sha, f"torch-{dtype}").with_suffix("")  # a folder, not a .gguf file
 
 
 def _copy_is_current(folder: Path, version: str) -> bool:

@@ -173,7 +173,8 @@ RECIPE_EXTRA = (
 @pytest.fixture(scope="session")
 def recipe_sentences(sts_sentences) -> list[str]:
     """What the engine is checked on against the naive official recipe (tests/test_embedder.py,
-    tests/test_packed.py): one real sentence and the edge cases. The 8-template sets take the first two."""
+    tests/test_packed.py): one real sentence and the edge cases. The 8-template sets take the question alone (8
+    prompts; PromptEOL takes them all)."""
     return [sts_sentences[0], *RECIPE_EXTRA]
 
 
@@ -182,6 +183,12 @@ NAIVE_THREADS = 1
 step's barrier; on a machine with other work, that took 5.5 s for one 15-token PromptEOL prompt of smollm2-135m
 where one thread takes 0.12 s. The vectors do not depend on it (the comparisons are to 0.999 in cosine)."""
 
+NAIVE_LANES = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+"""One-thread recipes run side by side, each on its share of the templates (or of the sentences), as the engine's
+lanes do: every core busy without threads that wait for each other (a lane beside other work slows alone). The
+recipe is the suite's slowest yardstick: 2 of MetaEOL's sentences on smollm2-135m took 12.8 s with one thread and
+6.7 s with two."""
+
 
 @pytest.fixture(scope="session")
 def naive_vectors():
@@ -189,15 +196,47 @@ def naive_vectors():
     (:class:`metaeol_edge.naive.NaiveRecipe`: one ``Llama.embed`` per filled-in template, no cache), each
     (model, template set, sentence) computed once per session. The recipe decodes every prompt whole, about
     20 times the engine's time, and several files check the engine against it on the same sentences."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
     from metaeol_edge.naive import NaiveRecipe
+    from metaeol_edge.prompts import load_templates
 
     done: dict[tuple[str, str, str], np.ndarray] = {}
 
     def vectors(path, templates: str, sentences, per_template: bool = False) -> np.ndarray:
         missing = list(dict.fromkeys(s for s in sentences if (str(path), templates, s) not in done))
         if missing:
-            with NaiveRecipe(path, templates, n_threads=NAIVE_THREADS) as naive:
-                per = naive.encode(missing, per_template=True, show_progress_bar=False)
+            full = load_templates(templates)
+            # The lanes share the templates (MetaEOL's 8), else the sentences (PromptEOL's one template).
+            lanes = NAIVE_LANES if len(full) >= NAIVE_LANES else min(NAIVE_LANES, len(missing))
+            by_template = len(full) >= lanes
+            jobs = []
+            for k in range(lanes):
+                ts = dataclasses.replace(full, templates=full.templates[k::lanes]) if by_template else full
+                jobs.append((ts, missing if by_template else missing[k::lanes]))
+            # Loaded one after the other (loading patches llama.cpp's model parameters), then run at once:
+            # llama-cpp-python lets go of the GIL while llama.cpp decodes.
+            recipes = [NaiveRecipe(path, ts, n_threads=NAIVE_THREADS) for ts, _ in jobs]
+            try:
+                for recipe in recipes:
+                    assert recipe.backend is not None  # loaded here, not in the threads
+                with ThreadPoolExecutor(len(jobs)) as pool:
+                    parts = list(
+                        pool.map(
+                            lambda job: job[0].encode(job[1], per_template=True, show_progress_bar=False),
+                            [(recipe, share) for recipe, (_, share) in zip(recipes, jobs, strict=True)],
+                        )
+                    )
+            finally:
+                for recipe in recipes:
+                    recipe.close()
+            per = np.empty((len(missing), len(full), parts[0].shape[-1]), dtype=np.float32)
+            for k, part in enumerate(parts):
+                if by_template:
+                    per[:, k::lanes] = part
+                else:
+                    per[k::lanes] = part
             done.update({(str(path), templates, s): v for s, v in zip(missing, per, strict=True)})
         per = np.stack([done[str(path), templates, s] for s in sentences])
         return per if per_template else per.mean(axis=1)

@@ -88,6 +88,96 @@ def test_only_new_tokens_are_decoded(smollm2_shallow, sts_sentences):
     assert spent < 0.5 * total  # the instruction is most of each prompt
 
 
+def _own_store(engine: Engine, limit: int | None = None):
+    from metaeol_edge.backends.snapshots import PrefixSnapshots
+
+    store = PrefixSnapshots() if limit is None else PrefixSnapshots(limit=limit)
+    for lane in engine._lanes:
+        lane._snapshots = store
+    return store
+
+
+def _own_tokens(engine: Engine, prompts) -> int:
+    return sum(len(p.tokens) - engine._shared(p.tokens, tuple(p.prefix), len(p.tokens) - 1) for p in prompts)
+
+
+@pytest.mark.slow
+def test_a_prefix_is_decoded_once_then_copied_in_with_the_same_bytes(smollm2_shallow, sts_sentences, monkeypatch):
+    """Each template's prefix is decoded once and its KV cells saved; later loads, in any lane, copy them into the
+    empty cache, and every vector is what a context that decodes each prefix gives, bit for bit."""
+    decoding = Engine(smollm2_shallow, lanes=1, n_threads=1)
+    _own_store(decoding, limit=0)  # keeps nothing: every load decodes
+    copying = Engine(smollm2_shallow, lanes=2, n_threads=1)
+    store = _own_store(copying)
+    try:
+        prompts = _prompts(copying, sts_sentences[30:33])
+        want = [decoding.embed(prompts), decoding.embed(prompts[::-1], layers=[FINAL, 2])]
+        assert decoding.prefixes_restored == 0 and len(decoding._snapshots) == 0
+        first = copying.embed(prompts)
+        assert len(store) == 8  # MetaEOL's 8 prefixes
+        before, restored = copying.tokens_decoded, copying.prefixes_restored
+        again = copying.embed(prompts[::-1], layers=[FINAL, 2])
+        # The second call decodes only the prompts' own tokens: every prefix it loads is copied in (a lane may
+        # already hold the first one it needs).
+        assert copying.tokens_decoded - before == _own_tokens(copying, prompts)
+        assert copying.prefixes_restored - restored >= 8 - copying.lanes
+        assert first.tobytes() == want[0].tobytes() and again.tobytes() == want[1].tobytes()
+        # A saved state llama.cpp refuses is dropped, and the prefix decoded as before.
+        monkeypatch.setattr(copying._lc, "llama_state_seq_set_data", lambda *args: 0)
+        copying._prefix = copying._lanes[1]._prefix = ()
+        assert copying.embed(prompts).tobytes() == want[0].tobytes()
+    finally:
+        decoding.close()
+        copying.close()
+
+
+@pytest.mark.slow
+def test_engines_on_the_same_file_and_settings_share_saved_prefixes(smollm2_shallow, sts_sentences):
+    """The store is the process's: a second engine on the file (MetaEOL made again) decodes no prefix; other
+    KV settings are other cells, and decode their own."""
+    from metaeol_edge.backends.snapshots import state_key
+
+    first = Engine(smollm2_shallow, lanes=1)
+    store = _own_store(first)
+    prompts = _prompts(first, sts_sentences[40:41])
+    want = first.embed(prompts)
+    first.close()
+    second, other = Engine(smollm2_shallow, lanes=1), Engine(smollm2_shallow, lanes=1, kv_f32=False)
+    try:
+        for engine in (second, other):
+            engine._snapshots = store
+        assert second._state_key == first._state_key != other._state_key
+        assert second.embed(prompts).tobytes() == want.tobytes()
+        assert second.tokens_decoded == _own_tokens(second, prompts) and second.prefixes_restored == 8
+        other.embed(prompts)
+        assert other.prefixes_restored == 0 and len(store) == 16
+        assert state_key(smollm2_shallow, a=1) != state_key(smollm2_shallow, a=2)
+    finally:
+        second.close()
+        other.close()
+
+
+def test_saved_prefixes_keep_to_their_byte_limit():
+    import ctypes
+
+    from metaeol_edge.backends.snapshots import PrefixSnapshots
+
+    store = PrefixSnapshots(limit=100)  # keys are (state key, prefix) in the engine; any hashable here
+    blob = lambda n: (ctypes.c_uint8 * n)()  # noqa: E731
+    store.put((1,), blob(40))
+    store.put((2,), blob(40))
+    assert store.get((1,)) is not None  # now the most recently used
+    store.put((3,), blob(40))  # over 100 bytes: the least recently used, (2,), goes
+    assert store.get((2,)) is None and store.get((1,)) is not None and store.get((3,)) is not None
+    assert store.nbytes == 80 and len(store) == 2
+    store.put((4,), blob(101))  # bigger than the whole limit: not kept, nothing dropped for it
+    assert store.get((4,)) is None and len(store) == 2
+    store.put((1,), blob(10))  # replaced, counted once
+    assert store.nbytes == 50
+    store.drop((3,))
+    assert store.nbytes == 10 and len(store) == 1
+
+
 @pytest.fixture(scope="module")
 def one_lane(smollm2_shallow):
     e = Engine(smollm2_shallow, lanes=1, n_threads=1)

@@ -67,6 +67,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metaeol_edge.backends import snapshots
+from metaeol_edge.backends.snapshots import PrefixSnapshots, state_key
 from metaeol_edge.backends.tensors import GGML_TYPE_F32, RESULT_NORM, _Ggml, _tensor_name, copy_row
 from metaeol_edge.errors import ModelError
 from metaeol_edge.llamacpp import _llama, default_threads, init_backend, model_params
@@ -235,6 +237,16 @@ class Engine:
         self._loaded: dict[tuple[int, ...], int] = {}
         self._work_start = 0
         self._decoded = 0  # every token this context decoded, pads included
+        # One-at-a-time: template prefixes decoded once, then copied in (the process's store, shared with the
+        # lanes and with other engines on this file and these settings).
+        self._snapshots: PrefixSnapshots = snapshots.SHARED if _shared is None else _shared._snapshots
+        if _shared is None:
+            self._state_key = state_key(
+                self.model_path, kv_f32=kv_f32, n_batch=self.n_batch, n_ctx=self.n_ctx, gpu=n_gpu_layers, mode=mode
+            )
+        else:
+            self._state_key = _shared._state_key
+        self._restored = 0  # prefixes this context copied in instead of decoding
         self._lanes: list[Engine] = [self]
         try:
             for _ in range(lanes - 1):
@@ -263,6 +275,11 @@ class Engine:
     def tokens_decoded(self) -> int:
         """Every token decoded by this engine's contexts, pads included."""
         return sum(lane._decoded for lane in self._lanes)
+
+    @property
+    def prefixes_restored(self) -> int:
+        """Template prefixes this engine's contexts copied from a saved state instead of decoding."""
+        return sum(lane._restored for lane in self._lanes)
 
     # -- tokens -------------------------------------------------------------
 
@@ -541,10 +558,27 @@ class Engine:
             return
         self._lc.llama_memory_clear(self.mem, False)
         self._prefix = ()
+        if not prefix:
+            return
+        key = (self._state_key, prefix)
+        saved = self._snapshots.get(key)
+        if saved is not None:
+            # Into the empty cache, the saved cells land where a decode puts them, with its bytes.
+            if self._lc.llama_state_seq_set_data(self.ctx, saved, ctypes.sizeof(saved), PREFIX_SEQ):
+                self._restored += 1
+                self._prefix = prefix
+                return
+            self._snapshots.drop(key)  # not this context's shape after all: decode it
+            self._lc.llama_memory_clear(self.mem, False)
         # The last token is an output only so the batch has one; its row is dropped.
         for start in range(0, len(prefix), self.n_batch):
             self._decode(PREFIX_SEQ, start, prefix[start : start + self.n_batch], read=None, last=False)
         self._prefix = prefix
+        size = self._lc.llama_state_seq_get_size(self.ctx, PREFIX_SEQ)
+        if 0 < size <= self._snapshots.limit:
+            data = (ctypes.c_uint8 * size)()
+            if self._lc.llama_state_seq_get_data(self.ctx, data, size, PREFIX_SEQ) == size:
+                self._snapshots.put(key, data)
 
     def _shared(self, tokens: Sequence[int], prefix: Sequence[int], start_row: int) -> int:
         """How many of a prompt's first tokens come from its template prefix's sequence.

@@ -429,7 +429,37 @@ def page_presets() -> str:
         "Every row of these runs (each template set at each layer and pair of layers, with each lever) is in "
         "`benchmarks/results/quality.md`, written by `benchmarks/quality.py` from the same file.",
     ]
+    lines += shorter_vectors()
     return "\n".join(lines) + "\n"
+
+
+def shorter_vectors() -> list[str]:
+    """STS-B at the first K coordinates of the whitened presets (benchmarks/dimensions.py)."""
+    if not (RESULTS / "dimensions.json").is_file():
+        return []
+    data = load("dimensions.json")
+    keys = list(dict.fromkeys((r["model"], r["preset"]) for r in data["rows"]))
+    dims = sorted({r["dims"] for r in data["rows"]})
+    by = {(r["model"], r["preset"], r["dims"]): r for r in data["rows"]}
+    body = [[f"{m}, `{p}`", *[cell(by[(m, p, k)]["stsb"]) if (m, p, k) in by else "-" for k in dims]] for m, p in keys]
+    wider = sorted({r["fit_source"] for r in data["rows"] if r["fit_source"] != "shipped"})
+    widths = {r["model"]: r["width"] for r in data["rows"] if "width" in r}
+    cut_text = "widths: " + ", ".join(f"{m} {w}" for m, w in widths.items()) if widths else ""
+    lines = [
+        "",
+        "## Shorter vectors",
+        "",
+        f"Spearman x100 on all {data['pairs']:,} STS-B test pairs, keeping the first K whitened coordinates "
+        "(`truncate_dim=K`, `--dim K`, a request's `dimensions`). Up to the shipped fit's width (`whiten:128`) "
+        "the rows are the product path with the shipped fit. Wider columns cut a fit that whitens every "
+        "dimension, made as the shipped one is"
+        + (f" ({'; '.join(wider)})" if wider else "")
+        + " and not shipped"
+        + (f" ({cut_text})" if cut_text else "")
+        + ".",
+        "",
+    ]
+    return lines + table(["model, preset", *[f"K = {k}" for k in dims]], body, 1) + made_by(data["command"])
 
 
 def accuracy_table(name: str, methods: tuple[str, ...] | None = None) -> list[str]:
@@ -788,6 +818,8 @@ def page_speed() -> str:
             f"made by `{EARLY_EXIT}`.",
         ]
 
+    lines += small_calls()
+
     data = load("checks.json")
     s, w = data["start_s"], data["warm_run_s"]
     body = [
@@ -810,6 +842,36 @@ def page_speed() -> str:
     lines += ["", "## What the integrity checks cost", "", f"Start times: the best of {data['repeats']} starts.", ""]
     lines += table(["what", "without the check", "with it"], body, 3) + made_by(command_of("checks.json", data))
     return "\n".join(lines) + "\n"
+
+
+def small_calls() -> list[str]:
+    """Calls of a few sentences with the prefixes' saved states, against decoding them (benchmarks/calls.py)."""
+    if not (RESULTS / "calls.json").is_file():
+        return []
+    data = load("calls.json")
+    saved = [r for r in data["rows"] if r["prefixes"] == "saved"]
+    decoded = {r["sentences_per_call"]: r for r in data["rows"] if r["prefixes"] == "decoded"}
+    body = [
+        [
+            f"{r['model']}, {r['templates']}, {r['level']}, {r['lanes']} lanes",
+            str(r["sentences_per_call"]),
+            cell(decoded[r["sentences_per_call"]]["ms_per_call"], ".1f"),
+            cell(r["ms_per_call"], ".1f"),
+            f"{r['speedup']:.2f}x",
+        ]
+        for r in saved
+    ]
+    lines = [
+        "",
+        "## Small calls",
+        "",
+        f"The llama.cpp engine, {saved[0]['calls']} calls of each size on seeded random STS-B test sentences, each "
+        "call run both ways back to back in one process, with the same vectors bit for bit: template prefixes "
+        "decoded at every load (before), and copied in from their saved KV cells.",
+        "",
+    ]
+    head = ["engine", "sentences a call", "ms a call, prefixes decoded", "ms a call, prefixes copied in", "speedup"]
+    return lines + table(head, body, 2) + made_by(data["command"])
 
 
 def page_scale() -> str:

@@ -50,6 +50,7 @@ class EmbedConfig:
     layer: Any = None  # a layer, or a tuple of them
     early_exit: bool = True
     postprocess: bool | None = None
+    truncate_dim: int | None = None  # the first K of whitened vectors
     preprocess: bool = True
     # length
     max_length: int = 512

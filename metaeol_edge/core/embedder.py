@@ -78,6 +78,7 @@ class Embedder:
         truncate: bool = True,
         cache: EmbeddingCache | None = None,
         cache_dtype: str = "float32",
+        truncate_dim: int | None = None,
     ) -> None:
         if cache_dtype not in ("float32", "float16"):
             raise ValueError("cache_dtype must be 'float32' or 'float16'")
@@ -95,6 +96,7 @@ class Embedder:
         self.cache = cache
         self._owns_cache = True  # False for a cache the caller opened and passed in: the caller closes it
         self.cache_dtype = cache_dtype
+        self.truncate_dim = truncate_dim  # checked by check_truncate_dim once the fits are known
         self.units = method.units()
         self._backend: Backend | None = None
         # One lock for the backend (llama.cpp contexts are not thread-safe) and lazy state.
@@ -116,9 +118,28 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        """The width of the vectors ``encode`` returns (a ``whiten:K`` post-processing makes it K)."""
+        """The width of the vectors ``encode`` returns (a ``whiten:K`` post-processing makes it K, and
+        ``truncate_dim`` shorter still)."""
+        return self.truncate_dim or self.full_dim
+
+    @property
+    def full_dim(self) -> int:
+        """The width before ``truncate_dim``: the model's, or its post-processing's."""
         fits = self._postprocess_fits()
         return fits[0].out_dim if fits else self._dim
+
+    def fit_kinds(self) -> list[str] | None:
+        """Each layer's post-processing (``whiten:128``...), or None for raw vectors."""
+        fits = self._postprocess_fits()
+        return [f.kind for f in fits] if fits else None
+
+    def check_truncate_dim(self, k: object, name: str = "truncate_dim") -> int | None:
+        """``k`` (None: no cut) if this configuration's vectors can be cut to their first k coordinates: a
+        whitened configuration (a whitened preset, or a whiten fit), or k the full width. Else a ValueError
+        that says why (:func:`metaeol_edge.core.postprocess.check_prefix`)."""
+        if k is None:
+            return None
+        return pp.check_prefix(k, self.full_dim, self.fit_kinds(), name)
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.dim
@@ -160,18 +181,23 @@ class Embedder:
         per_template: bool = False,
         stats: EncodeStats | None = None,
         truncate: bool | None = None,
+        truncate_dim: int | None = None,
     ) -> np.ndarray | list[np.ndarray]:
         """Embed sentences; float32 array (N, dim), or (N, T, dim) with ``per_template=True``.
 
         A single string gives a single vector, as in sentence-transformers. With
         a list of layers, a list of such arrays, one per layer. Built on
         :meth:`encode_batches`: the only array of the input's size is the result.
+        ``truncate_dim`` keeps the first K coordinates of whitened vectors, for
+        this call (the object's own ``truncate_dim`` otherwise).
         """
         if isinstance(sentences, bytes | bytearray):
             raise InputError("sentences must be str, not bytes: decode them first (e.g. data.decode('utf-8'))")
         single = isinstance(sentences, str)
         items: Sequence[str] = [sentences] if single else list(sentences)  # type: ignore[list-item]
-        shape = (len(items), len(self.units), self._dim) if per_template else (len(items), self.dim)
+        k = self.check_truncate_dim(self.truncate_dim if truncate_dim is None else truncate_dim)
+        width = self._dim if per_template else (k or self.full_dim)
+        shape = (len(items), len(self.units), width) if per_template else (len(items), width)
         results = [np.empty(shape, dtype=np.float32) for _ in self.layers]
         done = 0
         for batch in self.encode_batches(
@@ -182,6 +208,7 @@ class Embedder:
             per_template=per_template,
             stats=stats,
             truncate=truncate,
+            truncate_dim=k,
         ):
             per_layer = batch if self._multi else [batch]
             n = len(per_layer[0])
@@ -201,6 +228,7 @@ class Embedder:
         stats: EncodeStats | None = None,
         total: int | None = None,
         truncate: bool | None = None,
+        truncate_dim: int | None = None,
     ) -> Iterator[np.ndarray | list[np.ndarray]]:
         """Yield each sentence's vector (a list of them, one per layer, for several layers), in order.
 
@@ -208,7 +236,15 @@ class Embedder:
         consumed ``batch_size`` at a time, and memory stays bounded by that.
         """
         for batch in self.encode_batches(
-            sentences, batch_size, normalize_embeddings, show_progress_bar, per_template, stats, total, truncate
+            sentences,
+            batch_size,
+            normalize_embeddings,
+            show_progress_bar,
+            per_template,
+            stats,
+            total,
+            truncate,
+            truncate_dim=truncate_dim,
         ):
             if self._multi:
                 yield from (list(rows) for rows in zip(*batch, strict=True))
@@ -228,6 +264,7 @@ class Embedder:
         *,
         raw: bool = False,
         start: int = 0,
+        truncate_dim: int | None = None,
     ) -> Iterator[np.ndarray | list[np.ndarray]]:
         """Yield the vectors of each batch of ``batch_size`` sentences, in order.
 
@@ -237,6 +274,8 @@ class Embedder:
         object's setting for this call (a server's per-request choice).
         ``start``: the index of the first sentence in a bigger input (a shard of
         a bulk job), so that errors and truncation records name the input's row.
+        ``truncate_dim``: the first K coordinates of whitened vectors (default:
+        the object's ``truncate_dim``), cut before normalizing.
         """
         if isinstance(sentences, str | bytes | bytearray):
             raise InputError("give an iterable of sentences, not a single string or bytes object")
@@ -245,6 +284,9 @@ class Embedder:
         fits = None if raw else self._postprocess_fits()
         if fits is not None and per_template:
             raise ValueError("post-processing applies to the averaged vector; per_template vectors are raw")
+        keep = None if raw else self.check_truncate_dim(self.truncate_dim if truncate_dim is None else truncate_dim)
+        if keep is not None and keep < self.full_dim and per_template:
+            raise ValueError("truncate_dim applies to the averaged, whitened vector; per_template vectors are raw")
         if total is None and hasattr(sentences, "__len__"):
             total = len(sentences)  # type: ignore[arg-type]
         if show_progress_bar is None:
@@ -261,6 +303,8 @@ class Embedder:
                     result = states[:, li] if per_template else self.method.combine(states[:, li])
                     if fits is not None:
                         result = fits[li].apply(result)
+                    if keep is not None and keep < result.shape[-1] and not per_template:
+                        result = result[..., :keep]
                     if normalize_embeddings:
                         norms = np.linalg.norm(result, axis=-1, keepdims=True)
                         result = result / np.maximum(norms, 1e-12)
@@ -462,7 +506,10 @@ class MetaEOL(Embedder):
     the default, means ``$METAEOL_BACKEND``, else ``auto``: llama.cpp, or
     PyTorch in bfloat16 on a CPU with AMX tiles, :mod:`metaeol_edge.backends.choice`),
     with ``backend_options`` for it. ``resolved_config`` is the configuration
-    with the backend ``auto`` chose.
+    with the backend ``auto`` chose. ``truncate_dim`` keeps the first K
+    coordinates of whitened vectors (a whitened preset, or a ``whiten`` fit):
+    whitening sorts them by variance, so they are a shorter embedding of the
+    same space; elsewhere it is refused, saying why.
     """
 
     def __init__(
@@ -488,6 +535,7 @@ class MetaEOL(Embedder):
         postprocess: bool | None = None,
         verbose: bool = False,
         level: str | None = None,
+        truncate_dim: int | None = None,
     ) -> None:
         # 0.2's keywords, kept: they build the one configuration (tests check that the two agree).
         self._build(EmbedConfig.of(**{k: v for k, v in locals().items() if k not in ("self", "__class__")}))
@@ -583,8 +631,15 @@ class MetaEOL(Embedder):
             truncate=truncate,
             cache=opened,
             cache_dtype=cache_dtype,
+            truncate_dim=settings["truncate_dim"],
         )
         self._owns_cache = not isinstance(cache, EmbeddingCache)
+        if self.truncate_dim is not None:
+            try:  # refused now, not at the first encode (the fits are small files)
+                self.check_truncate_dim(self.truncate_dim)
+            except BaseException:
+                self.close()
+                raise
 
     # -- the model -----------------------------------------------------------------
 

@@ -75,6 +75,43 @@ class Postprocess:
         return out.astype(np.float32, copy=False)
 
 
+def check_prefix(k: object, width: int, kinds: list[str] | None, name: str = "truncate_dim") -> int:
+    """``k`` if the first k coordinates of vectors ``width`` wide, post-processed by ``kinds`` (one per layer;
+    None: raw), are a shorter embedding of the same space; else a ``ValueError`` that says why.
+
+    Whitening is a rotation onto the principal axes sorted by variance, scaled: its first k coordinates are the k
+    directions that carry most of the corpus's variance (PCA truncation), so a prefix keeps what matters most.
+    A raw, centred, standardized or abtt vector has its coordinates in the model's own order, where the first k
+    are any k. The full width is always allowed: nothing is cut."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"{name} must be a positive integer, not {k!r}")
+    if k > width:
+        raise ValueError(f"{name} {k} is over the vectors' width of {width}")
+    if k == width:
+        return k
+    plain = sorted({kind for kind in kinds or [None] if kind is None or parse_kind(kind)[0] != "whiten"}, key=str)
+    if plain:
+        what = ", ".join("raw (not post-processed)" if kind is None else f"{kind}-post-processed" for kind in plain)
+        raise ValueError(
+            f"{name} {k} needs whitened vectors, and these are {what}: whitening sorts the coordinates by variance, "
+            f"so its first {k} are a shorter embedding of the same space, and the first {k} coordinates of these "
+            "vectors are not. Use a whitened preset (`metaeol presets`: quality, metaeol-icl), or fit one with "
+            "`metaeol fit-postprocess --kind whiten:K`"
+        )
+    return k
+
+
+def shorten(vectors: np.ndarray, k: int, normalize: bool = False) -> np.ndarray:
+    """The first ``k`` coordinates of (whitened) vectors, L2-normalized again if they were: a server's answer
+    to a request's ``dimensions`` (checked first with :func:`check_prefix`)."""
+    if k >= vectors.shape[-1]:
+        return vectors
+    out = vectors[..., :k]
+    if normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 def fit(vectors: np.ndarray, kind: str = "standardize") -> Postprocess:
     """Fit on (N, dim) vectors. ``whiten`` needs more sentences than dimensions to be stable."""
     family, k = parse_kind(kind)

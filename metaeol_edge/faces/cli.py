@@ -118,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--postprocess", action="store_true", help="apply the per-dimension fit stored by fit-postprocess"
         )
+        sp.add_argument(
+            "--dim",
+            type=int,
+            default=None,
+            metavar="K",
+            help="keep the first K dimensions of whitened vectors (a whitened preset such as quality, or a whiten "
+            "fit): whitening sorts them by variance; refused where the first K mean nothing",
+        )
         sp.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a Metal/CUDA GPU")
         sp.add_argument(
             "--engine-mode",
@@ -424,6 +432,7 @@ def _config(args: argparse.Namespace) -> EmbedConfig:
         layer=[x.strip() for x in args.layer.split(",")] if args.layer and "," in args.layer else args.layer,
         early_exit=not args.no_early_exit,
         postprocess=args.postprocess or None,
+        truncate_dim=getattr(args, "dim", None),
     )
 
 

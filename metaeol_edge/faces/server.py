@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from metaeol_edge.core.embedder import EncodeStats, MetaEOL, Truncation
+from metaeol_edge.core.postprocess import check_prefix, shorten
 from metaeol_edge.errors import InputError, MetaEOLError
 from metaeol_edge.faces import web
 from metaeol_edge.faces.api import ApiError, Limits, _kind, _timeout, parse_inputs, parse_json, read_body  # noqa: F401 - 0.2 names
@@ -99,6 +100,7 @@ class ModelWorker:
         # Computed once, here, at start-up: served on the event loop, they must neither wait for the
         # model's lock (held by a batch) nor hash a model file (--no-cache and a path: no memo).
         self.dim = model.dim
+        self.fit_kinds = model.fit_kinds()  # what a request's 'dimensions' may cut (whitened vectors only)
         self.tags = {
             "name": name,
             "model": name,
@@ -441,6 +443,18 @@ def create_app(
             raise ApiError(400, "'truncate' must be true or false", param="truncate")
         return truncate
 
+    def dimensions_field(data: dict[str, object], worker: ModelWorker) -> int | None:
+        """A request's ``dimensions`` (OpenAI's, and Ollama's): the first K of whitened vectors, a shorter
+        embedding of the same space; other vectors refuse, saying why (:func:`check_prefix`). Checked from what
+        the worker knew at start-up: a request never waits for the model's lock to be told no."""
+        dims = data.get("dimensions")
+        if dims is None:
+            return None
+        try:
+            return check_prefix(dims, worker.dim, worker.fit_kinds, "'dimensions'")
+        except ValueError as exc:
+            raise ApiError(400, f"{exc} ({worker.name})", param="dimensions") from exc
+
     async def run(worker: ModelWorker, sentences: list[str], truncate: bool, request: Request) -> Result:
         deadline = time.monotonic() + limits.timeout_s
         client = request.client.host if request.client else "-"
@@ -472,18 +486,16 @@ def create_app(
         fmt = data.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise ApiError(400, f"'encoding_format' must be 'float' or 'base64', not {fmt!r}", param="encoding_format")
-        dims = data.get("dimensions")
-        if dims is not None and (isinstance(dims, bool) or dims != worker.dim):
-            raise ApiError(400, f"'dimensions' can only be {worker.dim} for {worker.name}, its width: "
-                           "this model's vectors cannot be shortened", param="dimensions")  # fmt: skip
+        dims = dimensions_field(data, worker)
         if "user" in data and not isinstance(data["user"], str):
             raise ApiError(400, "'user' must be a string", param="user")
         result = await run(worker, sentences, truncate_field(data, worker), request)
+        vectors = result.vectors if dims is None else shorten(result.vectors, dims, worker.normalize)
         encode = encode_base64 if fmt == "base64" else (lambda v: v.tolist())
         truncated, headers = result.truncation()
         body = {
             "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
             "model": worker.name,
             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
             "truncated": truncated,
@@ -504,14 +516,16 @@ def create_app(
         worker = pick(data)
         sentences = parse_inputs(data, limits)
         truncate = truncate_field(data, worker)
+        dims = dimensions_field(data, worker)
         # keep_alive and options are accepted as Ollama takes them; neither changes an embedding here.
         if not isinstance(data.get("options") or {}, dict):
             raise ApiError(400, "'options' must be an object", param="options")
         result = await run(worker, sentences, truncate, request)
+        vectors = result.vectors if dims is None else shorten(result.vectors, dims, worker.normalize)
         truncated, headers = result.truncation()
         body = {
             "model": worker.name,
-            "embeddings": result.vectors.tolist(),
+            "embeddings": vectors.tolist(),
             "total_duration": time.perf_counter_ns() - t0,
             "load_duration": 0,
             "prompt_eval_count": result.tokens,

@@ -4,10 +4,11 @@
 
 A one-sentence MetaEOL call is 8 prompts whose template prefixes (~60 tokens each) are most of its tokens. The
 engine decodes each prefix once and copies its KV cells in after (:mod:`metaeol_edge.backends.snapshots`). In one
-process, on seeded random STS-B test sentences, the same engine runs each call twice, back to back: with the saved
-prefixes, and with a store that keeps nothing (every prefix load decodes, as before it). Calls of 1 and 4
-sentences, the vectors of the two compared bit for bit. The engine as a laptop without AMX runs it: llama.cpp,
-level auto, its default lanes. Rows go to ``benchmarks/results/calls.json``; ``benchmarks/pages.py`` renders them.
+process, on seeded random STS-B test sentences, the same engine runs each call twice, back to back (each way first
+in every other call): with the saved prefixes, and with a store that keeps nothing (every prefix load decodes, as
+before it). Calls of 1 and 4 sentences, the vectors of the two compared bit for bit. The engine as a laptop
+without AMX runs it: llama.cpp, level auto, its default lanes. Rows go to ``benchmarks/results/calls.json``;
+``benchmarks/pages.py`` renders them.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         model.encode(rng.sample(pool, 2), show_progress_bar=False)  # load, and save the prefixes
         for size in sizes:
             seconds = {"saved": 0.0, "decoded": 0.0}
-            for _ in range(args.calls):
+            ways = [("saved", saved), ("decoded", nothing)]
+            for call in range(args.calls):
                 sentences = rng.sample(pool, size)
                 got = {}
-                for way, store in (("saved", saved), ("decoded", nothing)):
+                for way, store in ways if call % 2 == 0 else ways[::-1]:  # each way first in half the calls
                     use_store(model, store)
                     t0 = time.perf_counter()
                     got[way] = model.encode(sentences, show_progress_bar=False)

@@ -866,7 +866,8 @@ def small_calls() -> list[str]:
         "## Small calls",
         "",
         f"The llama.cpp engine, {saved[0]['calls']} calls of each size on seeded random STS-B test sentences, each "
-        "call run both ways back to back in one process, with the same vectors bit for bit: template prefixes "
+        "call run both ways back to back in one process (each way first in every other call), with the same vectors "
+        "bit for bit: template prefixes "
         "decoded at every load (before), and copied in from their saved KV cells.",
         "",
     ]

@@ -217,8 +217,10 @@ def naive_vectors():
                 jobs.append((ts, missing if by_template else missing[k::lanes]))
             # Loaded one after the other (loading patches llama.cpp's model parameters), then run at once:
             # llama-cpp-python lets go of the GIL while llama.cpp decodes.
-            recipes = [NaiveRecipe(path, ts, n_threads=NAIVE_THREADS) for ts, _ in jobs]
+            recipes = []
             try:
+                for ts, _ in jobs:
+                    recipes.append(NaiveRecipe(path, ts, n_threads=NAIVE_THREADS))
                 for recipe in recipes:
                     assert recipe.backend is not None  # loaded here, not in the threads
                 with ThreadPoolExecutor(len(jobs)) as pool:

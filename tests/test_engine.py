@@ -102,12 +102,15 @@ def _own_tokens(engine: Engine, prompts) -> int:
 
 
 @pytest.mark.slow
-def test_a_prefix_is_decoded_once_then_copied_in_with_the_same_bytes(smollm2_shallow, sts_sentences, monkeypatch):
+@pytest.mark.parametrize("shallow", ["smollm2_shallow", "gemma3_shallow"])
+def test_a_prefix_is_decoded_once_then_copied_in_with_the_same_bytes(request, shallow, sts_sentences, monkeypatch):
     """Each template's prefix is decoded once and its KV cells saved; later loads, in any lane, copy them into the
-    empty cache, and every vector is what a context that decodes each prefix gives, bit for bit."""
-    decoding = Engine(smollm2_shallow, lanes=1, n_threads=1)
+    empty cache, and every vector is what a context that decodes each prefix gives, bit for bit. gemma3's
+    sliding-window blocks keep their cells in a second cache, which the saved state carries too."""
+    path = request.getfixturevalue(shallow)
+    decoding = Engine(path, lanes=1, n_threads=1)
     _own_store(decoding, limit=0)  # keeps nothing: every load decodes
-    copying = Engine(smollm2_shallow, lanes=2, n_threads=1)
+    copying = Engine(path, lanes=2, n_threads=1)
     store = _own_store(copying)
     try:
         prompts = _prompts(copying, sts_sentences[30:33])
@@ -122,10 +125,14 @@ def test_a_prefix_is_decoded_once_then_copied_in_with_the_same_bytes(smollm2_sha
         assert copying.tokens_decoded - before == _own_tokens(copying, prompts)
         assert copying.prefixes_restored - restored >= 8 - copying.lanes
         assert first.tobytes() == want[0].tobytes() and again.tobytes() == want[1].tobytes()
-        # A saved state llama.cpp refuses is dropped, and the prefix decoded as before.
+        # A saved state llama.cpp refuses is dropped, and the prefix decoded as before (then saved again).
         monkeypatch.setattr(copying._lc, "llama_state_seq_set_data", lambda *args: 0)
         copying._prefix = copying._lanes[1]._prefix = ()
+        before, restored = copying.tokens_decoded, copying.prefixes_restored
         assert copying.embed(prompts).tobytes() == want[0].tobytes()
+        prefixes = sum(len(p) for p in {tuple(p.prefix) for p in prompts})
+        assert copying.prefixes_restored == restored and len(store) == 8
+        assert copying.tokens_decoded - before >= _own_tokens(copying, prompts) + prefixes
     finally:
         decoding.close()
         copying.close()

@@ -28,9 +28,11 @@ recently used go first past this."""
 
 def state_key(model_path: Path, **settings: object) -> tuple:
     """What a prefix's saved cells belong to: the model file as it is now (a file written again at the same
-    path is another file) and the settings that shape its decode (KV type, batch, context, GPU layers)."""
+    path is another file: another inode or change time, even where a copy keeps the modification time) and the
+    settings that shape its decode (KV type, batch, context, GPU layers, mode)."""
     stat = model_path.stat()
-    return (str(model_path.resolve()), stat.st_size, stat.st_mtime_ns, *sorted(settings.items()))
+    file = (str(model_path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return (*file, *sorted(settings.items()))
 
 
 class PrefixSnapshots:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def _read_gguf_once():
 
     return restore
 
+
+_LOADING = threading.Lock()
 
 COPY_STAMP = "metaeol-copy.json"
 
@@ -262,35 +265,39 @@ class TorchBackend(Backend):
             source = os.fspath(model)
         # Quiet while loading: transformers draws progress bars for the GGUF dequantization and warns about
         # float32 kernels for packed weights (these are dequantized to plain tensors), on the default path too.
-        log = transformers.utils.logging
-        bars, level = log.is_progress_bar_enabled(), log.get_verbosity()
-        log.disable_progress_bar()
-        log.set_verbosity_error()
-        gguf_bar, gguf_reader = _silence_gguf_bar(), _read_gguf_once()
-        try:
-            lm = None
-            if copy is not None and _copy_is_current(copy, transformers.__version__):
-                try:
-                    self.tokenizer = transformers.AutoTokenizer.from_pretrained(copy)
-                    lm = transformers.AutoModelForCausalLM.from_pretrained(copy, dtype=getattr(torch, dtype))
-                    source = str(copy)
-                except Exception:  # noqa: BLE001 - a copy damaged since it was written is read again, never trusted
-                    lm = None
-                    shutil.rmtree(copy, ignore_errors=True)
-            if lm is None:
-                self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
-                lm = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
-                if copy is not None:
-                    _write_copy(copy, lm, self.tokenizer, transformers.__version__)
-            self.loaded_from = source  # the GGUF file's folder, its PyTorch copy, a folder or a hub id
-        except (OSError, ValueError) as exc:  # no such folder or hub id, no network, an unknown architecture
-            raise MetaEOLError(f"transformers cannot load {label!r}: {exc}") from exc
-        finally:
-            gguf_bar()
-            gguf_reader()
-            log.set_verbosity(level)
-            if bars:
-                log.enable_progress_bar()
+        # One load at a time: the switches below are the process's (transformers' logging, gguf's reader), and
+        # two loads at once (a server's models, each on its worker's thread) would put back each other's.
+        with _LOADING:
+            log = transformers.utils.logging
+            bars, level = log.is_progress_bar_enabled(), log.get_verbosity()
+            log.disable_progress_bar()
+            log.set_verbosity_error()
+            gguf_bar, gguf_reader = _silence_gguf_bar(), _read_gguf_once()
+            try:
+                lm = None
+                if copy is not None and _copy_is_current(copy, transformers.__version__):
+                    try:
+                        self.tokenizer = transformers.AutoTokenizer.from_pretrained(copy)
+                        lm = transformers.AutoModelForCausalLM.from_pretrained(copy, dtype=getattr(torch, dtype))
+                        source = str(copy)
+                    except Exception:  # noqa: BLE001 - a copy damaged since it was written: read again, never trusted
+                        lm = None
+                        shutil.rmtree(copy, ignore_errors=True)
+                if lm is None:
+                    self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+                    auto = transformers.AutoModelForCausalLM
+                    lm = auto.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+                    if copy is not None:
+                        _write_copy(copy, lm, self.tokenizer, transformers.__version__)
+                self.loaded_from = source  # the GGUF file's folder, its PyTorch copy, a folder or a hub id
+            except (OSError, ValueError) as exc:  # no such folder or hub id, no network, an unknown architecture
+                raise MetaEOLError(f"transformers cannot load {label!r}: {exc}") from exc
+            finally:
+                gguf_bar()
+                gguf_reader()
+                log.set_verbosity(level)
+                if bars:
+                    log.enable_progress_bar()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -929,6 +929,8 @@ def cmd_cache_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_postprocess(args: argparse.Namespace) -> int:
+    if args.dim is not None:
+        raise InputError("--dim cuts the vectors a whitening fit makes; fit first, then embed with --postprocess --dim")
     sentences = read_sentences(args.input, args.format, args.text_column)
     args.postprocess = False
     with _model(args) as model:

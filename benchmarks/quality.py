@@ -292,7 +292,8 @@ def parse_layer_name(name: str) -> tuple[int, ...]:
 
 
 def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[dict]:
-    choices = dev_choices(previous, model_name(args.model))
+    model_id = model_name(args.model)
+    choices = dev_choices(previous, model_id)
     rows = []
     fits = {"generic": fit_corpus("generic", root, args.fit_sentences, exclude)}
     in_domain = [t for t in args.tasks if t in IN_DOMAIN and not args.generic_only]
@@ -321,14 +322,14 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
                 if fit_on == "in-domain" and task not in in_domain:
                     continue
                 corpus = None if fit_on == "none" else fits["generic" if fit_on == "generic" else task]
-                where = row_dir(args.save_dir, model_name(args.model), templates, layer_name(option), lever, fit_on)
-                fits_dir = row_dir(args.save_fits, model_name(args.model), templates, layer_name(option), lever, fit_on)
+                where = row_dir(args.save_dir, model_id, templates, layer_name(option), lever, fit_on)
+                fits_dir = row_dir(args.save_fits, model_id, templates, layer_name(option), lever, fit_on)
                 try:
                     s = score(data, vec, option, lever, corpus, where and where / task, fits_dir)
                 except ValueError as exc:  # e.g. whitening with fewer sentences than dimensions
                     print(f"  skipped {lever} fitted on {fit_on} for {task}: {exc}", file=sys.stderr)
                     continue
-                row = result_row(model_name(args.model), templates, option, lever, fit_on, "test", data, s, corpus)
+                row = result_row(model_id, templates, option, lever, fit_on, "test", data, s, corpus)
                 rows.append(row | {"dev_choice": chosen})
                 print(f"{templates:>24} {task:>6} {layer_name(option):>8} {lever:>11} {fit_on:>9} {s:6.2f}")
     return rows

@@ -20,11 +20,12 @@ hidden_states[:, -1]`` (left padding keeps the last token last).
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,54 +52,46 @@ def _imports():
     return torch, transformers
 
 
-def _silence_gguf_bar():
-    """Hide the bar transformers draws with plain tqdm (not its own switch) while it dequantizes a GGUF
-    file; returns what puts it back. Where that module or name is gone, nothing changes."""
+def _swap(module_name: str, name: str, replacement: Callable[[object], object]) -> Callable[[], None]:
+    """Set ``module.name`` to ``replacement(original)`` for the length of a load; returns what puts the original
+    back. Where that module or name is gone (another version of the library), nothing changes."""
     try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        module = importlib.import_module(module_name)
     except ImportError:
         return lambda: None
-    bar = getattr(gguf_utils, "tqdm", None)
-    if bar is None:
+    original = getattr(module, name, None)
+    if original is None:
         return lambda: None
-    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
-
-    def restore() -> None:
-        gguf_utils.tqdm = bar
-
-    return restore
+    setattr(module, name, replacement(original))
+    return lambda: setattr(module, name, original)
 
 
-def _read_gguf_once():
-    """Parse each GGUF file once while transformers loads it; returns what puts the reader back.
+def _silence_gguf_bar() -> Callable[[], None]:
+    """Hide the bar transformers draws with plain tqdm (not its own switch) while it dequantizes a GGUF file."""
+    return _swap("transformers.modeling_gguf_pytorch_utils", "tqdm", lambda bar: lambda iterable, *a, **k: iterable)
+
+
+def _read_gguf_once() -> Callable[[], None]:
+    """Parse each GGUF file once while transformers loads it.
 
     transformers opens the file three times (the config, the tokenizer, the tensors), and ``gguf``'s reader builds
     every metadata string through numpy views: smollm2-135m's 49,152-token vocabulary and its merges took 6.4 s a
     parse on 2 cores (cProfile, tests/test_backend_choice.py's conversion). The reader is read-only, so the three
-    loads can share one. transformers imports ``GGUFReader`` from ``gguf`` at each call, which is what this swaps;
-    where ``gguf`` is missing, nothing changes and transformers says so."""
-    try:
-        import gguf
-    except ImportError:
-        return lambda: None
-    reader = getattr(gguf, "GGUFReader", None)
-    if reader is None:
-        return lambda: None
-    opened: dict[tuple[str, str], object] = {}
+    loads can share one. transformers imports ``GGUFReader`` from ``gguf`` at each call, which is what this swaps
+    (the memo goes with the swap when the load ends)."""
 
-    def once(path, mode="r"):
-        key = (os.fspath(path), mode)
-        if key not in opened:
-            opened[key] = reader(path, mode)
-        return opened[key]
+    def memoized(reader):
+        opened: dict[tuple[str, str], object] = {}
 
-    gguf.GGUFReader = once
+        def once(path, mode="r"):
+            key = (os.fspath(path), mode)
+            if key not in opened:
+                opened[key] = reader(path, mode)
+            return opened[key]
 
-    def restore() -> None:
-        gguf.GGUFReader = reader
-        opened.clear()
+        return once
 
-    return restore
+    return _swap("gguf", "GGUFReader", memoized)
 
 
 _LOADING = threading.Lock()

@@ -6,7 +6,13 @@
     python benchmarks/quality.py ship --preset quality --model smollm2-135m
 
 A template set may carry Token Prepending: ``prompteol+tp:1:4`` rewrites blocks
-1..3. ``dev`` scores every (template set, layer or pair of layers, lever) on the dev
+1..3. Issue 33's lever 2 has two forms: ``prompteol~cp-aux:0.5`` subtracts half of
+the auxiliary set's states from the main set's at each layer read (after the
+pass, on the engine's vectors), and ``prompteol+cp:4:0.5`` runs Contrastive
+Prompting as its authors do, steering block 4's attention values inside the pass
+(``_steering.py``, PyTorch; ``prompteol+pt`` is the same PyTorch pass unsteered).
+
+``dev`` scores every (template set, layer or pair of layers, lever) on the dev
 data (a seeded sample of STS-B dev pairs) and names the best; ``test`` scores on
 the full test sets a fixed list of rows (the final layer with each lever) plus
 the dev choice of each template set, and never chooses anything itself;
@@ -148,6 +154,41 @@ class Vectors:
         return np.mean([p / np.linalg.norm(p, axis=1).mean() for p in parts], axis=0).astype(np.float32)
 
 
+class Contrast:
+    """Lever 2 of issue 33, read after the pass: a main set's state minus ``alpha`` times an auxiliary set's
+    (``prompteol-icl-music~cp-aux:0.5``), at the same layer, each read as ``Vectors`` reads a set.
+
+    Contrastive Prompting (arXiv 2505.12831) subtracts inside the forward pass, at one block's attention
+    values, and reads a later layer; this is the subtraction on the states a layer already gives, which the
+    engine can do with no change to its graph."""
+
+    def __init__(self, model: str, spec: str, layers: list[int], batch_size: int, threads: int | None) -> None:
+        main, _, rest = spec.partition("~")
+        aux, _, alpha = rest.partition(":")
+        self.spec = spec
+        self.alpha = float(alpha or 1.0)
+        self.main = Vectors(model, main, layers, batch_size, threads)
+        self.aux = Vectors(model, aux, layers, batch_size, threads)
+        self.layers = self.main.layers
+
+    def need(self, sentences: list[str], label: str) -> None:
+        self.main.need(sentences, label)
+        self.aux.need(sentences, label)
+
+    def get(self, sentences: list[str], option: tuple[int, ...]) -> np.ndarray:
+        return (self.main.get(sentences, option) - self.alpha * self.aux.get(sentences, option)).astype(np.float32)
+
+
+def vectors_for(model: str, spec: str, layers: list[int], batch_size: int, threads: int | None):
+    """What reads a spec: ``a~b:alpha`` a :class:`Contrast`, ``a+cp:ACT:COEFF`` Contrastive Prompting steered
+    inside the forward pass (``_steering.py``, PyTorch), anything else :class:`Vectors`."""
+    if "+cp:" in spec or spec.endswith("+pt"):
+        from _steering import SteeredVectors
+
+        return SteeredVectors(model, spec, layers, batch_size, threads)
+    return (Contrast if "~" in spec else Vectors)(model, spec, layers, batch_size, threads)
+
+
 def parse_spec(spec: str) -> tuple[TemplateSet, TokenPrepending | None]:
     """``prompteol`` -> the template set; ``ke&prompteol-icl-music`` -> both sets' templates, averaged
     (their cache entries are each set's own); ``prompteol+tp:1:4`` -> Token Prepending over it, blocks 1..3."""
@@ -237,7 +278,7 @@ def run_dev(args, root: Path, exclude: set[str]) -> list[dict]:
         corpora["in-domain"] = fit_corpus("stsb", root, args.fit_sentences, exclude)
     rows = []
     for templates in args.templates:
-        vec = Vectors(args.model, templates, args.layers, args.batch_size, args.threads)
+        vec = vectors_for(args.model, templates, args.layers, args.batch_size, args.threads)
         vec.need(dev.sentences(), "STS-B dev")
         for name, corpus in corpora.items():
             vec.need(corpus, f"the {name} corpus")
@@ -303,7 +344,7 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
         # Read every layer a dev choice names too (a pair such as 28+24), in the same pass.
         named = [x for layer, _, _ in choices.get(templates, []) for x in parse_layer_name(layer)]
         layers = list(dict.fromkeys(args.layers + named))
-        vec = Vectors(args.model, templates, layers, args.batch_size, args.threads)
+        vec = vectors_for(args.model, templates, layers, args.batch_size, args.threads)
         for name, corpus in fits.items():
             vec.need(corpus, f"the {name} fitting corpus")
         # (layers, lever, fit, dev choice or None): the final layer with every lever, and the dev choices.
@@ -364,15 +405,12 @@ def run_speed(args, root: Path) -> list[dict]:
     rows = []
     for templates in args.templates:
         for layer in args.speed_layers:
-            names, method = parse_spec(templates)
-            model = MetaEOL(
-                args.model, templates=names, method=method, layer=layer, cache=False, n_threads=args.threads
-            )
-            model.encode(sample[:4], show_progress_bar=False)  # load, and warm the template prefixes
+            run, close = speed_reader(args, templates, layer)
+            run(sample[:4])  # load, and warm the template prefixes
             t0 = time.perf_counter()
-            model.encode(sample, batch_size=args.batch_size, show_progress_bar=False)
+            run(sample)
             rate = len(sample) / (time.perf_counter() - t0)
-            model.close()
+            close()
             name = layer_name((layer,))
             rows.append(
                 dict(
@@ -391,6 +429,20 @@ def run_speed(args, root: Path) -> list[dict]:
             )
             print(f"{templates:>24} layer {name:>6}: {rate:.2f} sentences/s")
     return rows
+
+
+def speed_reader(args, spec: str, layer: int):
+    """(encode these sentences, close) for one spec at one layer, cache off, as its rows are read: a contrast
+    encodes both sets (their union's cost), a steered spec runs both PyTorch passes."""
+    if "+cp:" in spec or spec.endswith("+pt"):
+        steered = vectors_for(args.model, spec, [layer], args.batch_size, args.threads)
+        return steered.encode, lambda: None
+    if "~" in spec:
+        main, _, rest = spec.partition("~")
+        spec = main + "&" + rest.partition(":")[0]
+    names, method = parse_spec(spec)
+    model = MetaEOL(args.model, templates=names, method=method, layer=layer, cache=False, n_threads=args.threads)
+    return (lambda s: model.encode(s, batch_size=args.batch_size, show_progress_bar=False)), model.close
 
 
 # -- reports ---------------------------------------------------------------------------------

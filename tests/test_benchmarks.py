@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, cosine
+from metaeol_edge.prompts import preprocess
 from test_evaluation import _hashed_bag_of_words
 
+from metaeol_edge import MetaEOL
 from metaeol_edge.evaluation import load_sts, load_transfer, run_sts, run_transfer
 
 
@@ -180,3 +182,47 @@ def test_retrieval_benchmark_writes_its_rows_on_the_fake_backend(tmp_path, fake_
     assert all(r["chunks"] == 4 and r["chunks_per_s"] > 0 for r in report["throughput"])
     assert report["reindex"]["files"] == report["reindex"]["unchanged"] == 12  # every file seen, none changed
     assert report["reindex"]["embedded"] == 0
+
+
+@pytest.mark.slow
+def test_quality_reads_a_contrast_as_one_sets_vectors_minus_anothers(smollm2_shallow):
+    """Issue 33's lever 2 after the pass: ``a~b:alpha`` is a's vectors minus alpha times b's, each as the engine
+    gives them, at every layer read."""
+    quality = _load_script("quality.py")
+    sentences = ["A man is playing a flute.", 'He said "hello" to me']
+    contrast = quality.vectors_for(str(smollm2_shallow), "prompteol~cp-aux:0.5", [-1, 2], 8, 1)
+    contrast.need(sentences, "two sentences")
+    with MetaEOL(smollm2_shallow, templates="prompteol", layer=[-1, 2], cache=False, n_threads=1) as model:
+        main = model.encode(sentences)
+    with MetaEOL(smollm2_shallow, templates="cp-aux", layer=[-1, 2], cache=False, n_threads=1) as model:
+        aux = model.encode(sentences)
+    for i, layer in enumerate([-1, 2]):
+        np.testing.assert_allclose(contrast.get(sentences, (layer,)), main[i] - 0.5 * aux[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_quality_steers_contrastive_prompting_inside_the_pass_at_one_block(smollm2):
+    """``a+cp:ACT:COEFF`` (benchmarks/_steering.py, the authors' ``scaled`` plan at the attention output's input):
+    with nothing subtracted and a coefficient of 1 it reads PyTorch's vectors, which agree with the engine's and
+    with ``a+pt``'s; steering leaves every state below block ACT's output as it was and moves the ones from it
+    on."""
+    pytest.importorskip("torch")
+    quality = _load_script("quality.py")
+    sentences = ["A man is playing a flute.", 'He said "hello" to me']
+    layers = [-1, 4, 5]  # hidden_states[4] is block 4's input (0-based), hidden_states[5] its output
+    steered = quality.vectors_for(str(smollm2), "prompteol+cp:4:0.5", layers, 8, None)
+    texts = [steered.templates[0].render(s) for s in (preprocess(t) for t in sentences)]
+    steered.coeff = 1.0  # C = 1 and B = 0 below: A is left as it was
+    plain = steered._steered(texts, 0.0 * steered._values_of_aux(texts))
+    with MetaEOL(smollm2, templates="prompteol", layer=layers, cache=False, n_threads=1) as model:
+        engine = model.encode(sentences)
+    for got, want in zip(plain, engine, strict=True):
+        assert cosine(got, want).min() >= 0.999  # Q4_1 dequantized to float32 in PyTorch, against llama.cpp
+    # ``+pt``, the steered rows' baseline, is the same pass with no hook.
+    unsteered = quality.vectors_for(str(smollm2), "prompteol+pt", layers, 8, None).encode(sentences)
+    for got, want in zip(unsteered, plain, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    steered.coeff = 0.5
+    moved = steered.encode(sentences)
+    assert np.allclose(moved[1], plain[1], atol=1e-5)  # block 4's input: before the steered projection
+    assert cosine(moved[2], plain[2]).max() < 0.9999 and cosine(moved[0], plain[0]).max() < 0.99999

@@ -8,9 +8,11 @@ from metaeol_edge.prompts import load_templates
 from metaeol_edge import MetaEOL
 
 SETS = ["pretcot", "ke", "prompteol-icl-smoking", "prompteol-icl-music", "prompteol-icl-equestrian"]
+# Issue 33: CK's two prompts each with the demonstration, and Contrastive Prompting's auxiliary prompt.
+ISSUE_33 = ["pretcot-icl-music", "ke-icl-music", "cp-aux"]
 
 
-@pytest.mark.parametrize("set_name", SETS)
+@pytest.mark.parametrize("set_name", SETS + ISSUE_33)
 def test_each_set_is_one_template_ending_in_one_word(set_name):
     templates = load_templates(set_name)
     assert len(templates) == 1
@@ -19,6 +21,18 @@ def test_each_set_is_one_template_ending_in_one_word(set_name):
     # A demonstration sits in the shared prefix, so a one-shot prompt costs about what PromptEOL does.
     if "icl" in set_name:
         assert 'means in one word:"' in templates.templates[0].prefix
+
+
+@pytest.mark.parametrize("plain_name", ["pretcot", "ke"])
+def test_ck_with_a_demonstration_asks_its_own_question_of_the_demonstration_first(plain_name):
+    """As metaeol-icl does: the instruction once, the prompt's question asked of prompteol-icl-music's sentence
+    with that set's answer, then of the input."""
+    plain = load_templates(plain_name).templates[0].text
+    icl = load_templates(f"{plain_name}-icl-music").templates[0].text
+    music = load_templates("prompteol-icl-music").templates[0].text
+    head, _, query = plain.partition('this sentence : "*sent 0*"')
+    demo = music[: music.index('"Music"') + len('"Music"')].removeprefix("This sentence : ")
+    assert icl == f'{head}this sentence : {demo}. This sentence : "*sent 0*"{query}'
 
 
 def test_one_shot_metaeol_asks_each_task_of_the_demonstration_first():
@@ -39,7 +53,8 @@ def test_one_shot_metaeol_asks_each_task_of_the_demonstration_first():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model_fixture, set_name",
-    [("smollm2_shallow", s) for s in [*SETS, "metaeol-icl"]] + [("gemma3_shallow", s) for s in ("pretcot", "ke")],
+    [("smollm2_shallow", s) for s in [*SETS, "metaeol-icl", "ke-icl-music"]]
+    + [("gemma3_shallow", s) for s in ("pretcot", "ke")],
 )
 def test_the_engine_agrees_with_the_naive_recipe(request, model_fixture, set_name, sts_sentences, naive_vectors):
     """Two sentences (the set is the subject; the sentences' edge cases are test_embedder.py's): a real one, and

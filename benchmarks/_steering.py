@@ -18,9 +18,8 @@ method when dev says it is worth one.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
+from _vectors import Store
 from metaeol_edge.prompts import load_templates, preprocess
 
 from metaeol_edge.backends.torch import TorchBackend
@@ -33,8 +32,8 @@ class _Stop(Exception):
     """Raised by the capture hook: nothing above the steered block is needed from the auxiliary pass."""
 
 
-class SteeredVectors:
-    """``quality.Vectors``'s interface for a spec ``TEMPLATES+cp:ACT:COEFF`` (``ke&pretcot+cp:4:0.5``), or
+class SteeredVectors(Store):
+    """A reader (:class:`_vectors.Store`) for a spec ``TEMPLATES+cp:ACT:COEFF`` (``ke&pretcot+cp:4:0.5``), or
     ``TEMPLATES+pt``: the same PyTorch passes with no steering, the baseline each steered row is measured
     against (the engine's vectors differ from these by the dequantization's rounding)."""
 
@@ -61,9 +60,8 @@ class SteeredVectors:
             raise SystemExit(f"{spec}: the steered block must be 0..{n_layer - 1}")
         self.layers = list(layers)
         self.batch_size = batch_size
-        self.rows: dict[str, int] = {}
-        self.data = [np.empty((0, self.backend.dim), np.float32) for _ in self.layers]
-        self.prompts_run = 0
+        self.note = " (PyTorch)" if self.act is None else " (PyTorch, steered)"
+        self.start(self.backend.dim)
 
     # -- the two passes ------------------------------------------------------------------------
 
@@ -120,10 +118,9 @@ class SteeredVectors:
         for layer in self.layers:
             h = hidden[-1] if layer == -1 else captured[-1] if layer == self.backend.n_layer else hidden[layer]
             reads.append(h[:, -1, :].float().numpy())
-        self.prompts_run += len(texts)
         return reads
 
-    def encode(self, sentences: list[str]) -> list[np.ndarray]:
+    def read(self, sentences: list[str]) -> list[np.ndarray]:
         """Each layer's (n, dim) vectors: the mean over the templates of each steered prompt's read."""
         clean = [preprocess(s.strip()) for s in sentences]
         n_t = len(self.templates)
@@ -136,24 +133,3 @@ class SteeredVectors:
                 for li, r in enumerate(reads):
                     per_layer[li][i : i + len(chunk)] += r / n_t
         return per_layer
-
-    # -- quality.Vectors's interface -----------------------------------------------------------
-
-    def need(self, sentences: list[str], label: str) -> None:
-        todo = [s for s in dict.fromkeys(sentences) if s not in self.rows]
-        if not todo:
-            return
-        how = "PyTorch" if self.act is None else "PyTorch, steered"
-        print(f"  {self.spec}: {len(todo)} sentences of {label} ({how})", file=sys.stderr, flush=True)
-        new = self.encode(todo)
-        start = len(self.rows)
-        for i, s in enumerate(todo):
-            self.rows[s] = start + i
-        self.data = [np.concatenate([old, part]) for old, part in zip(self.data, new, strict=True)]
-
-    def get(self, sentences: list[str], option: tuple[int, ...]) -> np.ndarray:
-        idx = np.array([self.rows[s] for s in sentences])
-        parts = [self.data[self.layers.index(layer)][idx] for layer in option]
-        if len(parts) == 1:
-            return parts[0]
-        return np.mean([p / np.linalg.norm(p, axis=1).mean() for p in parts], axis=0).astype(np.float32)

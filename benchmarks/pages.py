@@ -338,6 +338,7 @@ def page_presets() -> str:
             "raw",
             "none",
         ),
+        ("`ke-icl-music` (its dev choice: raw)", "qwen2.5-coder-1.5b", "ke-icl-music", "28", "raw", "none"),
     ]
     body = []
     used: list[str] = []

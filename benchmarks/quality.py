@@ -60,6 +60,7 @@ from metaeol_edge.methods import TokenPrepending
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import cell, table  # noqa: E402
+from _vectors import Store  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -121,7 +122,7 @@ def dev_data(root: Path, pairs: int) -> STSData:
 # -- vectors ---------------------------------------------------------------------------------
 
 
-class Vectors:
+class Vectors(Store):
     """One template set's vectors at several layers, read in one pass and kept by sentence."""
 
     def __init__(self, model: str, spec: str, layers: list[int], batch_size: int, threads: int | None) -> None:
@@ -130,28 +131,10 @@ class Vectors:
         self.spec = spec
         self.layers = list(self.embedder.layers)
         self.batch_size = batch_size
-        self.rows: dict[str, int] = {}
-        self.data = [np.empty((0, self.embedder.dim), np.float32) for _ in self.layers]
+        self.start(self.embedder.dim)
 
-    def need(self, sentences: list[str], label: str) -> None:
-        todo = [s for s in dict.fromkeys(sentences) if s not in self.rows]
-        if not todo:
-            return
-        print(f"  {self.spec}: {len(todo)} sentences of {label}", file=sys.stderr, flush=True)
-        per_layer = self.embedder.encode(todo, batch_size=self.batch_size, show_progress_bar=True)
-        start = len(self.rows)
-        for i, s in enumerate(todo):
-            self.rows[s] = start + i
-        self.data = [np.concatenate([old, new]) for old, new in zip(self.data, per_layer, strict=True)]
-
-    def get(self, sentences: list[str], option: tuple[int, ...]) -> np.ndarray:
-        """Vectors at one layer, or the mean of several layers' vectors (each scaled to unit mean norm)."""
-        idx = np.array([self.rows[s] for s in sentences])
-        parts = [self.data[self.layers.index(layer)][idx] for layer in option]
-        if len(parts) == 1:
-            return parts[0]
-        # Layers differ in scale (the final one is normed): weigh each equally.
-        return np.mean([p / np.linalg.norm(p, axis=1).mean() for p in parts], axis=0).astype(np.float32)
+    def read(self, sentences: list[str]) -> list[np.ndarray]:
+        return self.embedder.encode(sentences, batch_size=self.batch_size, show_progress_bar=True)
 
 
 class Contrast:
@@ -436,7 +419,7 @@ def speed_reader(args, spec: str, layer: int):
     encodes both sets (their union's cost), a steered spec runs both PyTorch passes."""
     if "+cp:" in spec or spec.endswith("+pt"):
         steered = vectors_for(args.model, spec, [layer], args.batch_size, args.threads)
-        return steered.encode, lambda: None
+        return steered.read, lambda: None
     if "~" in spec:
         main, _, rest = spec.partition("~")
         spec = main + "&" + rest.partition(":")[0]

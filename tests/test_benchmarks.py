@@ -219,10 +219,10 @@ def test_quality_steers_contrastive_prompting_inside_the_pass_at_one_block(smoll
     for got, want in zip(plain, engine, strict=True):
         assert cosine(got, want).min() >= 0.999  # Q4_1 dequantized to float32 in PyTorch, against llama.cpp
     # ``+pt``, the steered rows' baseline, is the same pass with no hook.
-    unsteered = quality.vectors_for(str(smollm2), "prompteol+pt", layers, 8, None).encode(sentences)
+    unsteered = quality.vectors_for(str(smollm2), "prompteol+pt", layers, 8, None).read(sentences)
     for got, want in zip(unsteered, plain, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     steered.coeff = 0.5
-    moved = steered.encode(sentences)
+    moved = steered.read(sentences)
     assert np.allclose(moved[1], plain[1], atol=1e-5)  # block 4's input: before the steered projection
     assert cosine(moved[2], plain[2]).max() < 0.9999 and cosine(moved[0], plain[0]).max() < 0.99999

@@ -1,0 +1,43 @@
+"""The vectors a quality run has read, kept by sentence, for benchmarks/quality.py and its readers."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+
+class Store:
+    """One reader's vectors at several layers, by sentence: a reader sets ``spec``, ``layers`` and ``dim``,
+    and reads new sentences in :meth:`read` (each layer's (n, dim) vectors, in order)."""
+
+    spec: str
+    layers: list[int]
+    note = ""  # said after the count of new sentences (how they are read)
+
+    def start(self, dim: int) -> None:
+        self.rows: dict[str, int] = {}
+        self.data = [np.empty((0, dim), np.float32) for _ in self.layers]
+
+    def read(self, sentences: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def need(self, sentences: list[str], label: str) -> None:
+        todo = [s for s in dict.fromkeys(sentences) if s not in self.rows]
+        if not todo:
+            return
+        print(f"  {self.spec}: {len(todo)} sentences of {label}{self.note}", file=sys.stderr, flush=True)
+        per_layer = self.read(todo)
+        start = len(self.rows)
+        for i, s in enumerate(todo):
+            self.rows[s] = start + i
+        self.data = [np.concatenate([old, new]) for old, new in zip(self.data, per_layer, strict=True)]
+
+    def get(self, sentences: list[str], option: tuple[int, ...]) -> np.ndarray:
+        """Vectors at one layer, or the mean of several layers' vectors (each scaled to unit mean norm)."""
+        idx = np.array([self.rows[s] for s in sentences])
+        parts = [self.data[self.layers.index(layer)][idx] for layer in option]
+        if len(parts) == 1:
+            return parts[0]
+        # Layers differ in scale (the final one is normed): weigh each equally.
+        return np.mean([p / np.linalg.norm(p, axis=1).mean() for p in parts], axis=0).astype(np.float32)

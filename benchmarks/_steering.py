@@ -113,22 +113,21 @@ class SteeredVectors(Store):
         finally:
             for h in handles:
                 h.remove()
-        hidden = out.hidden_states
-        reads = []
-        for layer in self.layers:
-            h = hidden[-1] if layer == -1 else captured[-1] if layer == self.backend.n_layer else hidden[layer]
-            reads.append(h[:, -1, :].float().numpy())
-        return reads
+        return [
+            self.backend._layer_state(out.hidden_states, captured, layer)[:, -1, :].float().numpy()
+            for layer in self.layers
+        ]
 
     def read(self, sentences: list[str]) -> list[np.ndarray]:
         """Each layer's (n, dim) vectors: the mean over the templates of each steered prompt's read."""
         clean = [preprocess(s.strip()) for s in sentences]
         n_t = len(self.templates)
         per_layer = [np.zeros((len(sentences), self.backend.dim), np.float32) for _ in self.layers]
-        for t in self.templates:
-            for i in range(0, len(clean), self.batch_size):
-                chunk = clean[i : i + self.batch_size]
-                aux = None if self.act is None else self._values_of_aux([self.aux.render(s) for s in chunk])
+        for i in range(0, len(clean), self.batch_size):
+            chunk = clean[i : i + self.batch_size]
+            # One auxiliary pass serves every template of the set (the authors' CK does the same).
+            aux = None if self.act is None else self._values_of_aux([self.aux.render(s) for s in chunk])
+            for t in self.templates:
                 reads = self._steered([t.render(s) for s in chunk], aux)
                 for li, r in enumerate(reads):
                     per_layer[li][i : i + len(chunk)] += r / n_t

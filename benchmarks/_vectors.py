@@ -8,8 +8,8 @@ import numpy as np
 
 
 class Store:
-    """One reader's vectors at several layers, by sentence: a reader sets ``spec``, ``layers`` and ``dim``,
-    and reads new sentences in :meth:`read` (each layer's (n, dim) vectors, in order)."""
+    """One reader's vectors at several layers, by sentence: a reader sets ``spec`` and ``layers``, calls
+    :meth:`start` with its width, and reads new sentences in :meth:`read` (each layer's (n, dim) vectors)."""
 
     spec: str
     layers: list[int]

@@ -13,6 +13,8 @@ import pytest
 
 from metaeol_edge.backends import choice
 from metaeol_edge.core.config import EmbedConfig, decisive_options
+from metaeol_edge.methods import make_method
+from metaeol_edge.methods.prompts import load_templates
 
 AMX = {"avx512f", "amx_tile", "amx_bf16", "amx_int8"}
 
@@ -84,6 +86,20 @@ def test_auto_on_an_amx_cpu_runs_shared_bf16_pytorch_with_the_engines_vectors(sm
         one_by_one = auto.encode(sentences)
         auto.backend.share_prefixes = False  # each prompt run whole, as the reference does
         plain = auto.encode(sentences)
+        # MetaEOL's 8 templates share forwards, each row after its own start, left-padded and masked: the
+        # same vectors as each template's forward alone and as the prompts run whole, in 1 forward, not 8.
+        meta = [p for s in sentences for p in make_method(None, load_templates("metaeol")).prompts(s)]
+        backend = auto.backend
+        backend.share_prefixes, backend.shared_tokens = True, 2048
+        forwards = []
+        counting = backend.model.register_forward_hook(lambda *a: forwards.append(a[1]))
+        mixed = backend.states(meta, layers)
+        counting.remove()
+        assert len(forwards) == 8 + 1  # each template's start once, then every prompt together
+        monkeypatch.setattr(backend, "_fitting", lambda rows, starts, tokens: [[i] for i in rows])
+        apart = backend.states(meta, layers)
+        backend.share_prefixes = False
+        whole = backend.states(meta, layers)
     with MetaEOL(smollm2, templates="prompteol", layer=layers, backend="llama.cpp", level="shipped") as engine:
         want = engine.encode(sentences)
     got, shared, one_by_one, plain, want = (np.stack(x) for x in (got, shared, one_by_one, plain, want))
@@ -91,6 +107,7 @@ def test_auto_on_an_amx_cpu_runs_shared_bf16_pytorch_with_the_engines_vectors(sm
     assert cos(shared, plain).min() > 0.999999 and cos(one_by_one, plain).min() > 0.999999
     assert cos(got, plain).min() > 0.999  # bf16 against float32
     assert cos(got, want).min() > 0.998  # and against the Q4_1 file in llama.cpp
+    assert cos(mixed, whole).min() > 0.999999 and cos(apart, whole).min() > 0.999999
     # An engine setting keeps llama.cpp, and says which.
     with MetaEOL(smollm2, templates="prompteol", n_threads=1) as threaded:
         assert threaded.resolved_config.backend == "llama.cpp" and "n_threads" in threaded.backend_reason
@@ -157,3 +174,17 @@ def test_shared_forwards_are_cut_at_the_token_budget_counting_padding():
     assert cut(4, [9, 9]) == [[0], [1]]  # a prompt over the budget still runs, alone
     assert cut(2048, [20] * 64) == [list(range(64))]
     assert cut(10**6, [1] * 130) == [list(range(64)), list(range(64, 128)), [128, 129]]  # at most 64 prompts
+
+
+def test_prompts_of_different_starts_share_a_forward_unless_a_sliding_window_would_cut_one():
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from metaeol_edge.backends.torch import TorchBackend
+
+    starts = {0: (1, 2, 3), 1: (1, 2, 3), 2: (4, 5), 3: ()}
+    tokens = [[1, 2, 3, 7, 7], [1, 2, 3, 7], [4, 5, 7, 7, 7, 7], [7, 7]]  # padded: 3 + 4 = 7 tokens a row
+    for window, want in ((None, [[0, 1, 2, 3]]), (9, [[0, 1, 2, 3]]), (8, [[0, 1], [2], [3]])):
+        config = SimpleNamespace(sliding_window=window)
+        backend = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(get_text_config=lambda c=config: c)))
+        assert TorchBackend._fitting(backend, [0, 1, 2, 3], starts, tokens) == want, window

@@ -367,9 +367,13 @@ class TorchBackend(Backend):
         return np.concatenate(result, axis=1)
 
     def _read_shared(self, prompts: list[Prompt], layers: list[int], progress: Progress | None) -> np.ndarray:
-        """(L, len(prompts), dim) with each template's shared token start computed once (``share_prefixes``)."""
-        import copy
+        """(L, len(prompts), dim) with each template's shared token start computed once (``share_prefixes``).
 
+        Prompts of every template share forwards: each row's past is its own template's start, left-padded to the
+        longest start in the forward and masked there. MetaEOL's 8 templates then make a few big forwards instead
+        of 8 small ones, which is what the CPU's matrix units and PyTorch's sleeping threads need (every forward
+        wakes them hundreds of times: benchmarks/speed.py's paths section, default row). Padding sits left of every
+        real token, so distances between real tokens, and with them RoPE and sliding windows, are as alone."""
         torch = self.torch
         tokens = [self.tokenize(p.text) for p in prompts]
         out = np.empty((len(layers), len(prompts), self.dim), dtype=np.float32)
@@ -378,7 +382,7 @@ class TorchBackend(Backend):
             groups.setdefault(p.prefix, []).append(i)
         captured: list = []
         hook = self._last_block_hook(captured) if self.n_layer in layers else None
-        pad = self.tokenizer.pad_token_id or 0
+        starts: dict[int, tuple[int, ...]] = {}  # prompt -> the shared start it continues (maybe empty)
         try:
             with torch.inference_mode():
                 for prefix, idx in groups.items():
@@ -394,45 +398,98 @@ class TorchBackend(Backend):
                         n = k
                     key = tuple(start_tokens[:n])
                     if n and key not in self._prefixes:
-                        if len(self._prefixes) >= MAX_PREFIXES:  # many templates over a long life: oldest out
-                            self._prefixes.pop(next(iter(self._prefixes)))
                         ids = torch.tensor([start_tokens[:n]], device=self.device)
                         ran = self.model(input_ids=ids, use_cache=True)
                         # transformers >= 5.2x names the returned cache `cache` and warns on the old name.
                         self._prefixes[key] = ran["cache"] if "cache" in ran else ran["past_key_values"]
                         self.tokens_run += n
-                    idx = sorted(idx, key=lambda i: len(tokens[i]))
-                    for rows in self._token_batches(idx, [len(tokens[i]) - n for i in idx]):
-                        own = [tokens[i][n:] for i in rows]
-                        width = max(map(len, own))
-                        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                        for b, t in enumerate(own):
-                            ids[b, : len(t)] = torch.tensor(t)
-                        past = None
-                        if n:
-                            past = copy.deepcopy(self._prefixes[key])
-                            past.batch_repeat_interleave(len(rows))
-                        positions = (n + torch.arange(width)).expand(len(rows), width)
-                        captured.clear()
-                        hidden = self.model(
-                            input_ids=ids.to(self.device),
-                            position_ids=positions.to(self.device),
-                            use_cache=past is not None,
-                            **{self._cache_arg: past},
-                            output_hidden_states=True,
-                        ).hidden_states
-                        self.tokens_run += sum(map(len, own))
-                        last = torch.tensor([len(t) - 1 for t in own], device=self.device)
-                        arange = torch.arange(len(rows), device=self.device)
-                        for li, layer in enumerate(layers):
-                            h = self._layer_state(hidden, captured, layer)
-                            out[li, rows] = h[arange, last].float().cpu().numpy()
-                        if progress:
-                            progress(len(rows))
+                    starts.update(dict.fromkeys(idx, key))
+                # Evicted only now, oldest first: every start this call needs stays until its forwards have run.
+                needed = set(starts.values())
+                for old in [k for k in self._prefixes if k not in needed][: max(0, len(self._prefixes) - MAX_PREFIXES)]:
+                    del self._prefixes[old]
+                order = sorted(range(len(prompts)), key=lambda i: len(tokens[i]) - len(starts[i]))
+                for rows in self._token_batches(order, [len(tokens[i]) - len(starts[i]) for i in order]):
+                    for part in self._fitting(rows, starts, tokens):
+                        self._forward_shared(part, starts, tokens, layers, captured, out)
+                    if progress:
+                        progress(len(rows))
         finally:
             if hook is not None:
                 hook.remove()
         return out
+
+    def _fitting(self, rows: list[int], starts: dict[int, tuple[int, ...]], tokens: list[list[int]]) -> list[list[int]]:
+        """``rows`` as one forward, or one per shared start where the padded starts and own tokens would reach a
+        sliding-attention window (Gemma's 512 tokens): there the cache drops its oldest keys and the mask counts
+        on it, and padding would move which."""
+        window = getattr(self.model.config.get_text_config(), "sliding_window", None)
+        longest = max(len(starts[i]) for i in rows) + max(len(tokens[i]) - len(starts[i]) for i in rows)
+        if not window or longest < window - 1:
+            return [rows]
+        by_start: dict[tuple[int, ...], list[int]] = {}
+        for i in rows:
+            by_start.setdefault(starts[i], []).append(i)
+        return list(by_start.values())
+
+    def _forward_shared(
+        self,
+        rows: list[int],
+        starts: dict[int, tuple[int, ...]],
+        tokens: list[list[int]],
+        layers: list[int],
+        captured: list,
+        out: np.ndarray,
+    ) -> None:
+        """One forward of ``rows``' own tokens (right-padded) after their shared starts (left-padded, masked),
+        read into ``out``."""
+        import copy
+
+        torch = self.torch
+        pad = self.tokenizer.pad_token_id or 0
+        lengths = [len(starts[i]) for i in rows]
+        n_max = max(lengths)
+        own = [tokens[i][n:] for i, n in zip(rows, lengths, strict=True)]
+        width = max(map(len, own))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        for b, t in enumerate(own):
+            ids[b, : len(t)] = torch.tensor(t)
+        past, mask = None, None
+        if n_max:
+            keys = list(dict.fromkeys(starts[i] for i in rows))
+            which = torch.tensor([keys.index(starts[i]) for i in rows], device=self.device)
+            past = copy.deepcopy(self._prefixes[max(keys, key=len)])  # the model's own cache classes, per layer
+            for li, layer in enumerate(past.layers):
+                for name in ("keys", "values"):
+                    stacked = []
+                    for key in keys:
+                        t = getattr(self._prefixes[key].layers[li], name) if key else None
+                        if t is None:  # no shared start: all padding
+                            t = getattr(layer, name)[:, :, :0]
+                        stacked.append(torch.nn.functional.pad(t, (0, 0, n_max - t.shape[-2], 0)))
+                    setattr(layer, name, torch.cat(stacked)[which])
+                if hasattr(layer, "cumulative_length"):  # sliding layers count what they hold
+                    layer.cumulative_length = n_max
+            if min(lengths) < n_max:
+                mask = torch.ones((len(rows), n_max + width), dtype=torch.long)
+                for b, n in enumerate(lengths):
+                    mask[b, : n_max - n] = 0
+        positions = torch.stack([n + torch.arange(width) for n in lengths])
+        captured.clear()
+        hidden = self.model(
+            input_ids=ids.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=None if mask is None else mask.to(self.device),
+            use_cache=past is not None,
+            **{self._cache_arg: past},
+            output_hidden_states=True,
+        ).hidden_states
+        self.tokens_run += sum(map(len, own))
+        last = torch.tensor([len(t) - 1 for t in own], device=self.device)
+        arange = torch.arange(len(rows), device=self.device)
+        for li, layer in enumerate(layers):
+            h = self._layer_state(hidden, captured, layer)
+            out[li, rows] = h[arange, last].float().cpu().numpy()
 
     def _token_batches(self, idx: list[int], lengths: list[int]) -> list[list[int]]:
         """``idx`` (sorted by length, ``lengths`` their own tokens) cut into forwards of at most

@@ -389,7 +389,9 @@ def accuracy(args: argparse.Namespace) -> None:
             for level in args.accuracy_levels.split(","):
                 # shipped: the file as it is, in llama.cpp; auto: the default path (backend and level auto).
                 options = {"level": "shipped", "backend": "llama.cpp"} if level == "shipped" else {"level": level}
-                with MetaEOL(model_id, **_method_kwargs(method), **options) as m:
+                # No cache: a score must come from the code that runs now, not from vectors an older one stored
+                # under the same key (a change to how the backend batches keeps its key).
+                with MetaEOL(model_id, **_method_kwargs(method), **options, cache=False) as m:
                     row[level] = run_sts(data, lambda s, m=m: m.encode(s, show_progress_bar=False))["score"]
                     row[f"{level}_file"] = m.model_path.name
                     row[f"{level}_level"] = m.level

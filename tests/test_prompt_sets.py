@@ -10,9 +10,12 @@ from metaeol_edge import MetaEOL
 SETS = ["pretcot", "ke", "prompteol-icl-smoking", "prompteol-icl-music", "prompteol-icl-equestrian"]
 # Issue 33: CK's two prompts each with the demonstration, and Contrastive Prompting's auxiliary prompt.
 ISSUE_33 = ["pretcot-icl-music", "ke-icl-music", "cp-aux"]
+# Issue 33's lever 6: 2 and 3 demonstrations, the chosen one nearest the input.
+SEVERAL = {"prompteol-icl-2": "prompteol-icl-music", "prompteol-icl-3": "prompteol-icl-music"}
+SEVERAL |= {"ke-icl-2": "ke-icl-music", "ke-icl-3": "ke-icl-music"}
 
 
-@pytest.mark.parametrize("set_name", SETS + ISSUE_33)
+@pytest.mark.parametrize("set_name", SETS + ISSUE_33 + list(SEVERAL))
 def test_each_set_is_one_template_ending_in_one_word(set_name):
     templates = load_templates(set_name)
     assert len(templates) == 1
@@ -33,6 +36,19 @@ def test_ck_with_a_demonstration_asks_its_own_question_of_the_demonstration_firs
     head, _, query = plain.partition('this sentence : "*sent 0*"')
     demo = music[: music.index('"Music"') + len('"Music"')].removeprefix("This sentence : ")
     assert icl == f'{head}this sentence : {demo}. This sentence : "*sent 0*"{query}'
+
+
+@pytest.mark.parametrize("name", list(SEVERAL))
+def test_more_demonstrations_come_between_the_instruction_and_the_chosen_one(name):
+    """The one-shot set with the other demonstrations inserted before its own, each written as it writes its
+    one: the same start, the same end from the chosen demonstration on, one question per demonstration more."""
+    many = load_templates(name).templates[0].text
+    one = load_templates(SEVERAL[name]).templates[0].text
+    chosen = one.index('his sentence : "A man is playing on a guitar and singing."') - 1  # "This" or "this"
+    assert many.startswith(one[:chosen]) and many.endswith(one[chosen + 1 :])
+    assert many.count('means in one word:"') == one.count('means in one word:"') + int(name[-1]) - 1
+    others = many[chosen : -len(one[chosen + 1 :])]
+    assert others.count('" means in one word:"') == int(name[-1]) - 1 and others.endswith(('". T', '".T'))
 
 
 def test_one_shot_metaeol_asks_each_task_of_the_demonstration_first():

@@ -457,19 +457,22 @@ class TorchBackend(Backend):
         past, mask = None, None
         if n_max:
             keys = list(dict.fromkeys(starts[i] for i in rows))
-            which = torch.tensor([keys.index(starts[i]) for i in rows], device=self.device)
             past = copy.deepcopy(self._prefixes[max(keys, key=len)])  # the model's own cache classes, per layer
-            for li, layer in enumerate(past.layers):
-                for name in ("keys", "values"):
-                    stacked = []
-                    for key in keys:
-                        t = getattr(self._prefixes[key].layers[li], name) if key else None
-                        if t is None:  # no shared start: all padding
-                            t = getattr(layer, name)[:, :, :0]
-                        stacked.append(torch.nn.functional.pad(t, (0, 0, n_max - t.shape[-2], 0)))
-                    setattr(layer, name, torch.cat(stacked)[which])
-                if hasattr(layer, "cumulative_length"):  # sliding layers count what they hold
-                    layer.cumulative_length = n_max
+            if len(keys) == 1:  # one start: its cache as it is, once per row (a sliding layer may hold less)
+                past.batch_repeat_interleave(len(rows))
+            else:  # padded on the left to the longest start (``_fitting``: each is held whole)
+                which = torch.tensor([keys.index(starts[i]) for i in rows], device=self.device)
+                for li, layer in enumerate(past.layers):
+                    for name in ("keys", "values"):
+                        stacked = []
+                        for key in keys:
+                            t = getattr(self._prefixes[key].layers[li], name) if key else None
+                            if t is None:  # no shared start: all padding
+                                t = getattr(layer, name)[:, :, :0]
+                            stacked.append(torch.nn.functional.pad(t, (0, 0, n_max - t.shape[-2], 0)))
+                        setattr(layer, name, torch.cat(stacked)[which])
+                    if hasattr(layer, "cumulative_length"):  # sliding layers count what they hold
+                        layer.cumulative_length = n_max
             if min(lengths) < n_max:
                 mask = torch.ones((len(rows), n_max + width), dtype=torch.long)
                 for b, n in enumerate(lengths):

@@ -162,10 +162,15 @@ class Contrast:
         return (self.main.get(sentences, option) - self.alpha * self.aux.get(sentences, option)).astype(np.float32)
 
 
+def is_steered(spec: str) -> bool:
+    """``a+cp:ACT:COEFF`` or its unsteered baseline ``a+pt``: read by ``_steering.py`` in PyTorch."""
+    return "+cp:" in spec or spec.endswith("+pt")
+
+
 def vectors_for(model: str, spec: str, layers: list[int], batch_size: int, threads: int | None):
     """What reads a spec: ``a~b:alpha`` a :class:`Contrast`, ``a+cp:ACT:COEFF`` Contrastive Prompting steered
     inside the forward pass (``_steering.py``, PyTorch), anything else :class:`Vectors`."""
-    if "+cp:" in spec or spec.endswith("+pt"):
+    if is_steered(spec):
         from _steering import SteeredVectors
 
         return SteeredVectors(model, spec, layers, batch_size, threads)
@@ -417,7 +422,7 @@ def run_speed(args, root: Path) -> list[dict]:
 def speed_reader(args, spec: str, layer: int):
     """(encode these sentences, close) for one spec at one layer, cache off, as its rows are read: a contrast
     encodes both sets (their union's cost), a steered spec runs both PyTorch passes."""
-    if "+cp:" in spec or spec.endswith("+pt"):
+    if is_steered(spec):
         steered = vectors_for(args.model, spec, [layer], args.batch_size, args.threads)
         return steered.read, lambda: None
     if "~" in spec:

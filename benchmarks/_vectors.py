@@ -34,10 +34,18 @@ class Store:
         self.data = [np.concatenate([old, new]) for old, new in zip(self.data, per_layer, strict=True)]
 
     def get(self, sentences: list[str], option: tuple[int, ...]) -> np.ndarray:
-        """Vectors at one layer, or the mean of several layers' vectors (each scaled to unit mean norm)."""
+        """Vectors at one layer, or several layers' vectors (each scaled to unit mean norm) averaged, or
+        side by side where the option starts with :data:`CONCAT`."""
         idx = np.array([self.rows[s] for s in sentences])
-        parts = [self.data[self.layers.index(layer)][idx] for layer in option]
+        join = option[:1] == (CONCAT,)
+        parts = [self.data[self.layers.index(layer)][idx] for layer in option[join:]]
         if len(parts) == 1:
             return parts[0]
         # Layers differ in scale (the final one is normed): weigh each equally.
-        return np.mean([p / np.linalg.norm(p, axis=1).mean() for p in parts], axis=0).astype(np.float32)
+        scaled = [p / np.linalg.norm(p, axis=1).mean() for p in parts]
+        return (np.concatenate(scaled, axis=1) if join else np.mean(scaled, axis=0)).astype(np.float32)
+
+
+CONCAT = 0
+"""Leads a layer option whose layers are concatenated, not averaged (``(CONCAT, 29, 24)``, named ``cat:29+24``):
+a marker, not a layer, since blocks count from 1 and the final layer is -1."""

@@ -273,7 +273,8 @@ def page_presets() -> str:
         ("PromptEOL", "smollm2-135m", "prompteol", "final", "raw", "none"),
         ("PromptEOL, whiten:128 (its dev choice)", "smollm2-135m", "prompteol", "30", "whiten:128", "generic"),
         ("`prompteol-icl-music` (one demonstration)", "smollm2-135m", "prompteol-icl-music", "final", "raw", "none"),
-        ('**`preset="quality"`**', "smollm2-135m", "prompteol-icl-music", "30", "whiten:128", "generic"),
+        ('`preset="quality@1"` (0.2\'s quality preset)', "smollm2-135m", "prompteol-icl-music", "30", "whiten:128",
+         "generic"),  # fmt: skip
         (
             "the same template set, two layers, abtt:1 (its in-domain dev choice)",
             "smollm2-135m",
@@ -310,7 +311,8 @@ def page_presets() -> str:
             "generic",
         ),
         ("`pretcot-icl-music` (its dev choice)", "smollm2-135m", "pretcot-icl-music", "30", "whiten:128", "generic"),
-        ("`ke-icl-3` (KE, 3 demonstrations; dev choice)", "smollm2-135m", "ke-icl-3", "30", "whiten:128", "generic"),
+        ('**`preset="quality"`**: `ke-icl-3` (KE, 3 demonstrations; its dev choice)', "smollm2-135m", "ke-icl-3", "30",
+         "whiten:128", "generic"),  # fmt: skip
         ("`ke-icl-3`, blocks 29 and 24 averaged (pair dev choice)", "smollm2-135m", "ke-icl-3", "29+24", "raw", "none"),
         (
             "`prompteol-icl-3` (three demonstrations; its dev choice)",
@@ -339,24 +341,26 @@ def page_presets() -> str:
         ),
         ("`prompteol-icl-music`", "gemma3-270m", "prompteol-icl-music", "final", "raw", "none"),
         (
-            '**`preset="quality"`** (its own dev choice)',
+            '`preset="quality@1"` (its own dev choice then)',
             "gemma3-270m",
             "prompteol-icl-music",
             "18",
             "whiten:128",
             "generic",
         ),
-        ("`ke-icl-music` (its dev choice)", "gemma3-270m", "ke-icl-music", "18", "whiten:128", "generic"),
+        ('**`preset="quality"`**: `ke-icl-music` (its dev choice)', "gemma3-270m", "ke-icl-music", "18", "whiten:128",
+         "generic"),  # fmt: skip
         ("`prompteol-icl-music`", "qwen2.5-coder-1.5b", "prompteol-icl-music", "final", "raw", "none"),
         (
-            '**`preset="quality"`** (its own dev choice: raw)',
+            '`preset="quality@1"` (its own dev choice then: raw)',
             "qwen2.5-coder-1.5b",
             "prompteol-icl-music",
             "28",
             "raw",
             "none",
         ),
-        ("`ke-icl-music` (its dev choice: raw)", "qwen2.5-coder-1.5b", "ke-icl-music", "28", "raw", "none"),
+        ('**`preset="quality"`**: `ke-icl-music` (its dev choice: raw)', "qwen2.5-coder-1.5b", "ke-icl-music", "28",
+         "raw", "none"),  # fmt: skip
     ]
     body = []
     used: list[str] = []
@@ -375,6 +379,7 @@ def page_presets() -> str:
         if speed:
             used.append(speed["command"])
         where = "final layer" if layer == "final" else f"block {layer.replace('+', ' + ')}"
+        where = where.replace("block cat:", "blocks side by side: ")
         fit = "" if lever == "raw" else f", {lever} fitted on {fit_on} text"
         body.append(
             [

@@ -60,7 +60,7 @@ from metaeol_edge.methods import TokenPrepending
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import cell, table  # noqa: E402
-from _vectors import Store  # noqa: E402
+from _vectors import CONCAT, Store  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -193,7 +193,9 @@ def parse_spec(spec: str) -> tuple[TemplateSet, TokenPrepending | None]:
 
 
 def layer_name(option: tuple[int, ...]) -> str:
-    return "+".join("final" if layer == -1 else str(layer) for layer in option)
+    """``final``, ``30``, ``29+24`` (averaged) or ``cat:29+24`` (concatenated: the option leads with CONCAT)."""
+    join = option[:1] == (CONCAT,)
+    return ("cat:" if join else "") + "+".join("final" if layer == -1 else str(layer) for layer in option[join:])
 
 
 # -- scoring ---------------------------------------------------------------------------------
@@ -272,6 +274,8 @@ def run_dev(args, root: Path, exclude: set[str]) -> list[dict]:
             vec.need(corpus, f"the {name} corpus")
         singles = [(layer,) for layer in vec.layers]
         options = singles + list(combinations(vec.layers, 2))
+        if args.concat:  # lever 4's other ensemble: two layers side by side, twice the width
+            options += [(CONCAT, *pair) for pair in combinations(vec.layers, 2)]
         for option in options:
             for lever in LEVERS:
                 for fit_on, corpus in [("none", None)] if lever == "raw" else corpora.items():
@@ -317,6 +321,8 @@ def dev_choices(rows: list[dict], model: str) -> dict[str, list[tuple[str, str, 
 
 
 def parse_layer_name(name: str) -> tuple[int, ...]:
+    if name.startswith("cat:"):
+        return (CONCAT, *parse_layer_name(name.removeprefix("cat:")))
     return tuple(-1 if p == "final" else int(p) for p in name.split("+"))
 
 
@@ -330,7 +336,7 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
         fits[task] = fit_corpus(IN_DOMAIN[task], root, args.fit_sentences, exclude)
     for templates in args.templates:
         # Read every layer a dev choice names too (a pair such as 28+24), in the same pass.
-        named = [x for layer, _, _ in choices.get(templates, []) for x in parse_layer_name(layer)]
+        named = [x for layer, _, _ in choices.get(templates, []) for x in parse_layer_name(layer) if x != CONCAT]
         layers = list(dict.fromkeys(args.layers + named))
         vec = vectors_for(args.model, templates, layers, args.batch_size, args.threads)
         for name, corpus in fits.items():
@@ -367,20 +373,27 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
 def run_ship(args, root: Path, exclude: set[str]) -> None:
     """Fit a preset's post-processing on the generic corpus and ship it (``presets/``) for this model."""
     preset = get_preset(args.preset).for_model(registry.get_spec(args.model).sha256)
+    if not preset.current:  # its fits are what collections made with it were embedded with: never remade
+        raise SystemExit(f"{args.preset} is an earlier revision of preset {preset.name}: ship the current one")
     if preset.postprocess is None:
         print(f"preset {preset.name} applies no post-processing to {args.model}: nothing to fit")
         return
     corpus = fit_corpus("generic", root, args.fit_sentences, exclude)
-    model = MetaEOL(args.model, templates=preset.templates, layer=preset.layer, cache=True, n_threads=args.threads)
-    fitted = pp.fit(model.encode(corpus, batch_size=args.batch_size, show_progress_bar=True), preset.postprocess)
-    name = f"{args.model}.{preset.name}.npz"
+    with MetaEOL(
+        args.model, templates=preset.templates, layer=preset.layer, cache=True, n_threads=args.threads
+    ) as model:
+        fitted = pp.fit(model.encode(corpus, batch_size=args.batch_size, show_progress_bar=True), preset.postprocess)
+        source = model.source_fingerprint
+    # Named by revision after the first, so a new revision never overwrites the fit of one that is kept.
+    name = f"{args.model}.{preset.name}" + (f"-{preset.revision}" if preset.revision > 1 else "") + ".npz"
     fit_on = f"generic: {len(corpus)} sentences of the transfer sets MR, CR, MPQA, SST-2, TREC, MRPC (seed {SEED})"
     meta = {"model": args.model, "templates": preset.templates, "layer": preset.layer, "fit_on": fit_on}
     pp.save(fitted, PRESETS / name, meta)
     data = json.loads((PRESETS / "presets.json").read_text())
     data["presets"][preset.name].setdefault("fits", {})[args.model] = {
         "file": name,
-        "sha256": model.fingerprint,
+        # What a preset looks its fit up by: the file as shipped, not a level derived from it here.
+        "sha256": source,
         "fit_on": fit_on,
     }
     (PRESETS / "presets.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -572,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dev-pairs", type=int, default=500)
     ap.add_argument("--dev-fit", type=int, default=1000, help="generic sentences fitted on in the dev stage")
     ap.add_argument("--dev-in-domain", action="store_true", help="dev: also fit on STS-B train, and choose with it")
+    ap.add_argument("--concat", action="store_true", help="dev: also score each pair of layers concatenated")
     ap.add_argument("--fit-sentences", type=int, default=3000, help="sentences per fitting corpus (test stage)")
     ap.add_argument("--generic-only", action="store_true", help="test: no in-domain fits")
     ap.add_argument("--speed-n", type=int, default=128)

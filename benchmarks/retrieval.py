@@ -302,19 +302,22 @@ def configurations(args) -> list[tuple[str, dict, dict | None]]:
     """
     from metaeol_edge.presets import load_presets
 
+    from metaeol_edge.faces.search.config import WITHOUT_FIT
+
     base = {"backend": args.backend} if args.backend else {}
+    unfitted = base | WITHOUT_FIT
     configs = [("metaeol", base | {"templates": "metaeol"})]
     configs += [(f"preset {name}", base | {"preset": name}) for name in load_presets()]
     # The quality preset's prompt and read without its whitening fit (which ships for two models
-    # only): what `metaeol index` can use for any model. And the paper's one-template PromptEOL.
-    configs += [("quality without fit", base | {"templates": "prompteol-icl-music", "layer": 1.0})]
+    # only): what `metaeol index` uses for any other model. And the paper's one-template PromptEOL.
+    configs += [("quality without fit", unfitted)]
     configs += [("prompteol", base | {"templates": "prompteol"})]
     configs = [(name, options, None) for name, options in configs]
     for docs, options, query in (
         ("preset quality", base | {"preset": "quality"}, "search-query-icl"),
         ("preset quality", base | {"preset": "quality"}, "seeks-icl"),
-        ("quality without fit", base | {"templates": "prompteol-icl-music", "layer": 1.0}, "search-query-icl"),
-        ("quality without fit", base | {"templates": "prompteol-icl-music", "layer": 1.0}, "seeks-icl"),
+        ("quality without fit", unfitted, "search-query-icl"),
+        ("quality without fit", unfitted, "seeks-icl"),
         ("prompteol", base | {"templates": "prompteol"}, "seeks"),
     ):
         side = {"options": base | {"templates": str(QUERY_PROMPTS / f"{query}.json")}}

@@ -226,3 +226,22 @@ def test_quality_steers_contrastive_prompting_inside_the_pass_at_one_block(smoll
     moved = steered.read(sentences)
     assert np.allclose(moved[1], plain[1], atol=1e-5)  # block 4's input: before the steered projection
     assert cosine(moved[2], plain[2]).max() < 0.9999 and cosine(moved[0], plain[0]).max() < 0.99999
+
+
+def test_quality_averages_or_concatenates_two_layers():
+    """Issue 33's lever 4: ``29+24`` averages two layers' vectors, ``cat:29+24`` puts them side by side, each
+    scaled to unit mean norm first; the names read back as the options they came from."""
+    quality = _load_script("quality.py")
+    store = quality.Store()
+    store.spec, store.layers = "t", [29, 24]
+    store.start(2)
+    a, b = np.array([[3.0, 4.0], [0.0, 5.0]]), np.array([[1.0, 0.0], [0.0, 1.0]])
+    store.read = lambda sentences: [a, b]
+    store.need(["x", "y"], "two")
+    scaled = [a / 5.0, b / 1.0]  # each layer's mean norm: 5 and 1
+    np.testing.assert_allclose(store.get(["x", "y"], (29, 24)), (scaled[0] + scaled[1]) / 2, rtol=1e-6)
+    joined = store.get(["y", "x"], (quality.CONCAT, 29, 24))
+    np.testing.assert_allclose(joined, np.concatenate(scaled, axis=1)[[1, 0]], rtol=1e-6)
+    for option in [(-1,), (29, 24), (quality.CONCAT, -1, 24)]:
+        assert quality.parse_layer_name(quality.layer_name(option)) == option
+    assert quality.layer_name((quality.CONCAT, -1, 24)) == "cat:final+24"

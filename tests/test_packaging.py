@@ -20,7 +20,8 @@ def test_wheel_carries_the_data_and_finds_it(tmp_path):
         "metaeol_edge/prompt_sets/prompteol.json",
         "metaeol_edge/model_registry/registry.json",
         "metaeol_edge/preset_data/presets.json",
-        "metaeol_edge/preset_data/smollm2-135m.quality.npz",
+        "metaeol_edge/preset_data/smollm2-135m.quality-2.npz",
+        "metaeol_edge/preset_data/smollm2-135m.quality-1.npz",  # revision 1, for what was made with it
         "metaeol_edge/faces/web/static/index.html",  # the page of `metaeol serve`
         "metaeol_edge/faces/web/static/app.js",
     ):
@@ -32,7 +33,8 @@ def test_wheel_carries_the_data_and_finds_it(tmp_path):
         f"assert metaeol_edge.__file__.startswith({str(site)!r}), metaeol_edge.__file__;"
         "q = s.get_preset('quality'); f = q.fits['smollm2-135m'];"
         "print('metaeol' in p.builtin_names() and 'prompteol' in p.builtin_names(), len(p.load_templates('metaeol')),"
-        " r.default_model_id(), q.shipped_fit(f.sha256) is not None)"
+        " r.default_model_id(), q.shipped_fit(f.sha256) is not None,"
+        " s.get_preset('quality@1').shipped_fit(f.sha256) is not None)"
     )
     r = subprocess.run(
         [sys.executable, "-c", code],
@@ -42,4 +44,4 @@ def test_wheel_carries_the_data_and_finds_it(tmp_path):
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "True 8 smollm2-135m True"
+    assert r.stdout.strip() == "True 8 smollm2-135m True True"

@@ -24,7 +24,9 @@ from metaeol_edge.errors import MetaEOLError, ModelError
 def test_every_preset_is_valid_and_its_fits_are_for_registry_files():
     presets = load_presets()
     assert "quality" in presets
-    for preset in presets.values():
+    revisions = [*presets.values(), *(e for p in presets.values() for e in p.earlier.values())]
+    assert len(revisions) > len(presets)  # quality@1 is kept: what was made with it must open
+    for preset in revisions:
         load_templates(preset.templates)
         for model_id, fit in preset.fits.items():
             assert fit.sha256 == registry.get_spec(model_id).sha256, f"{preset.name}'s fit for {model_id}: another file"
@@ -48,7 +50,40 @@ def test_a_per_model_choice_applies_to_that_file_only():
     own = preset.for_model(qwen)
     assert own.postprocess is None and preset.postprocess == "whiten:128"  # qwen's dev run: raw is best
     assert (own.templates, own.layer) == (preset.templates, preset.layer)
-    assert preset.for_model(smollm2) == preset.for_model(None) == preset
+    small = preset.for_model(smollm2)  # smollm2's dev run: three demonstrations, the preset's read and fit
+    assert small.templates == "ke-icl-3" != preset.templates
+    assert (small.layer, small.postprocess) == (preset.layer, preset.postprocess)
+    gemma = registry.get_spec("gemma3-270m").sha256
+    assert preset.for_model(gemma) == preset.for_model(None) == preset
+
+
+# 0.2's fits of the quality preset, byte for byte: a search collection made with them stores their digest, and
+# opens only while revision 1 applies the same bytes.
+QUALITY_1_FITS = {
+    "smollm2-135m": "9649251238e2b112c72b8e1a3eb97dcfd2963e06899e1f31b350908bad1726fa",
+    "gemma3-270m": "cf55fce2ba019dbd6f6ff62cd9420986c8811043a66fb765b646e2689e2f8ea8",
+}
+
+
+def test_a_preset_keeps_its_earlier_revisions_by_name():
+    """``quality`` is the current revision; ``quality@N`` names one, earlier ones included, with their own
+    templates and fits, which are never remade; an unknown revision is refused, listing the known ones."""
+    current = get_preset("quality")
+    assert current.revision >= 2 and get_preset(current.pinned) == current and current.label == "quality"
+    first = get_preset("quality@1")
+    assert (first.name, first.revision, first.pinned, first.label) == ("quality", 1, "quality@1", "quality@1")
+    assert first.templates == "prompteol-icl-music" != current.templates
+    for model_id, digest in QUALITY_1_FITS.items():
+        sha = registry.get_spec(model_id).sha256
+        old, new = first.shipped_fit(sha), current.shipped_fit(sha)
+        assert old is not None and new is not None and old != new
+        assert identity.sha256_file(old) == digest, f"revision 1's fit for {model_id} changed"
+    known = ", ".join(f"quality@{n}" for n in range(1, current.revision + 1))
+    for name in ("quality@9", "quality@", "quality@x", "quality@²"):
+        with pytest.raises(MetaEOLError, match=f"has no revision .*; known: {known}$"):
+            get_preset(name)
+    with pytest.raises(MetaEOLError, match="unknown preset 'nope'"):
+        get_preset("nope@1")
 
 
 def test_a_model_whose_choice_is_raw_gets_raw_vectors(fake_model, sts_sentences, tmp_path, monkeypatch):
@@ -88,8 +123,10 @@ def _ship_a_fit_for(model: Path, preset_name: str, folder: Path, monkeypatch) ->
 
 
 @pytest.mark.parametrize(
-    "preset_name, model_id", [("quality", "smollm2-135m"), ("quality", "gemma3-270m"), ("metaeol-icl", "smollm2-135m")]
-)
+    "preset_name, model_id",
+    [("quality", "smollm2-135m"), ("quality", "gemma3-270m"), ("metaeol-icl", "smollm2-135m"),
+     ("quality@1", "smollm2-135m"), ("quality@1", "gemma3-270m")],
+)  # fmt: skip
 def test_the_shipped_fits_are_for_these_files_and_widths(preset_name, model_id):
     """What the real-model test below relied on for each pair, as data: a fit ships for the registry's file."""
     spec = registry.get_spec(model_id)
@@ -120,15 +157,15 @@ def test_a_preset_is_its_templates_layer_and_shipped_fit_on_the_fake(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset_name, model_fixture", [("quality", "smollm2")])
+@pytest.mark.parametrize("preset_name, model_fixture, model_id", [("quality", "smollm2", "smollm2-135m")])
 def test_a_preset_is_its_templates_layer_and_shipped_fit(
-    request, preset_name, model_fixture, sts_sentences, tmp_path, monkeypatch
+    request, preset_name, model_fixture, model_id, sts_sentences, tmp_path, monkeypatch
 ):
     """The raw vectors once: the preset's encode reads them from the cache, which shows that its templates and
     layer are the ones named (another key would be a miss), and applies the shipped fit to them."""
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path))  # no user fit in the way
     path_to_model = request.getfixturevalue(model_fixture)
-    preset = get_preset(preset_name)
+    preset = get_preset(preset_name).for_model(registry.get_spec(model_id).sha256)  # as the file gets it
     sentences = sts_sentences[:3]
     cache = tmp_path / "c.sqlite3"
     with MetaEOL(path_to_model, templates=preset.templates, layer=preset.layer, cache=cache) as plain:
@@ -189,3 +226,4 @@ def test_the_cli_lists_presets_and_embeds_with_one():
     )
     assert r.returncode == 0, r.stderr
     assert "quality:" in r.stdout and "ships a fit for smollm2-135m" in r.stdout
+    assert "quality@1 (templates prompteol-icl-music)" in r.stdout  # an earlier revision, still named

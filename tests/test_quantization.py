@@ -84,7 +84,7 @@ def test_a_preset_keeps_its_shipped_fit_at_the_derived_level(monkeypatch):
     monkeypatch.delenv(quantization.ENV)
     with MetaEOL("smollm2-135m", preset="quality", cache=False) as m:
         assert m.level == "f16"
-        assert m.postprocess_source().name == "smollm2-135m.quality.npz"
+        assert m.postprocess_source().name == m.preset.fits["smollm2-135m"].file
         assert m.encode(["A man is playing a guitar."]).shape == (1, 128)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import FAKE, fake, run_cli
 
+from metaeol_edge.core.presets import get_preset
 from metaeol_edge.errors import InputError
 from metaeol_edge.faces.search import Collection, list_collections, remove_collection
 from metaeol_edge.faces.search.chunking import Budget, split_text
@@ -171,7 +172,7 @@ def test_another_configuration_is_refused_naming_what_differs(fake_model, tmp_pa
     root = make_tree(tmp_path / "notes")
     with open_fake(fake_model) as c:
         c.index(root)
-    made = r"made with templates \(their exact text\) prompteol-icl-music .*not prompteol "
+    made = rf"made with templates \(their exact text\) {WITHOUT_FIT['templates']} .*not prompteol "
     with pytest.raises(InputError, match=made):
         open_fake(fake_model, templates="prompteol")
     with pytest.raises(InputError, match="made with model file and backend"):
@@ -357,3 +358,32 @@ def test_a_new_collection_takes_the_quality_preset_where_its_fit_exists(fake_mod
         assert c.model.postprocess and c.model.templates.name == WITHOUT_FIT["templates"]
     with open_fake(fake_model, name="named", templates="prompteol") as c:
         assert c.options["templates"] == "prompteol" and "preset" not in c.options
+
+
+def test_a_collection_pins_its_presets_revision_and_opens_after_the_preset_moves_on(fake_model, tmp_path, monkeypatch):
+    """A new collection stores ``quality@2``, not ``quality``. One that 0.2 made with ``quality`` (revision 1,
+    stored by its bare name) still opens and searches once the preset has a new revision: its vectors are
+    revision 1's, so its queries are too; without that, a mismatch of templates would refuse it."""
+    monkeypatch.setenv("METAEOL_HOME", str(tmp_path / "home"))  # the fits below are stored there
+    notes = [f"Note {i}: the cat sat on mat {i}." for i in range(200)]
+    for name in ("quality@1", "quality"):
+        with fake(fake_model, preset=name, level="shipped") as model:
+            model.fit_postprocess(notes, show_progress_bar=False)
+    root = make_tree(tmp_path / "notes")
+    with open_fake(fake_model, name="new") as c:
+        c.index(root, show_progress_bar=False)
+        assert c.store.meta("options")["preset"] == get_preset("quality").pinned
+    with open_fake(fake_model, name="old", preset="quality@1") as c:
+        c.index(root, show_progress_bar=False)
+        before = [(h.path, h.score) for h in c.search("furry animals", k=3)]
+        c.store.set_meta({"options": c.store.meta("options") | {"preset": "quality"}})  # as 0.2 stored it
+    with open_fake(fake_model, name="old") as c:
+        assert [(h.path, h.score) for h in c.search("furry animals", k=3)] == before
+        assert c.model.templates.name == "prompteol-icl-music" and c.options["preset"] == "quality@1"
+    with pytest.raises(InputError, match="made with templates"):  # a revision named is not another's
+        open_fake(fake_model, name="old", preset=get_preset("quality").pinned).search("cats")
+
+
+def test_the_default_without_a_fit_is_the_quality_presets_prompt_and_read():
+    preset = get_preset("quality")  # its own settings: those of a model it holds no choice for
+    assert WITHOUT_FIT == {"templates": preset.templates, "layer": preset.layer}

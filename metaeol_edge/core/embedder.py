@@ -815,9 +815,9 @@ class MetaEOL(Embedder):
                 if path is None:
                     how, shipped = f"--templates {self.templates.name} --layer {layer}", ""
                     if self.preset is not None:
-                        how = f"--preset {self.preset.name}"
+                        how = f"--preset {self.preset.label}"
                         models = ", ".join(self.preset.fits) or "none"
-                        shipped = f" (preset {self.preset.name} ships fits for: {models})"
+                        shipped = f" (preset {self.preset.label} ships fits for: {models})"
                     raise ModelError(
                         f"no post-processing fitted for {self.model_label}, templates {self.templates.name}, layer "
                         f"{layer}{shipped}; run: metaeol fit-postprocess --model {self.model_label} {how} "
@@ -836,13 +836,13 @@ def _apply_preset(
     """The preset's templates, layer and post-processing (as resolved for the model); an explicit different
     choice is an error, not a mix."""
     if templates is not None and templates != preset.templates:
-        raise ValueError(f"preset {preset.name!r} sets templates={preset.templates!r}; do not pass templates too")
+        raise ValueError(f"preset {preset.label!r} sets templates={preset.templates!r}; do not pass templates too")
     if layer is not None and str(layer) != str(preset.layer):
-        raise ValueError(f"preset {preset.name!r} sets layer={preset.layer}; do not pass layer too")
+        raise ValueError(f"preset {preset.label!r} sets layer={preset.layer}; do not pass layer too")
     if preset.postprocess is None:  # this model's choice is the raw vectors; a fit of the user's on request
         return preset.templates, preset.layer, postprocess
     if postprocess is False:
-        raise ValueError(f"preset {preset.name!r} is its post-processing ({preset.postprocess}); it cannot be off")
+        raise ValueError(f"preset {preset.label!r} is its post-processing ({preset.postprocess}); it cannot be off")
     return preset.templates, preset.layer, True
 
 

@@ -17,6 +17,12 @@ run chose (qwen2.5-coder-1.5b is best without post-processing, for one).
 :meth:`Preset.for_model` gives the configuration a file gets; any other file
 gets the preset's own.
 
+A preset changes when a dev run finds better settings, and each change is a
+new revision. The revisions it replaced stay in the data (``earlier``) with
+their fits, and ``quality@1`` names one: what was made with a revision (a
+search collection stores ``quality@2``, not ``quality``) is remade the same way
+after the preset moves on.
+
 The presets are data: ``presets/presets.json`` at the top of the repository,
 installed as package data beside the fits it names.
 """
@@ -63,6 +69,19 @@ class Preset:
     postprocess: str | None  # None: no post-processing
     fits: dict[str, ShippedFit] = field(default_factory=dict)  # registry id -> its fit
     models: dict[str, ModelChoice] = field(default_factory=dict)  # registry id -> its own choice
+    revision: int = 1
+    earlier: dict[int, Preset] = field(default_factory=dict)  # the revisions this one replaced, by number
+    current: bool = True  # False for a revision kept in ``earlier``
+
+    @property
+    def pinned(self) -> str:
+        """``quality@2``: this revision by name, which still means these settings once the preset moves on."""
+        return f"{self.name}@{self.revision}"
+
+    @property
+    def label(self) -> str:
+        """What messages call it: ``quality`` for the current revision, ``quality@1`` for an earlier one."""
+        return self.name if self.current else self.pinned
 
     def for_model(self, fingerprint: str | None) -> Preset:
         """The preset as the model file with this SHA-256 gets it (its own choice, if it has one)."""
@@ -91,34 +110,53 @@ def _data_dir():
     return package_data("preset_data", "presets")
 
 
+def _preset(name: str, p: dict, revision: int, earlier: dict[int, Preset], current: bool = True) -> Preset:
+    fits = {model: ShippedFit(f["file"], f["sha256"], f["fit_on"]) for model, f in p.get("fits", {}).items()}
+    models = {}
+    for model, m in p.get("models", {}).items():
+        models[model] = ModelChoice(
+            m["sha256"],
+            m["chosen"],
+            m.get("templates"),
+            m.get("layer"),
+            m.get("postprocess") or None,
+            "postprocess" in m and m["postprocess"] is None,
+        )
+    for kind in [p["postprocess"], *(m.postprocess for m in models.values())]:
+        if kind is not None:
+            parse_kind(kind)  # a typo in the data file fails here, not at the first encode
+    return Preset(name, p["description"], p["templates"], p["layer"], p["postprocess"], fits, models, revision,
+                  earlier, current)  # fmt: skip
+
+
 def load_presets() -> dict[str, Preset]:
+    """Each preset's current revision by name (its earlier ones in ``earlier``)."""
     folder = _data_dir()
     if folder is None or not (folder / "presets.json").is_file():
         return {}
     raw = json.loads((folder / "presets.json").read_text(encoding="utf-8"))
     presets = {}
     for name, p in raw["presets"].items():
-        fits = {model: ShippedFit(f["file"], f["sha256"], f["fit_on"]) for model, f in p.get("fits", {}).items()}
-        models = {}
-        for model, m in p.get("models", {}).items():
-            models[model] = ModelChoice(
-                m["sha256"],
-                m["chosen"],
-                m.get("templates"),
-                m.get("layer"),
-                m.get("postprocess") or None,
-                "postprocess" in m and m["postprocess"] is None,
-            )
-        for kind in [p["postprocess"], *(m.postprocess for m in models.values())]:
-            if kind is not None:
-                parse_kind(kind)  # a typo in the data file fails here, not at the first encode
-        presets[name] = Preset(name, p["description"], p["templates"], p["layer"], p["postprocess"], fits, models)
+        revision = int(p.get("revision", 1))
+        earlier = {int(n): _preset(name, e, int(n), {}, current=False) for n, e in p.get("earlier", {}).items()}
+        if any(not 1 <= n < revision for n in earlier):  # else an earlier one could stand in for the current
+            raise MetaEOLError(f"preset {name!r}: earlier revisions must be 1..{revision - 1}, not {sorted(earlier)}")
+        presets[name] = _preset(name, p, revision, earlier)
     return presets
 
 
 def get_preset(name: str) -> Preset:
+    """A preset by name: ``quality`` its current revision, ``quality@1`` that revision."""
     presets = load_presets()
-    if name not in presets:
+    base, _, revision = name.partition("@")
+    if base not in presets:
         known = ", ".join(sorted(presets)) or "none installed"
-        raise MetaEOLError(f"unknown preset {name!r}; known: {known}")
-    return presets[name]
+        raise MetaEOLError(f"unknown preset {base!r}; known: {known}")
+    preset = presets[base]
+    if base == name:
+        return preset
+    revisions = {preset.revision: preset} | preset.earlier
+    if not (revision.isascii() and revision.isdecimal()) or int(revision) not in revisions:
+        known = ", ".join(f"{base}@{n}" for n in sorted(revisions))
+        raise MetaEOLError(f"preset {base!r} has no revision {revision!r}; known: {known}")
+    return revisions[int(revision)]

@@ -466,6 +466,9 @@ def job_identity(
             "options": config.identity(),
             "encode": asdict(encode),
         }
+        # `quality@2`, where `options` holds `quality`: a later revision of the preset is another job. Only
+        # where a preset is named, so a job without one keeps the identity it had.
+        | ({"preset": model.preset.pinned} if getattr(model, "preset", None) is not None else {})
     )
 
 

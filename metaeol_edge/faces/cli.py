@@ -966,6 +966,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
                 f"  for {model}: templates {own.templates}, layer {own.layer}, post-processing "
                 f"{own.postprocess or 'none'} ({choice.chosen})"
             )
+        if p.earlier:
+            print(f"  revision {p.revision}; earlier ones, still named by --preset: "
+                  + ", ".join(f"{e.pinned} (templates {e.templates})" for e in p.earlier.values()))  # fmt: skip
     return 0
 
 

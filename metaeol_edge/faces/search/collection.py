@@ -267,20 +267,54 @@ class Collection:
             from metaeol_edge.core.config import EmbedConfig
             from metaeol_edge.core.embedder import MetaEOL
 
+            stored = self._store.meta("identity") if self._store is not None else None
             model = MetaEOL.from_config(EmbedConfig.of(**(self.options | self._runtime)))
             try:
                 identity = cfg.identity(model, self.overlap)
-                stored = self._store.meta("identity") if self._store is not None else None
-                if stored is not None:
-                    message = cfg.difference(self.name, stored, identity)
-                    if message:
+                message = cfg.difference(self.name, stored, identity) if stored is not None else None
+                if message:
+                    earlier = self._earlier_revision(model, stored, identity)
+                    if earlier is None:
                         raise InputError(message)
+                    current, (model, identity) = model, earlier
+                    current.close()
             except BaseException:
                 model.close()
                 raise
             self._identity = identity
             self._model = model
         return self._model
+
+    def _earlier_revision(self, model, stored: dict[str, Any], identity: dict[str, Any]):
+        """A collection made with a preset by its bare name (``quality``, before collections pinned the
+        revision) whose revision has since been replaced: the earlier revision whose vectors it holds, as
+        (model, identity), or None. Tried only where what differs is what a revision sets."""
+        from metaeol_edge.core.config import EmbedConfig
+        from metaeol_edge.core.embedder import MetaEOL
+        from metaeol_edge.errors import MetaEOLError
+
+        named = self.options.get("preset")
+        if model.preset is None or not isinstance(named, str) or "@" in named:
+            return None
+        differ = {k for k in cfg.LABELS if stored.get(k) != identity.get(k)}
+        if not differ <= {"prompts", "layer", "postprocess", "dim"}:
+            return None
+        for revision in sorted(model.preset.earlier, reverse=True):
+            options = self.options | {"preset": f"{named}@{revision}"}
+            try:
+                other = MetaEOL.from_config(EmbedConfig.of(**(options | self._runtime)))
+            except (MetaEOLError, ValueError):
+                continue
+            try:
+                identity = cfg.identity(other, self.overlap)
+            except BaseException:
+                other.close()
+                raise
+            if cfg.difference(self.name, stored, identity) is None:
+                self.options = options  # held for this process; the file is not rewritten by a read
+                return other, identity
+            other.close()
+        return None
 
     @property
     def ranker(self) -> Ranker:
@@ -295,6 +329,8 @@ class Collection:
         if self._store.meta("options") is None:
             model = self.model
             options = self.options | {"level": model.level}  # as resolved here: `auto` may differ elsewhere
+            if model.preset is not None:  # `quality@2`, not `quality`: the preset may move on, these vectors not
+                options["preset"] = model.preset.pinned
             self._store.set_meta({"options": options, "identity": self._identity, "dim": model.dim,
                                   "name": self.name, "created": time.time()})  # fmt: skip
             self.options = options

@@ -45,10 +45,11 @@ def _defaults() -> dict[str, Any]:
 DEFAULT_METHOD = {"preset": "quality"}
 """What a new collection embeds with when given no method: the quality preset, one prompt per chunk. Chosen
 by quality per second on ``benchmarks/retrieval.py``'s rows (docs/benchmarks/search.md): its mean nDCG@10
-over the STS-B, SICK and MRPC pairs is within 0.2 of MetaEOL's, at one prompt per chunk instead of eight."""
-WITHOUT_FIT = {"templates": "prompteol-icl-music", "layer": 1.0}
+over the STS-B, SICK and MRPC pairs is at MetaEOL's level or above, at one prompt per chunk instead of eight.
+A collection stores the preset's revision (``quality@2``), so a later revision does not change its vectors."""
+WITHOUT_FIT = {"templates": "ke-icl-music", "layer": 1.0}
 """The quality preset's prompt and read, without its whitening fit: the default for a model the preset
-ships no fit for (its rows: about a point of nDCG@10 below the preset)."""
+ships no fit for (a test holds it to the preset's data)."""
 METHOD_OPTIONS = ("preset", "templates", "method", "layer", "postprocess")
 
 

@@ -67,7 +67,7 @@ def status(workers: dict, started: float) -> dict[str, object]:
                 "templates": model.templates.name,
                 "n_templates": len(model.templates),
                 "method": model.method.name,
-                "preset": preset.name if preset is not None else None,
+                "preset": preset.label if preset is not None else None,
                 "postprocess": bool(getattr(model, "postprocess", False)),
                 "level": getattr(model, "level", None),
                 "max_length": model.max_length,

@@ -24,6 +24,7 @@ from metaeol_edge.bulk import auto_workers, embed_file, shards_dir
 from metaeol_edge.cache import MergeConflictError, merge_caches
 from metaeol_edge.cli import main
 from metaeol_edge.corpus import read_vectors
+from metaeol_edge.presets import get_preset
 
 from metaeol_edge import MetaEOL
 
@@ -398,3 +399,19 @@ def test_spawn_blocker_names_the_reason():
     assert spawn_blocker(SimpleNamespace(__file__=__file__)) is None
     assert "no file" in spawn_blocker(SimpleNamespace())
     assert "does not exist" in spawn_blocker(SimpleNamespace(__file__="<stdin>"))
+
+
+def test_a_jobs_identity_names_the_presets_revision(tmp_path, fake_model):
+    """A later revision of a preset is another job, though the options say `quality` both times; a job with no
+    preset keeps the identity it had (no key), so its resume is untouched."""
+    from metaeol_edge.faces.bulk import EncodeOptions, Source, job_identity
+
+    src = tmp_path / "in.txt"
+    src.write_text("a\n")
+    ids = {}
+    for name in ("quality@1", "quality", None):
+        options = {"preset": name} if name else {"templates": "prompteol"}
+        with fake(fake_model, level="shipped", cache=False, **options) as m:
+            ids[name] = job_identity(Source(src), 1, 4, m, m.resolved_config, EncodeOptions())
+    assert ids["quality@1"]["preset"] == "quality@1" and ids["quality"]["preset"] == get_preset("quality").pinned
+    assert ids["quality@1"] != ids["quality"] and "preset" not in ids[None]

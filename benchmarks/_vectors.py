@@ -34,18 +34,24 @@ class Store:
         self.data = [np.concatenate([old, new]) for old, new in zip(self.data, per_layer, strict=True)]
 
     def get(self, sentences: list[str], option: tuple[int, ...]) -> np.ndarray:
-        """Vectors at one layer, or several layers' vectors (each scaled to unit mean norm) averaged, or
-        side by side where the option starts with :data:`CONCAT`."""
+        """Vectors at one layer, or several layers' vectors averaged, each layer scaled to unit mean norm; side
+        by side where the option starts with :data:`CONCAT`; each vector scaled to unit length before the
+        average where it starts with :data:`UNIT`."""
         idx = np.array([self.rows[s] for s in sentences])
-        join = option[:1] == (CONCAT,)
-        parts = [self.data[self.layers.index(layer)][idx] for layer in option[join:]]
+        mode = option[0] if option[0] in (CONCAT, UNIT) else None
+        parts = [self.data[self.layers.index(layer)][idx] for layer in option[mode is not None :]]
         if len(parts) == 1:
             return parts[0]
-        # Layers differ in scale (the final one is normed): weigh each equally.
-        scaled = [p / np.linalg.norm(p, axis=1).mean() for p in parts]
-        return (np.concatenate(scaled, axis=1) if join else np.mean(scaled, axis=0)).astype(np.float32)
+        if mode == UNIT:  # a sentence's own vectors only: what an embedder can do with no fit
+            scaled = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts]
+        else:  # layers differ in scale (the final one is normed): weigh each equally
+            scaled = [p / np.linalg.norm(p, axis=1).mean() for p in parts]
+        return (np.concatenate(scaled, axis=1) if mode == CONCAT else np.mean(scaled, axis=0)).astype(np.float32)
 
 
+# Markers that lead a layer option, not layers: a resolved layer is -1 (final) or a block from 1.
 CONCAT = 0
-"""Leads a layer option whose layers are concatenated, not averaged (``(CONCAT, 29, 24)``, named ``cat:29+24``):
-a marker, not a layer, since blocks count from 1 and the final layer is -1."""
+"""The layers side by side, each scaled to unit mean norm (``(CONCAT, 29, 24)``, named ``cat:29+24``)."""
+UNIT = -2
+"""The layers averaged, each sentence's vector scaled to unit length first (``unit:29+24``)."""
+MODES = {"cat": CONCAT, "unit": UNIT}

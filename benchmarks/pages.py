@@ -314,6 +314,8 @@ def page_presets() -> str:
         ('**`preset="quality"`**: `ke-icl-3` (KE, 3 demonstrations; its dev choice)', "smollm2-135m", "ke-icl-3", "30",
          "whiten:128", "generic"),  # fmt: skip
         ("`ke-icl-3`, blocks 29 and 24 averaged (pair dev choice)", "smollm2-135m", "ke-icl-3", "29+24", "raw", "none"),
+        ("the same, each vector at unit length (no fit at all)", "smollm2-135m", "ke-icl-3", "unit:29+24", "raw",
+         "none"),  # fmt: skip
         (
             "`prompteol-icl-3` (three demonstrations; its dev choice)",
             "smollm2-135m",
@@ -379,7 +381,7 @@ def page_presets() -> str:
         if speed:
             used.append(speed["command"])
         where = "final layer" if layer == "final" else f"block {layer.replace('+', ' + ')}"
-        where = where.replace("block cat:", "blocks side by side: ")
+        where = where.replace("block cat:", "blocks side by side: ").replace("block unit:", "blocks at unit length: ")
         fit = "" if lever == "raw" else f", {lever} fitted on {fit_on} text"
         body.append(
             [

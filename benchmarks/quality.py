@@ -60,7 +60,7 @@ from metaeol_edge.methods import TokenPrepending
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import cell, table  # noqa: E402
-from _vectors import CONCAT, Store  # noqa: E402
+from _vectors import MODES, Store  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -193,9 +193,11 @@ def parse_spec(spec: str) -> tuple[TemplateSet, TokenPrepending | None]:
 
 
 def layer_name(option: tuple[int, ...]) -> str:
-    """``final``, ``30``, ``29+24`` (averaged) or ``cat:29+24`` (concatenated: the option leads with CONCAT)."""
-    join = option[:1] == (CONCAT,)
-    return ("cat:" if join else "") + "+".join("final" if layer == -1 else str(layer) for layer in option[join:])
+    """``final``, ``30``, ``29+24`` (averaged), ``cat:29+24`` (concatenated) or ``unit:29+24`` (each vector
+    at unit length, then averaged): the option leads with a marker of :data:`_vectors.MODES` for the last two."""
+    prefix = next((f"{name}:" for name, marker in MODES.items() if option[0] == marker), "")
+    layers = option[1:] if prefix else option
+    return prefix + "+".join("final" if layer == -1 else str(layer) for layer in layers)
 
 
 # -- scoring ---------------------------------------------------------------------------------
@@ -275,7 +277,9 @@ def run_dev(args, root: Path, exclude: set[str]) -> list[dict]:
         singles = [(layer,) for layer in vec.layers]
         options = singles + list(combinations(vec.layers, 2))
         if args.concat:  # lever 4's other ensemble: two layers side by side, twice the width
-            options += [(CONCAT, *pair) for pair in combinations(vec.layers, 2)]
+            options += [(MODES["cat"], *pair) for pair in combinations(vec.layers, 2)]
+        if args.unit:  # the average an embedder can make alone: no scale measured on other sentences
+            options += [(MODES["unit"], *pair) for pair in combinations(vec.layers, 2)]
         for option in options:
             for lever in LEVERS:
                 for fit_on, corpus in [("none", None)] if lever == "raw" else corpora.items():
@@ -321,8 +325,9 @@ def dev_choices(rows: list[dict], model: str) -> dict[str, list[tuple[str, str, 
 
 
 def parse_layer_name(name: str) -> tuple[int, ...]:
-    if name.startswith("cat:"):
-        return (CONCAT, *parse_layer_name(name.removeprefix("cat:")))
+    mode, _, rest = name.rpartition(":")
+    if mode:
+        return (MODES[mode], *parse_layer_name(rest))
     return tuple(-1 if p == "final" else int(p) for p in name.split("+"))
 
 
@@ -336,7 +341,8 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
         fits[task] = fit_corpus(IN_DOMAIN[task], root, args.fit_sentences, exclude)
     for templates in args.templates:
         # Read every layer a dev choice names too (a pair such as 28+24), in the same pass.
-        named = [x for layer, _, _ in choices.get(templates, []) for x in parse_layer_name(layer) if x != CONCAT]
+        named = [x for layer, _, _ in choices.get(templates, []) for x in parse_layer_name(layer)]
+        named = [x for x in named if x not in MODES.values()]  # the markers of cat: and unit: are not layers
         layers = list(dict.fromkeys(args.layers + named))
         vec = vectors_for(args.model, templates, layers, args.batch_size, args.threads)
         for name, corpus in fits.items():
@@ -586,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dev-fit", type=int, default=1000, help="generic sentences fitted on in the dev stage")
     ap.add_argument("--dev-in-domain", action="store_true", help="dev: also fit on STS-B train, and choose with it")
     ap.add_argument("--concat", action="store_true", help="dev: also score each pair of layers concatenated")
+    ap.add_argument("--unit", action="store_true", help="dev: also average each pair of unit-length vectors")
     ap.add_argument("--fit-sentences", type=int, default=3000, help="sentences per fitting corpus (test stage)")
     ap.add_argument("--generic-only", action="store_true", help="test: no in-domain fits")
     ap.add_argument("--speed-n", type=int, default=128)

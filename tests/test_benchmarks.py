@@ -230,18 +230,22 @@ def test_quality_steers_contrastive_prompting_inside_the_pass_at_one_block(smoll
 
 def test_quality_averages_or_concatenates_two_layers():
     """Issue 33's lever 4: ``29+24`` averages two layers' vectors, ``cat:29+24`` puts them side by side, each
-    scaled to unit mean norm first; the names read back as the options they came from."""
+    layer scaled to unit mean norm first; ``unit:29+24`` averages each sentence's vectors at unit length; the
+    names read back as the options they came from."""
     quality = _load_script("quality.py")
     store = quality.Store()
     store.spec, store.layers = "t", [29, 24]
     store.start(2)
-    a, b = np.array([[3.0, 4.0], [0.0, 5.0]]), np.array([[1.0, 0.0], [0.0, 1.0]])
+    a, b = np.array([[3.0, 4.0], [0.0, 10.0]]), np.array([[1.0, 0.0], [0.0, 1.0]])
     store.read = lambda sentences: [a, b]
     store.need(["x", "y"], "two")
-    scaled = [a / 5.0, b / 1.0]  # each layer's mean norm: 5 and 1
+    scaled = [a / 7.5, b / 1.0]  # each layer's mean norm: 7.5 (rows of 5 and 10) and 1
     np.testing.assert_allclose(store.get(["x", "y"], (29, 24)), (scaled[0] + scaled[1]) / 2, rtol=1e-6)
-    joined = store.get(["y", "x"], (quality.CONCAT, 29, 24))
+    cat, unit = quality.MODES["cat"], quality.MODES["unit"]
+    joined = store.get(["y", "x"], (cat, 29, 24))
     np.testing.assert_allclose(joined, np.concatenate(scaled, axis=1)[[1, 0]], rtol=1e-6)
-    for option in [(-1,), (29, 24), (quality.CONCAT, -1, 24)]:
+    own = [a / np.linalg.norm(a, axis=1, keepdims=True), b]  # each sentence's vector at unit length: b's are
+    np.testing.assert_allclose(store.get(["x", "y"], (unit, 29, 24)), (own[0] + own[1]) / 2, rtol=1e-6)
+    for option in [(-1,), (29, 24), (cat, -1, 24), (unit, 29, 24)]:
         assert quality.parse_layer_name(quality.layer_name(option)) == option
-    assert quality.layer_name((quality.CONCAT, -1, 24)) == "cat:final+24"
+    assert quality.layer_name((cat, -1, 24)) == "cat:final+24" and quality.layer_name((unit, 30, 2)) == "unit:30+2"

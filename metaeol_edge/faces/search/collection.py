@@ -296,8 +296,7 @@ class Collection:
         named = self.options.get("preset")
         if model.preset is None or not isinstance(named, str) or "@" in named:
             return None
-        differ = {k for k in cfg.LABELS if stored.get(k) != identity.get(k)}
-        if not differ <= {"prompts", "layer", "postprocess", "dim"}:
+        if not set(cfg.differing(stored, identity)) <= {"prompts", "layer", "postprocess", "dim"}:
             return None
         for revision in sorted(model.preset.earlier, reverse=True):
             options = self.options | {"preset": f"{named}@{revision}"}
@@ -310,7 +309,7 @@ class Collection:
             except BaseException:
                 other.close()
                 raise
-            if cfg.difference(self.name, stored, identity) is None:
+            if not cfg.differing(stored, identity):
                 self.options = options  # held for this process; the file is not rewritten by a read
                 return other, identity
             other.close()

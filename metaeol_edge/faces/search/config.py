@@ -98,17 +98,23 @@ def identity(model, overlap: int) -> dict[str, Any]:
     }
 
 
+def differing(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The compared fields (:data:`LABELS`, in its order) in which two identities differ."""
+    return [key for key in LABELS if stored.get(key) != given.get(key)]
+
+
 def difference(name: str, stored: dict[str, Any], given: dict[str, Any]) -> str | None:
     """A one-line message naming the first field in which two identities differ, or None."""
-    for key, label in LABELS.items():
-        if stored.get(key) != given.get(key):
-            was, now = stored.get(key), given.get(key)
-            if key == "vectors":
-                was, now = f"{stored.get('model')} ({was})", f"{given.get('model')} ({now})"
-            elif key == "prompts":
-                was, now = f"{stored.get('templates')} ({was})", f"{given.get('templates')} ({now})"
-            return (
-                f"collection {name} was made with {label} {was}, not {now}: use the configuration it was made "
-                f"with (see `metaeol collections show {name}`), or index into another collection"
-            )
-    return None
+    keys = differing(stored, given)
+    if not keys:
+        return None
+    key = keys[0]
+    was, now = stored.get(key), given.get(key)
+    if key == "vectors":
+        was, now = f"{stored.get('model')} ({was})", f"{given.get('model')} ({now})"
+    elif key == "prompts":
+        was, now = f"{stored.get('templates')} ({was})", f"{given.get('templates')} ({now})"
+    return (
+        f"collection {name} was made with {LABELS[key]} {was}, not {now}: use the configuration it was made "
+        f"with (see `metaeol collections show {name}`), or index into another collection"
+    )

@@ -108,11 +108,22 @@ def made_by(*commands: str) -> list[str]:
 
 def layer_of(layer, n_layer: int) -> str:
     """A preset's layer as quality.json names it: 'final', or the block number."""
+    if isinstance(layer, list | tuple):  # a preset's layers averaged at unit length (combine_layers)
+        return "unit:" + "+".join(layer_of(x, n_layer) for x in layer)
     if layer in (None, -1):
         return "final"
     if isinstance(layer, float) and 0 < layer <= 1:
         return str(round(layer * n_layer))
     return str(layer if layer > 0 else n_layer + 1 + layer)
+
+
+def read_of(layer: str) -> str:
+    """quality.json's layer name as people read it: 'final layer', 'block 30', 'blocks 29 and 24 averaged'."""
+    if layer == "final":
+        return "final layer"
+    if layer.startswith("unit:"):
+        return "blocks " + " and ".join(layer[5:].split("+")) + " averaged (each at unit length)"
+    return "block " + layer
 
 
 class Quality:
@@ -194,7 +205,7 @@ def preset_rows() -> tuple[list[list[str]], list[str]]:
                 rate = cell(speed["sentences_per_s"]) + " †"
             else:
                 rate = "-"
-            what = f"`{method}`, {'final layer' if layer == 'final' else 'block ' + layer}, " + (
+            what = f"`{method}`, {read_of(layer)}, " + (
                 "raw" if lever == "raw" else f"{lever} fitted on {fit_on} text"
             )
             out.append([label, model, what, cell(score), rate])
@@ -311,11 +322,11 @@ def page_presets() -> str:
             "generic",
         ),
         ("`pretcot-icl-music` (its dev choice)", "smollm2-135m", "pretcot-icl-music", "30", "whiten:128", "generic"),
-        ('**`preset="quality"`**: `ke-icl-3` (KE, 3 demonstrations; its dev choice)', "smollm2-135m", "ke-icl-3", "30",
+        ('`preset="quality@2"`: `ke-icl-3` (KE, 3 demonstrations; its dev choice)', "smollm2-135m", "ke-icl-3", "30",
          "whiten:128", "generic"),  # fmt: skip
         ("`ke-icl-3`, blocks 29 and 24 averaged (pair dev choice)", "smollm2-135m", "ke-icl-3", "29+24", "raw", "none"),
-        ("the same, each vector at unit length (no fit at all)", "smollm2-135m", "ke-icl-3", "unit:29+24", "raw",
-         "none"),  # fmt: skip
+        ('**`preset="quality"`**: the same, each vector at unit length (`combine_layers`, no fit at all)',
+         "smollm2-135m", "ke-icl-3", "unit:29+24", "raw", "none"),  # fmt: skip
         (
             "`prompteol-icl-3` (three demonstrations; its dev choice)",
             "smollm2-135m",

@@ -3,7 +3,7 @@
     python benchmarks/quality.py dev  --model smollm2-135m --templates prompteol,pretcot,ke
     python benchmarks/quality.py test --model smollm2-135m --templates prompteol --tasks stsb,sickr
     python benchmarks/quality.py speed --model smollm2-135m --templates prompteol,metaeol
-    python benchmarks/quality.py ship --preset quality --model smollm2-135m
+    python benchmarks/quality.py ship --preset quality --model gemma3-270m
 
 A template set may carry Token Prepending: ``prompteol+tp:1:4`` rewrites blocks
 1..3. Issue 33's lever 2 has two forms: ``prompteol~cp-aux:0.5`` subtracts half of

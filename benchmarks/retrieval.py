@@ -167,7 +167,9 @@ def worker(spec: dict) -> dict:
                 # Queries through their own prompt at the documents' layer; where the documents' configuration
                 # is a fit, the queries get that same fit (one space), applied to their raw states.
                 queries = sorted({q for c in data["queries"].values() for q in c})
-                qmodel = MetaEOL(spec["model"], **query_side["options"], layer=model.layer, postprocess=False)
+                layer = {"layer": list(model.layers), "combine_layers": True} if model.combine_layers else {
+                    "layer": model.layer}  # fmt: skip
+                qmodel = MetaEOL(spec["model"], **query_side["options"], **layer, postprocess=False)
                 raw = qmodel.encode(queries, show_progress_bar=False, normalize_embeddings=False)
                 qmodel.close()
                 if model.postprocess:
@@ -307,9 +309,13 @@ def configurations(args) -> list[tuple[str, dict, dict | None]]:
     base = {"backend": args.backend} if args.backend else {}
     unfitted = base | WITHOUT_FIT
     configs = [("metaeol", base | {"templates": "metaeol"})]
-    configs += [(f"preset {name}", base | {"preset": name}) for name in load_presets()]
-    # The quality preset's prompt and read without its whitening fit (which ships for two models
-    # only): what `metaeol index` uses for any other model. And the paper's one-template PromptEOL.
+    for name, preset in load_presets().items():
+        configs += [(f"preset {name}", base | {"preset": name})]
+        if preset.earlier:  # the revision it replaced, beside it: what the move changed for search
+            replaced = f"{name}@{max(preset.earlier)}"
+            configs += [(f"preset {replaced}", base | {"preset": replaced})]
+    # The quality preset's prompt and read without its whitening fit (which ships for few models):
+    # what `metaeol index` uses for any other model. And the paper's one-template PromptEOL.
     configs += [("quality without fit", unfitted)]
     configs += [("prompteol", base | {"templates": "prompteol"})]
     configs = [(name, options, None) for name, options in configs]

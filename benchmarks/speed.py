@@ -84,7 +84,16 @@ def sample(n: int, seed: int) -> list[str]:
 
 
 def _method_kwargs(method: str) -> dict:
-    return {"preset": method} if method in PRESETS else {"templates": method}
+    return {"preset": method} if _is_preset(method) else {"templates": method}
+
+
+def _is_preset(method: str) -> bool:
+    """A preset by name, or one of its revisions (``quality@2``)."""
+    return method.partition("@")[0] in PRESETS
+
+
+def _label(method: str) -> str:
+    return METHODS.get(method) or (f"preset {method}" if _is_preset(method) else method)
 
 
 def _timed(encode, texts: list[str]) -> tuple[np.ndarray, float]:
@@ -277,7 +286,7 @@ def show(row: dict) -> None:
 
 def run_paths(r: Runner, model_id: str, methods: list[str], rows: list[dict]) -> None:
     for method in methods:
-        base = {"section": "paths", "model": model_id, "method": METHODS.get(method, method)}
+        base = {"section": "paths", "model": model_id, "method": _label(method)}
         paths = [
             ("torch-fp32", {"kind": "torch", "dtype": "float32"}),
             ("torch-bf16", {"kind": "torch", "dtype": "bfloat16"}),
@@ -385,7 +394,7 @@ def accuracy(args: argparse.Namespace) -> None:
     rows = []
     for model_id in args.models.split(","):
         for method in args.methods.split(","):
-            row = {"model": model_id, "method": METHODS.get(method, method), "pairs": len(data.gold)}
+            row = {"model": model_id, "method": _label(method), "pairs": len(data.gold)}
             for level in args.accuracy_levels.split(","):
                 # shipped: the file as it is, in llama.cpp; auto: the default path (backend and level auto).
                 options = {"level": "shipped", "backend": "llama.cpp"} if level == "shipped" else {"level": level}

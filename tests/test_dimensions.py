@@ -50,7 +50,7 @@ def test_a_cut_where_the_first_coordinates_mean_nothing_is_refused(home, fake_mo
         fake(fake_model, "prompteol", truncate_dim=16)
     with fake(fake_model, "prompteol", cache=False) as raw:
         assert raw.encode(sts_sentences[:2], truncate_dim=576).shape == (2, 576)  # the whole width is no cut
-        with pytest.raises(ValueError, match="whitened preset"):
+        with pytest.raises(ValueError, match="a preset that whitens this model"):
             raw.encode(sts_sentences[:2], truncate_dim=100)
     for bad, message in [(0, "positive integer"), (True, "positive integer"), (2.5, "positive integer"),
                          ("16", "positive integer"), (KEEP + 1, f"over the vectors' width of {KEEP}")]:  # fmt: skip

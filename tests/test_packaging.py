@@ -31,9 +31,10 @@ def test_wheel_carries_the_data_and_finds_it(tmp_path):
     code = (
         "import metaeol_edge, metaeol_edge.prompts as p, metaeol_edge.registry as r, metaeol_edge.presets as s;"
         f"assert metaeol_edge.__file__.startswith({str(site)!r}), metaeol_edge.__file__;"
-        "q = s.get_preset('quality'); f = q.fits['smollm2-135m'];"
+        "q = s.get_preset('quality@2'); f = q.fits['smollm2-135m']; g = s.get_preset('quality').fits['gemma3-270m'];"
         "print('metaeol' in p.builtin_names() and 'prompteol' in p.builtin_names(), len(p.load_templates('metaeol')),"
         " r.default_model_id(), q.shipped_fit(f.sha256) is not None,"
+        " s.get_preset('quality').shipped_fit(g.sha256) is not None,"
         " s.get_preset('quality@1').shipped_fit(f.sha256) is not None)"
     )
     r = subprocess.run(
@@ -44,4 +45,4 @@ def test_wheel_carries_the_data_and_finds_it(tmp_path):
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "True 8 smollm2-135m True True"
+    assert r.stdout.strip() == "True 8 smollm2-135m True True True"

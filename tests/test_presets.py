@@ -50,18 +50,25 @@ def test_a_per_model_choice_applies_to_that_file_only():
     own = preset.for_model(qwen)
     assert own.postprocess is None and preset.postprocess == "whiten:128"  # qwen's dev run: raw is best
     assert (own.templates, own.layer) == (preset.templates, preset.layer)
-    small = preset.for_model(smollm2)  # smollm2's dev run: three demonstrations, the preset's read and fit
+    small = preset.for_model(smollm2)  # smollm2's dev run: three demonstrations, blocks 29 and 24 averaged, raw
     assert small.templates == "ke-icl-3" != preset.templates
-    assert (small.layer, small.postprocess) == (preset.layer, preset.postprocess)
+    assert (small.layer, small.combine_layers, small.postprocess) == ((29, 24), True, None)
+    assert not preset.combine_layers and not own.combine_layers
     gemma = registry.get_spec("gemma3-270m").sha256
     assert preset.for_model(gemma) == preset.for_model(None) == preset
 
 
-# 0.2's fits of the quality preset, byte for byte: a search collection made with them stores their digest, and
-# opens only while revision 1 applies the same bytes.
-QUALITY_1_FITS = {
-    "smollm2-135m": "9649251238e2b112c72b8e1a3eb97dcfd2963e06899e1f31b350908bad1726fa",
-    "gemma3-270m": "cf55fce2ba019dbd6f6ff62cd9420986c8811043a66fb765b646e2689e2f8ea8",
+# The quality preset's fits by revision, byte for byte: a search collection made with one stores its digest, and
+# opens only while that revision applies the same bytes. Revision 1's are 0.2's.
+QUALITY_FITS = {
+    1: {
+        "smollm2-135m": "9649251238e2b112c72b8e1a3eb97dcfd2963e06899e1f31b350908bad1726fa",
+        "gemma3-270m": "cf55fce2ba019dbd6f6ff62cd9420986c8811043a66fb765b646e2689e2f8ea8",
+    },
+    2: {
+        "smollm2-135m": "b04439a1266c2e2ebc077e948c8da6b7d6f89bd6929cce321dcfb4ab65d4eb3a",
+        "gemma3-270m": "324a7e4ba3866f6be8cbd658e9cd0acc36754d9bb9562a9b231c563f116ce95f",
+    },
 }
 
 
@@ -73,11 +80,13 @@ def test_a_preset_keeps_its_earlier_revisions_by_name():
     first = get_preset("quality@1")
     assert (first.name, first.revision, first.pinned, first.label) == ("quality", 1, "quality@1", "quality@1")
     assert first.templates == "prompteol-icl-music" != current.templates
-    for model_id, digest in QUALITY_1_FITS.items():
-        sha = registry.get_spec(model_id).sha256
-        old, new = first.shipped_fit(sha), current.shipped_fit(sha)
-        assert old is not None and new is not None and old != new
-        assert identity.sha256_file(old) == digest, f"revision 1's fit for {model_id} changed"
+    for revision, fits in QUALITY_FITS.items():
+        for model_id, digest in fits.items():
+            path = get_preset(f"quality@{revision}").shipped_fit(registry.get_spec(model_id).sha256)
+            assert path is not None and identity.sha256_file(path) == digest, f"quality@{revision}'s fit for {model_id}"
+    smollm2, gemma3 = (registry.get_spec(m).sha256 for m in ("smollm2-135m", "gemma3-270m"))
+    assert first.shipped_fit(gemma3) != current.shipped_fit(gemma3)
+    assert current.shipped_fit(smollm2) is None  # revision 3: smollm2's choice is raw, two layers averaged
     known = ", ".join(f"quality@{n}" for n in range(1, current.revision + 1))
     for name in ("quality@9", "quality@", "quality@x", "quality@²"):
         with pytest.raises(MetaEOLError, match=f"has no revision .*; known: {known}$"):
@@ -124,8 +133,8 @@ def _ship_a_fit_for(model: Path, preset_name: str, folder: Path, monkeypatch) ->
 
 @pytest.mark.parametrize(
     "preset_name, model_id",
-    [("quality", "smollm2-135m"), ("quality", "gemma3-270m"), ("metaeol-icl", "smollm2-135m"),
-     ("quality@1", "smollm2-135m"), ("quality@1", "gemma3-270m")],
+    [("quality", "gemma3-270m"), ("metaeol-icl", "smollm2-135m"), ("quality@2", "smollm2-135m"),
+     ("quality@2", "gemma3-270m"), ("quality@1", "smollm2-135m"), ("quality@1", "gemma3-270m")],
 )  # fmt: skip
 def test_the_shipped_fits_are_for_these_files_and_widths(preset_name, model_id):
     """What the real-model test below relied on for each pair, as data: a fit ships for the registry's file."""
@@ -157,7 +166,7 @@ def test_a_preset_is_its_templates_layer_and_shipped_fit_on_the_fake(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset_name, model_fixture, model_id", [("quality", "smollm2", "smollm2-135m")])
+@pytest.mark.parametrize("preset_name, model_fixture, model_id", [("quality@2", "smollm2", "smollm2-135m")])
 def test_a_preset_is_its_templates_layer_and_shipped_fit(
     request, preset_name, model_fixture, model_id, sts_sentences, tmp_path, monkeypatch
 ):
@@ -210,7 +219,9 @@ def test_a_preset_refuses_a_mix_and_names_what_to_do(smollm2, fake_model, tmp_pa
     with pytest.raises(ValueError, match="sets layer"):
         MetaEOL(smollm2, preset="quality", layer=resolve_layer(3, 30))
     with pytest.raises(ValueError, match="cannot be off"):
-        MetaEOL(smollm2, preset="quality", postprocess=False)
+        MetaEOL(smollm2, preset="quality@2", postprocess=False)
+    with pytest.raises(ValueError, match="post-processing is fitted per layer"):  # revision 3: two layers, raw
+        MetaEOL(smollm2, preset="quality", postprocess=True)
     with pytest.raises(MetaEOLError, match="unknown preset 'best'; known: .*quality"):
         MetaEOL(smollm2, preset="best")
     # A model without a shipped fit (the fake model, which is no registry file): the command that makes one.
@@ -225,5 +236,6 @@ def test_the_cli_lists_presets_and_embeds_with_one():
         [sys.executable, "-m", "metaeol_edge", "presets"], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert r.returncode == 0, r.stderr
-    assert "quality:" in r.stdout and "ships a fit for smollm2-135m" in r.stdout
+    assert "quality:" in r.stdout and "ships a fit for gemma3-270m" in r.stdout
+    assert "for smollm2-135m: templates ke-icl-3, layers 29+24 averaged (each at unit length)" in r.stdout
     assert "quality@1 (templates prompteol-icl-music)" in r.stdout  # an earlier revision, still named

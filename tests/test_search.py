@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import FAKE, fake, run_cli
 
+from metaeol_edge.core.embedder import MetaEOL
 from metaeol_edge.core.presets import get_preset
 from metaeol_edge.errors import InputError
 from metaeol_edge.faces.search import Collection, list_collections, remove_collection
@@ -360,11 +361,25 @@ def test_a_new_collection_takes_the_quality_preset_where_its_fit_exists(fake_mod
         assert c.options["templates"] == "prompteol" and "preset" not in c.options
 
 
-def test_a_collection_pins_its_presets_revision_and_opens_after_the_preset_moves_on(fake_model, tmp_path, monkeypatch):
-    """A new collection stores ``quality@2``, not ``quality``. One that 0.2 made with ``quality`` (revision 1,
+@pytest.mark.parametrize("current_exits_early", [False, True])
+def test_a_collection_pins_its_presets_revision_and_opens_after_the_preset_moves_on(
+    fake_model, tmp_path, monkeypatch, current_exits_early
+):
+    """A new collection stores ``quality@3``, not ``quality``. One that 0.2 made with ``quality`` (revision 1,
     stored by its bare name) still opens and searches once the preset has a new revision: its vectors are
-    revision 1's, so its queries are too; without that, a mismatch of templates would refuse it."""
+    revision 1's, so its queries are too; without that, a mismatch of templates would refuse it.
+
+    ``current_exits_early``: the current revision's vectors come from another file, as on llama.cpp, where
+    revision 3 reads smollm2-135m's blocks 29 and 24 from a copy cut after block 29 (the fake never cuts)."""
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path / "home"))  # the fits below are stored there
+    if current_exits_early:
+        plain = MetaEOL._vector_source
+
+        def source(self):
+            current = self.preset is not None and self.preset.current
+            return plain(self) + (":exit-29" if current else "")
+
+        monkeypatch.setattr(MetaEOL, "_vector_source", source)
     notes = [f"Note {i}: the cat sat on mat {i}." for i in range(200)]
     for name in ("quality@1", "quality"):
         with fake(fake_model, preset=name, level="shipped") as model:
@@ -380,7 +395,7 @@ def test_a_collection_pins_its_presets_revision_and_opens_after_the_preset_moves
     with open_fake(fake_model, name="old") as c:
         assert [(h.path, h.score) for h in c.search("furry animals", k=3)] == before
         assert c.model.templates.name == "prompteol-icl-music" and c.options["preset"] == "quality@1"
-    with pytest.raises(InputError, match="made with templates"):  # a revision named is not another's
+    with pytest.raises(InputError, match="made with (templates|model file)"):  # a revision named is not another's
         open_fake(fake_model, name="old", preset=get_preset("quality").pinned).search("cats")
 
 

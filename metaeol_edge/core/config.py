@@ -48,6 +48,7 @@ class EmbedConfig:
     preset: str | None = None
     method: Any = None  # a registered method's name, or a Method
     layer: Any = None  # a layer, or a tuple of them
+    combine_layers: bool = False  # several layers averaged into one vector (each at unit length first)
     early_exit: bool = True
     postprocess: bool | None = None
     truncate_dim: int | None = None  # the first K of whitened vectors

@@ -41,6 +41,8 @@ from metaeol_edge.methods.prompts import TemplateSet, load_templates, preprocess
 from metaeol_edge.models import digest, quantization, registry, resolve, store
 from metaeol_edge.models.modelfile import inspect_gguf, truncate_gguf
 
+COMBINE_NEEDS_LAYERS = "combine_layers averages several layers: give two or more, e.g. layer=[29, 24]"
+
 
 @dataclass(frozen=True)
 class Truncation:
@@ -79,15 +81,19 @@ class Embedder:
         cache: EmbeddingCache | None = None,
         cache_dtype: str = "float32",
         truncate_dim: int | None = None,
+        combine_layers: bool = False,
     ) -> None:
         if cache_dtype not in ("float32", "float16"):
             raise ValueError("cache_dtype must be 'float32' or 'float16'")
         if not isinstance(max_length, int) or max_length < 16:
             raise ValueError("max_length must be at least 16 tokens")
+        if combine_layers and len(layers) < 2:
+            raise ValueError(COMBINE_NEEDS_LAYERS)
         self.method = method
         self.layers = layers
         self.layer = layers[0]
-        self._multi = multi
+        self.combine_layers = combine_layers
+        self._multi = multi and not combine_layers  # whether encode gives a list, one array per layer
         self._dim = dim
         self.model_label = label
         self.preprocess = preprocess
@@ -127,6 +133,11 @@ class Embedder:
         """The width before ``truncate_dim``: the model's, or its post-processing's."""
         fits = self._postprocess_fits()
         return fits[0].out_dim if fits else self._dim
+
+    @property
+    def read(self) -> int | list[int]:
+        """What one vector is read from, as reports show it: a layer, or the layers ``combine_layers`` averages."""
+        return list(self.layers) if self.combine_layers else self.layer
 
     def fit_kinds(self) -> list[str] | None:
         """Each layer's post-processing (``whiten:128``...), or None for raw vectors."""
@@ -198,7 +209,7 @@ class Embedder:
         k = self.check_truncate_dim(self.truncate_dim if truncate_dim is None else truncate_dim)
         width = self._dim if per_template else (k or self.full_dim)
         shape = (len(items), len(self.units), width) if per_template else (len(items), width)
-        results = [np.empty(shape, dtype=np.float32) for _ in self.layers]
+        results = [np.empty(shape, dtype=np.float32) for _ in range(len(self.layers) if self._multi else 1)]
         done = 0
         for batch in self.encode_batches(
             items,
@@ -282,6 +293,8 @@ class Embedder:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         fits = None if raw else self._postprocess_fits()
+        if per_template and self.combine_layers:
+            raise ValueError("per_template vectors are each layer's own; combine_layers gives one vector per sentence")
         if fits is not None and per_template:
             raise ValueError("post-processing applies to the averaged vector; per_template vectors are raw")
         keep = None if raw else self.check_truncate_dim(self.truncate_dim if truncate_dim is None else truncate_dim)
@@ -303,12 +316,16 @@ class Embedder:
                     result = states[:, li] if per_template else self.method.combine(states[:, li])
                     if fits is not None:
                         result = fits[li].apply(result)
+                    results.append(result)
+                if self.combine_layers:
+                    results = [average_layers(results)]
+                for li, result in enumerate(results):
                     if keep is not None and keep < result.shape[-1] and not per_template:
                         result = result[..., :keep]
                     if normalize_embeddings:
                         norms = np.linalg.norm(result, axis=-1, keepdims=True)
                         result = result / np.maximum(norms, 1e-12)
-                    results.append(result.astype(np.float32, copy=False))
+                    results[li] = result.astype(np.float32, copy=False)
                 offset += len(texts)
                 call.sentences = offset - start
                 if bar is not None:
@@ -491,7 +508,9 @@ class MetaEOL(Embedder):
     ``layer`` picks the hidden state: -1 (default) the final layer after the
     final norm, as the paper; k in 1..n_layer the output of block k; -j counts
     from the end; 0.8 means 80% of the depth. A list of layers reads them all
-    in one pass, and ``encode`` then returns one array per layer. With
+    in one pass, and ``encode`` then returns one array per layer, or with
+    ``combine_layers=True`` one array: their mean, each layer's vector at unit
+    length first (a layer ensemble; raw vectors, no post-processing). With
     ``early_exit`` (default) a model asked only for lower layers runs a copy
     truncated above the highest one, written once into the model store.
     ``postprocess=True`` applies the fit stored by :meth:`fit_postprocess`.
@@ -531,6 +550,7 @@ class MetaEOL(Embedder):
         cache_dtype: str = "float32",
         cache_max_bytes: int | None = None,
         layer: LayerSpec | Sequence[LayerSpec] | None = None,
+        combine_layers: bool = False,
         early_exit: bool = True,
         postprocess: bool | None = None,
         verbose: bool = False,
@@ -552,6 +572,7 @@ class MetaEOL(Embedder):
         settings = config.kwargs()
         model, templates, preset, method = (settings[k] for k in ("model", "templates", "preset", "method"))
         layer, postprocess, early_exit, level = (settings[k] for k in ("layer", "postprocess", "early_exit", "level"))
+        combine = bool(settings["combine_layers"])
         backend, backend_options = settings["backend"], settings["backend_options"]
         n_gpu_layers, engine_mode, n_threads, verbose = (
             settings[k] for k in ("n_gpu_layers", "engine_mode", "n_threads", "verbose")
@@ -573,7 +594,7 @@ class MetaEOL(Embedder):
             if known_sha256 is None and named.models:
                 known_sha256 = resolved.sha256()
             self.preset = named.for_model(known_sha256)
-            templates, layer, postprocess = _apply_preset(self.preset, templates, layer, postprocess)
+            templates, layer, postprocess, combine = _apply_preset(self.preset, templates, layer, postprocess, combine)
         self._source_fingerprint: str | None = known_sha256
         backend, backend_options = self._choose_backend(settings, wanted_level, label)
         self.resolved_config = config.replace(backend=backend, backend_options=backend_options)
@@ -610,6 +631,12 @@ class MetaEOL(Embedder):
         self._exit_blocks = early_exit_blocks(layers, self.info.n_layer, early_exit and uses_engine)
         made = make_method(method, self.templates)
         made.check_depth(self.info.n_layer)  # before the cache opens: nothing to close on a refusal
+        if combine and len(layers) < 2:
+            raise ValueError(COMBINE_NEEDS_LAYERS)
+        if combine and postprocess:
+            raise ValueError(
+                "combine_layers averages raw vectors; post-processing is fitted per layer and cannot follow it"
+            )
         self.postprocess = bool(postprocess)
         self._fits: dict[int, pp.Postprocess] = {}
         self._fingerprint: str | None = known_sha256
@@ -632,6 +659,7 @@ class MetaEOL(Embedder):
             cache=opened,
             cache_dtype=cache_dtype,
             truncate_dim=settings["truncate_dim"],
+            combine_layers=combine,
         )
         self._owns_cache = not isinstance(cache, EmbeddingCache)
         if self.truncate_dim is not None:
@@ -774,6 +802,10 @@ class MetaEOL(Embedder):
         on the sentences you evaluate on: that leaks their statistics. Returns
         the stored files, one per layer.
         """
+        if self.combine_layers:
+            raise ValueError(
+                "combine_layers averages raw vectors; post-processing is fitted per layer and cannot follow it"
+            )
         if kind is None:
             kind = (self.preset.postprocess if self.preset is not None else None) or "standardize"
         pp.parse_kind(kind)
@@ -832,18 +864,37 @@ def _apply_preset(
     templates: str | os.PathLike[str] | TemplateSet | None,
     layer: LayerSpec | Sequence[LayerSpec] | None,
     postprocess: bool | None,
-) -> tuple[str, LayerSpec, bool]:
-    """The preset's templates, layer and post-processing (as resolved for the model); an explicit different
-    choice is an error, not a mix."""
+    combine: bool,
+) -> tuple[str, LayerSpec | Sequence[LayerSpec], bool | None, bool]:
+    """The preset's templates, layer, post-processing and layer combination (as resolved for the model); an
+    explicit different choice is an error, not a mix."""
     if templates is not None and templates != preset.templates:
         raise ValueError(f"preset {preset.label!r} sets templates={preset.templates!r}; do not pass templates too")
-    if layer is not None and str(layer) != str(preset.layer):
-        raise ValueError(f"preset {preset.label!r} sets layer={preset.layer}; do not pass layer too")
+    if layer is not None and _layer_text(layer) != _layer_text(preset.layer):
+        raise ValueError(f"preset {preset.label!r} sets layer={_layer_text(preset.layer)}; do not pass layer too")
+    if combine and not preset.combine_layers:
+        raise ValueError(f"preset {preset.label!r} reads one layer; do not pass combine_layers")
     if preset.postprocess is None:  # this model's choice is the raw vectors; a fit of the user's on request
-        return preset.templates, preset.layer, postprocess
+        return preset.templates, preset.layer, postprocess, preset.combine_layers
     if postprocess is False:
         raise ValueError(f"preset {preset.label!r} is its post-processing ({preset.postprocess}); it cannot be off")
-    return preset.templates, preset.layer, True
+    return preset.templates, preset.layer, True, preset.combine_layers
+
+
+def _layer_text(layer: LayerSpec | Sequence[LayerSpec]) -> str:
+    """A layer choice as people write it (``1.0``, ``29,24``): a list and a tuple of the same layers agree."""
+    return ",".join(str(x) for x in layer) if isinstance(layer, list | tuple) else str(layer)
+
+
+def average_layers(per_layer: list[np.ndarray]) -> np.ndarray:
+    """Several layers' (n, dim) vectors of the same sentences -> their mean, each scaled to unit length first.
+
+    Layers differ in scale (a block's output grows with depth), so a plain mean would be the deepest layer's
+    vector; at unit length each layer counts equally, and a sentence's vector needs nothing but its own reads
+    (no fit). This is ``unit:`` in benchmarks/quality.py, which chose it on STS-B dev.
+    """
+    scaled = [v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12) for v in per_layer]
+    return np.mean(scaled, axis=0, dtype=np.float32)
 
 
 def batched(items: Iterable[object], size: int) -> Iterator[list[object]]:

@@ -95,8 +95,8 @@ def check_prefix(k: object, width: int, kinds: list[str] | None, name: str = "tr
         raise ValueError(
             f"{name} {k} needs whitened vectors, and these are {what}: whitening sorts the coordinates by variance, "
             f"so its first {k} are a shorter embedding of the same space, and the first {k} coordinates of these "
-            "vectors are not. Use a whitened preset (`metaeol presets`: quality, metaeol-icl), or fit one with "
-            "`metaeol fit-postprocess --kind whiten:K`"
+            "vectors are not. Use a preset that whitens this model's vectors (`metaeol presets` says which do, "
+            "per model), or fit one with `metaeol fit-postprocess --kind whiten:K`"
         )
     return k
 

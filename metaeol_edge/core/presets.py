@@ -55,9 +55,10 @@ class ModelChoice:
     sha256: str
     chosen: str
     templates: str | None = None
-    layer: LayerSpec | None = None
+    layer: LayerSpec | tuple[LayerSpec, ...] | None = None
     postprocess: str | None = None
     no_postprocess: bool = False  # the dev choice was the raw vectors
+    combine_layers: bool | None = None  # None: the preset's own
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,15 @@ class Preset:
     name: str
     description: str
     templates: str
-    layer: LayerSpec  # a spec every model resolves (1.0: the last block's output), not one model's block number
+    layer: LayerSpec | tuple[LayerSpec, ...]  # a spec every model resolves (1.0: the last block's output); a
+    # per-model choice may name that model's blocks, and several of them where ``combine_layers`` averages them
     postprocess: str | None  # None: no post-processing
     fits: dict[str, ShippedFit] = field(default_factory=dict)  # registry id -> its fit
     models: dict[str, ModelChoice] = field(default_factory=dict)  # registry id -> its own choice
     revision: int = 1
     earlier: dict[int, Preset] = field(default_factory=dict)  # the revisions this one replaced, by number
     current: bool = True  # False for a revision kept in ``earlier``
+    combine_layers: bool = False  # ``layer`` lists several layers, averaged into one vector
 
     @property
     def pinned(self) -> str:
@@ -92,6 +95,7 @@ class Preset:
                     templates=choice.templates or self.templates,
                     layer=self.layer if choice.layer is None else choice.layer,
                     postprocess=None if choice.no_postprocess else choice.postprocess or self.postprocess,
+                    combine_layers=self.combine_layers if choice.combine_layers is None else choice.combine_layers,
                 )
         return self
 
@@ -118,15 +122,33 @@ def _preset(name: str, p: dict, revision: int, earlier: dict[int, Preset], curre
             m["sha256"],
             m["chosen"],
             m.get("templates"),
-            m.get("layer"),
+            None if m.get("layer") is None else _layer(m["layer"]),
             m.get("postprocess") or None,
             "postprocess" in m and m["postprocess"] is None,
+            m.get("combine_layers"),
         )
     for kind in [p["postprocess"], *(m.postprocess for m in models.values())]:
         if kind is not None:
             parse_kind(kind)  # a typo in the data file fails here, not at the first encode
-    return Preset(name, p["description"], p["templates"], p["layer"], p["postprocess"], fits, models, revision,
-                  earlier, current)  # fmt: skip
+    made = Preset(name, p["description"], p["templates"], _layer(p["layer"]), p["postprocess"], fits, models,
+                  revision, earlier, current, bool(p.get("combine_layers", False)))  # fmt: skip
+    for own in [made, *(made.for_model(m.sha256) for m in models.values())]:
+        _check_combination(own)
+    return made
+
+
+def _layer(spec: LayerSpec | list[LayerSpec]) -> LayerSpec | tuple[LayerSpec, ...]:
+    """A layer from the data file; a list of them as a tuple, as a configuration holds it."""
+    return tuple(spec) if isinstance(spec, list) else spec
+
+
+def _check_combination(preset: Preset) -> None:
+    """A combination needs two layers or more and no fit (a fit is per layer); a list of layers needs one."""
+    many = isinstance(preset.layer, tuple)
+    if preset.combine_layers and not (many and len(preset.layer) >= 2 and preset.postprocess is None):
+        raise MetaEOLError(f"preset {preset.pinned!r}: combine_layers needs two or more layers and no post-processing")
+    if many and not preset.combine_layers:
+        raise MetaEOLError(f"preset {preset.pinned!r}: several layers need combine_layers (a preset gives one vector)")
 
 
 def load_presets() -> dict[str, Preset]:

@@ -113,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
             "in one pass (embed writes one vector per layer)",
         )
         sp.add_argument(
+            "--combine-layers",
+            action="store_true",
+            help="with several --layer values, one vector: their mean, each layer's vector at unit length first "
+            "(a layer ensemble; raw vectors)",
+        )
+        sp.add_argument(
             "--no-early-exit", action="store_true", help="run the whole model even when a lower layer is asked for"
         )
         sp.add_argument(
@@ -123,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
             type=int,
             default=None,
             metavar="K",
-            help="keep the first K dimensions of whitened vectors (a whitened preset such as quality, or a whiten "
+            help="keep the first K dimensions of whitened vectors (a preset that whitens the model's, or a whiten "
             "fit): whitening sorts them by variance; refused where the first K mean nothing",
         )
         sp.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a Metal/CUDA GPU")
@@ -430,6 +436,7 @@ def _config(args: argparse.Namespace) -> EmbedConfig:
         cache_dtype=args.cache_dtype,
         cache_max_bytes=int(args.cache_max_mb * 1e6) if args.cache_max_mb else None,
         layer=[x.strip() for x in args.layer.split(",")] if args.layer and "," in args.layer else args.layer,
+        combine_layers=getattr(args, "combine_layers", False),
         early_exit=not args.no_early_exit,
         postprocess=args.postprocess or None,
         truncate_dim=getattr(args, "dim", None),
@@ -527,8 +534,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.removesuffix('_s').replace('_', '-')} must be positive")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be 0..65535, not {args.port}")
-    if args.layer and "," in args.layer:
-        raise InputError("the server reads one layer per model")
+    if args.layer and "," in args.layer and not args.combine_layers:
+        raise InputError("the server gives one vector per input: several --layer values need --combine-layers")
     # Checked before any model loads: an empty key used to turn authentication off without a word.
     if args.api_key is not None and args.api_key_file is not None:
         raise InputError("give --api-key or --api-key-file, not both")
@@ -956,20 +963,27 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(json.dumps({name: asdict(p) for name, p in presets.items()}, indent=2))
         return 0
     for p in presets.values():
-        print(f"{p.name}: templates {p.templates}, layer {p.layer}, post-processing {p.postprocess}")
+        print(f"{p.name}: templates {p.templates}, {_read(p)}, post-processing {p.postprocess}")
         print(f"  {p.description}")
         for model, fit in p.fits.items():
             print(f"  ships a fit for {model} (made on {fit.fit_on})")
         for model, choice in p.models.items():
             own = p.for_model(choice.sha256)
             print(
-                f"  for {model}: templates {own.templates}, layer {own.layer}, post-processing "
+                f"  for {model}: templates {own.templates}, {_read(own)}, post-processing "
                 f"{own.postprocess or 'none'} ({choice.chosen})"
             )
         if p.earlier:
             print(f"  revision {p.revision}; earlier ones, still named by --preset: "
                   + ", ".join(f"{e.pinned} (templates {e.templates})" for e in p.earlier.values()))  # fmt: skip
     return 0
+
+
+def _read(preset) -> str:
+    """What a preset reads, as ``metaeol presets`` says it: ``layer 1.0``, or ``layers 29+24 averaged``."""
+    if preset.combine_layers:
+        return "layers " + "+".join(str(x) for x in preset.layer) + " averaged (each at unit length)"
+    return f"layer {preset.layer}"
 
 
 def _levels(text: str, shipped: bool = False) -> list[str]:
@@ -1027,7 +1041,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ),
             "templates": model.templates.name,
             "method": model.method.name,
-            "layer": model.layer,
+            "layer": getattr(model, "read", model.layer),
         }
         report = evaluate(
             encode,

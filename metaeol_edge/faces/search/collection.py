@@ -296,7 +296,10 @@ class Collection:
         named = self.options.get("preset")
         if model.preset is None or not isinstance(named, str) or "@" in named:
             return None
-        if not set(cfg.differing(stored, identity)) <= {"prompts", "layer", "postprocess", "dim"}:
+        # What a revision sets, and the vectors' source: a revision's layers decide where the model may stop
+        # (early exit), so its vectors may come from another file. The earlier revision's whole identity is
+        # compared below, so nothing else can match by this.
+        if not set(cfg.differing(stored, identity)) <= {"vectors", "prompts", "layer", "postprocess", "dim"}:
             return None
         for revision in sorted(model.preset.earlier, reverse=True):
             options = self.options | {"preset": f"{named}@{revision}"}

@@ -46,11 +46,11 @@ DEFAULT_METHOD = {"preset": "quality"}
 """What a new collection embeds with when given no method: the quality preset, one prompt per chunk. Chosen
 by quality per second on ``benchmarks/retrieval.py``'s rows (docs/benchmarks/search.md): its mean nDCG@10
 over the STS-B, SICK and MRPC pairs is at MetaEOL's level or above, at one prompt per chunk instead of eight.
-A collection stores the preset's revision (``quality@2``), so a later revision does not change its vectors."""
+A collection stores the preset's revision (``quality@3``), so a later revision does not change its vectors."""
 WITHOUT_FIT = {"templates": "ke-icl-music", "layer": 1.0}
 """The quality preset's prompt and read, without its whitening fit: the default for a model the preset
 ships no fit for (a test holds it to the preset's data)."""
-METHOD_OPTIONS = ("preset", "templates", "method", "layer", "postprocess")
+METHOD_OPTIONS = ("preset", "templates", "method", "layer", "combine_layers", "postprocess")
 
 
 def with_default_method(given: dict[str, Any]) -> dict[str, Any]:
@@ -78,9 +78,9 @@ def chosen(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def identity(model, overlap: int) -> dict[str, Any]:
-    """The identity of a ``MetaEOL`` (one layer) indexing with ``overlap``."""
-    if len(model.layers) != 1:
-        raise InputError("a collection reads one layer: give one --layer, not several")
+    """The identity of a ``MetaEOL`` (one layer, or layers it combines) indexing with ``overlap``."""
+    if len(model.layers) != 1 and not model.combine_layers:
+        raise InputError("a collection stores one vector per chunk: give one --layer, or several with --combine-layers")
     fit = model.postprocess_source(model.layer) if model.postprocess else None
     return {
         "model": model.model_label,
@@ -88,7 +88,8 @@ def identity(model, overlap: int) -> dict[str, Any]:
         "vectors": model._vector_source(),
         "prompts": key_digest(u.key for u in model.units).hex()[:32],
         "method": model.method.cache_name or model.method.name,
-        "layer": model.layer,
+        # A combination's layers, in order; one layer as the number it always was (an older collection matches).
+        "layer": model.read,
         "preprocess": model.preprocess,
         "max_length": model.max_length,
         "cache_dtype": model.cache_dtype if model.cache is not None else "float32",

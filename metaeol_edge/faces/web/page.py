@@ -63,7 +63,7 @@ def status(workers: dict, started: float) -> dict[str, object]:
                 "architecture": getattr(info, "architecture", None),
                 "n_layer": getattr(info, "n_layer", None),
                 "dim": model.dim,
-                "layer": model.layer,
+                "layer": model.read,  # a list where layers are averaged
                 "templates": model.templates.name,
                 "n_templates": len(model.templates),
                 "method": model.method.name,

@@ -597,7 +597,7 @@ async function refreshStatus() {
       ["Preset", (m) => m.preset ?? "none (the paper's)"],
       ["Templates", (m) => (m.templates === undefined ? "" : `${m.templates} (${m.n_templates})`)],
       ["Method", (m) => m.method ?? ""],
-      ["Layer", (m) => (m.layer === undefined ? "" : m.layer === -1 ? "final (-1)" : String(m.layer))],
+      ["Layer", (m) => (m.layer === undefined ? "" : Array.isArray(m.layer) ? `${m.layer.join(" + ")}, averaged` : m.layer === -1 ? "final (-1)" : String(m.layer))],
       ["Dim", (m) => String(m.dim ?? "")],
       ["Level", (m) => m.level ?? ""],
       ["Sentences", (m) => String(metric(samples, "metaeol_sentences_total", m.id))],

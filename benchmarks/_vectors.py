@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 
+from metaeol_edge.core.embedder import average_layers
+
 
 class Store:
     """One reader's vectors at several layers, by sentence: a reader sets ``spec`` and ``layers``, calls
@@ -42,10 +44,10 @@ class Store:
         parts = [self.data[self.layers.index(layer)][idx] for layer in option[mode is not None :]]
         if len(parts) == 1:
             return parts[0]
-        if mode == UNIT:  # a sentence's own vectors only: what an embedder can do with no fit
-            scaled = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts]
-        else:  # layers differ in scale (the final one is normed): weigh each equally
-            scaled = [p / np.linalg.norm(p, axis=1).mean() for p in parts]
+        if mode == UNIT:  # a sentence's own vectors only: what the embedder's combine_layers does
+            return average_layers(parts)
+        # Layers differ in scale (the final one is normed): weigh each equally.
+        scaled = [p / np.linalg.norm(p, axis=1).mean() for p in parts]
         return (np.concatenate(scaled, axis=1) if mode == CONCAT else np.mean(scaled, axis=0)).astype(np.float32)
 
 

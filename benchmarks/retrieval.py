@@ -167,9 +167,8 @@ def worker(spec: dict) -> dict:
                 # Queries through their own prompt at the documents' layer; where the documents' configuration
                 # is a fit, the queries get that same fit (one space), applied to their raw states.
                 queries = sorted({q for c in data["queries"].values() for q in c})
-                layer = {"layer": list(model.layers), "combine_layers": True} if model.combine_layers else {
-                    "layer": model.layer}  # fmt: skip
-                qmodel = MetaEOL(spec["model"], **query_side["options"], **layer, postprocess=False)
+                qmodel = MetaEOL(spec["model"], **query_side["options"], layer=model.read,
+                                 combine_layers=model.combine_layers, postprocess=False)  # fmt: skip
                 raw = qmodel.encode(queries, show_progress_bar=False, normalize_embeddings=False)
                 qmodel.close()
                 if model.postprocess:

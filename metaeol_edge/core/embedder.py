@@ -42,6 +42,7 @@ from metaeol_edge.models import digest, quantization, registry, resolve, store
 from metaeol_edge.models.modelfile import inspect_gguf, truncate_gguf
 
 COMBINE_NEEDS_LAYERS = "combine_layers averages several layers: give two or more, e.g. layer=[29, 24]"
+COMBINE_NO_FIT = "combine_layers averages raw vectors; post-processing is fitted per layer and cannot follow it"
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,12 @@ class Embedder:
         cache: EmbeddingCache | None = None,
         cache_dtype: str = "float32",
         truncate_dim: int | None = None,
-        combine_layers: bool = False,
+        combine_layers: bool = False,  # checked by MetaEOL before its cache opens (two layers or more)
     ) -> None:
         if cache_dtype not in ("float32", "float16"):
             raise ValueError("cache_dtype must be 'float32' or 'float16'")
         if not isinstance(max_length, int) or max_length < 16:
             raise ValueError("max_length must be at least 16 tokens")
-        if combine_layers and len(layers) < 2:
-            raise ValueError(COMBINE_NEEDS_LAYERS)
         self.method = method
         self.layers = layers
         self.layer = layers[0]
@@ -634,9 +633,7 @@ class MetaEOL(Embedder):
         if combine and len(layers) < 2:
             raise ValueError(COMBINE_NEEDS_LAYERS)
         if combine and postprocess:
-            raise ValueError(
-                "combine_layers averages raw vectors; post-processing is fitted per layer and cannot follow it"
-            )
+            raise ValueError(COMBINE_NO_FIT)
         self.postprocess = bool(postprocess)
         self._fits: dict[int, pp.Postprocess] = {}
         self._fingerprint: str | None = known_sha256
@@ -803,9 +800,7 @@ class MetaEOL(Embedder):
         the stored files, one per layer.
         """
         if self.combine_layers:
-            raise ValueError(
-                "combine_layers averages raw vectors; post-processing is fitted per layer and cannot follow it"
-            )
+            raise ValueError(COMBINE_NO_FIT)
         if kind is None:
             kind = (self.preset.postprocess if self.preset is not None else None) or "standardize"
         pp.parse_kind(kind)

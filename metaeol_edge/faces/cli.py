@@ -1041,7 +1041,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ),
             "templates": model.templates.name,
             "method": model.method.name,
-            "layer": getattr(model, "read", model.layer),
+            "layer": model.read,
         }
         report = evaluate(
             encode,

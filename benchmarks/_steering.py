@@ -101,8 +101,8 @@ class SteeredVectors(Store):
             x[:, -1, :] = coeff * (x[:, -1, :] - aux_values)
             return (x, *args[1:])
 
-        captured: list = []
-        handles = [self.backend._last_block_hook(captured)]
+        captured: dict = {}
+        handles = self.backend._hooks(self.layers, captured)
         if self.act is not None:
             handles.append(self.backend.model.layers[self.act].self_attn.o_proj.register_forward_pre_hook(steer))
         try:

@@ -14,7 +14,7 @@ class Store:
     :meth:`start` with its width, and reads new sentences in :meth:`read` (each layer's (n, dim) vectors)."""
 
     spec: str
-    layers: list[int]
+    layers: list[int | str]
     note = ""  # said after the count of new sentences (how they are read)
 
     def start(self, dim: int) -> None:
@@ -35,7 +35,7 @@ class Store:
             self.rows[s] = start + i
         self.data = [np.concatenate([old, new]) for old, new in zip(self.data, per_layer, strict=True)]
 
-    def get(self, sentences: list[str], option: tuple[int, ...]) -> np.ndarray:
+    def get(self, sentences: list[str], option: tuple[int | str, ...]) -> np.ndarray:
         """Vectors at one layer, or several layers' vectors averaged, each layer scaled to unit mean norm; side
         by side where the option starts with :data:`CONCAT`; each vector scaled to unit length before the
         average where it starts with :data:`UNIT`."""

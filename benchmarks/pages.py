@@ -112,17 +112,29 @@ def layer_of(layer, n_layer: int) -> str:
         return "unit:" + "+".join(layer_of(x, n_layer) for x in layer)
     if layer in (None, -1):
         return "final"
+    if isinstance(layer, str):  # an attention span, named as quality.json names it (attn:22-30)
+        return layer
     if isinstance(layer, float) and 0 < layer <= 1:
         return str(round(layer * n_layer))
     return str(layer if layer > 0 else n_layer + 1 + layer)
 
 
 def read_of(layer: str) -> str:
-    """quality.json's layer name as people read it: 'final layer', 'block 30', 'blocks 29 and 24 averaged'."""
+    """quality.json's layer name as people read it: 'final layer', 'block 30', 'blocks 29 and 24 averaged',
+    'the attention outputs of blocks 22-30'."""
     if layer == "final":
         return "final layer"
     if layer.startswith("unit:"):
-        return "blocks " + " and ".join(layer[5:].split("+")) + " averaged (each at unit length)"
+        parts = layer[5:].split("+")
+        if not any(p.startswith("attn:") for p in parts):
+            return "blocks " + " and ".join(parts) + " averaged (each at unit length)"
+        blocks = [p for p in parts if not p.startswith("attn:")]
+        spans = [p[5:] for p in parts if p.startswith("attn:")]
+        named = [("block " if len(blocks) == 1 else "blocks ") + " and ".join(blocks)] if blocks else []
+        named.append(("attention span " if len(spans) == 1 else "attention spans ") + " and ".join(spans))
+        return " with ".join(named) + " averaged (each at unit length)"
+    if layer.startswith("attn:"):
+        return "attention outputs of blocks " + layer[5:] + " averaged"
     return "block " + layer
 
 
@@ -325,8 +337,12 @@ def page_presets() -> str:
         ('`preset="quality@2"`: `ke-icl-3` (KE, 3 demonstrations; its dev choice)', "smollm2-135m", "ke-icl-3", "30",
          "whiten:128", "generic"),  # fmt: skip
         ("`ke-icl-3`, blocks 29 and 24 averaged (pair dev choice)", "smollm2-135m", "ke-icl-3", "29+24", "raw", "none"),
-        ('**`preset="quality"`**: the same, each vector at unit length (`combine_layers`, no fit at all)',
+        ('`preset="quality@3"`: the same, each vector at unit length (`combine_layers`, no fit at all)',
          "smollm2-135m", "ke-icl-3", "unit:29+24", "raw", "none"),  # fmt: skip
+        ("`ke-icl-3`, attention outputs of blocks 22-30 (AlignedWVA; its single dev choice)", "smollm2-135m",
+         "ke-icl-3", "attn:22-30", "raw", "none"),  # fmt: skip
+        ('**`preset="quality"`**: block 24 and two attention spans at unit length (its dev choice, no fit)',
+         "smollm2-135m", "ke-icl-3", "unit:24+attn:22-30+attn:22-26", "raw", "none"),  # fmt: skip
         (
             "`prompteol-icl-3` (three demonstrations; its dev choice)",
             "smollm2-135m",
@@ -393,6 +409,8 @@ def page_presets() -> str:
             used.append(speed["command"])
         where = "final layer" if layer == "final" else f"block {layer.replace('+', ' + ')}"
         where = where.replace("block cat:", "blocks side by side: ").replace("block unit:", "blocks at unit length: ")
+        if "attn:" in layer:
+            where = read_of(layer)
         fit = "" if lever == "raw" else f", {lever} fitted on {fit_on} text"
         body.append(
             [
@@ -457,7 +475,7 @@ def page_presets() -> str:
             c = d.get("choice")
             choice = "-"
             if c:
-                where = "final" if c["layer"] == "final" else f"block {c['layer']}"
+                where = "final" if c["layer"] == "final" else read_of(c["layer"])
                 choice = f"{where}, {c['lever']}: {cell(c['spearman'])}"
             body.append(
                 [
@@ -474,7 +492,8 @@ def page_presets() -> str:
             "",
             f"Spearman x100 on a seeded sample of {pairs} STS-B dev pairs; raw and whitened to 128 dimensions "
             f"(fitted on {counts(q.rows, 'fit_sentences', split='dev', fit_on='generic')} generic sentences) "
-            "at the final layer, and the dev choice of a single layer "
+            "at the final layer, and the dev choice of a single read (a block, or `attn:A-B`: the attention "
+            "outputs of blocks A..B averaged) "
             "(`a&b` averages template sets; `+tp:1:4`: Token Prepending, blocks 1..3; `a~b:0.5`: a's states "
             "minus 0.5 times b's, read at the same layer; `+cp:4:0.5`: Contrastive Prompting steered inside the "
             "pass, the last token's attention values in block 4 (0-based) replaced by 0.5 times their difference "

@@ -57,6 +57,7 @@ from metaeol_edge import MetaEOL, registry
 from metaeol_edge import postprocess as pp
 from metaeol_edge.evaluation import STS_YEARS, STSData, data_dir, load_sts, load_transfer, run_sts
 from metaeol_edge.methods import TokenPrepending
+from metaeol_edge.methods.layers import ATTENTION
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import cell, table  # noqa: E402
@@ -125,7 +126,7 @@ def dev_data(root: Path, pairs: int) -> STSData:
 class Vectors(Store):
     """One template set's vectors at several layers, read in one pass and kept by sentence."""
 
-    def __init__(self, model: str, spec: str, layers: list[int], batch_size: int, threads: int | None) -> None:
+    def __init__(self, model: str, spec: str, layers: list[int | str], batch_size: int, threads: int | None) -> None:
         templates, method = parse_spec(spec)
         self.embedder = MetaEOL(model, templates=templates, method=method, layer=layers, cache=True, n_threads=threads)
         self.spec = spec
@@ -145,7 +146,7 @@ class Contrast:
     values, and reads a later layer; this is the subtraction on the states a layer already gives, which the
     engine can do with no change to its graph."""
 
-    def __init__(self, model: str, spec: str, layers: list[int], batch_size: int, threads: int | None) -> None:
+    def __init__(self, model: str, spec: str, layers: list[int | str], batch_size: int, threads: int | None) -> None:
         main, _, rest = spec.partition("~")
         aux, _, alpha = rest.partition(":")
         self.spec = spec
@@ -158,7 +159,7 @@ class Contrast:
         self.main.need(sentences, label)
         self.aux.need(sentences, label)
 
-    def get(self, sentences: list[str], option: tuple[int, ...]) -> np.ndarray:
+    def get(self, sentences: list[str], option: tuple[int | str, ...]) -> np.ndarray:
         return (self.main.get(sentences, option) - self.alpha * self.aux.get(sentences, option)).astype(np.float32)
 
 
@@ -167,7 +168,7 @@ def is_steered(spec: str) -> bool:
     return "+cp:" in spec or spec.endswith("+pt")
 
 
-def vectors_for(model: str, spec: str, layers: list[int], batch_size: int, threads: int | None):
+def vectors_for(model: str, spec: str, layers: list[int | str], batch_size: int, threads: int | None):
     """What reads a spec: ``a~b:alpha`` a :class:`Contrast`, ``a+cp:ACT:COEFF`` Contrastive Prompting steered
     inside the forward pass (``_steering.py``, PyTorch), anything else :class:`Vectors`."""
     if is_steered(spec):
@@ -192,9 +193,10 @@ def parse_spec(spec: str) -> tuple[TemplateSet, TokenPrepending | None]:
     return templates, TokenPrepending(templates, start, stop)
 
 
-def layer_name(option: tuple[int, ...]) -> str:
-    """``final``, ``30``, ``29+24`` (averaged), ``cat:29+24`` (concatenated) or ``unit:29+24`` (each vector
-    at unit length, then averaged): the option leads with a marker of :data:`_vectors.MODES` for the last two."""
+def layer_name(option: tuple[int | str, ...]) -> str:
+    """``final``, ``30``, ``attn:22-30`` (the attention outputs of blocks 22..30, averaged: AlignedWVA),
+    ``29+24`` (averaged), ``cat:29+24`` (concatenated) or ``unit:29+24`` (each vector at unit length, then
+    averaged): the option leads with a marker of :data:`_vectors.MODES` for the last two."""
     prefix = next((f"{name}:" for name, marker in MODES.items() if option[0] == marker), "")
     layers = option[1:] if prefix else option
     return prefix + "+".join("final" if layer == -1 else str(layer) for layer in layers)
@@ -206,7 +208,7 @@ def layer_name(option: tuple[int, ...]) -> str:
 def score(
     data: STSData,
     vectors: Vectors,
-    option: tuple[int, ...],
+    option: tuple[int | str, ...],
     lever: str,
     fit_sentences: list[str] | None,
     save: Path | None,
@@ -225,7 +227,7 @@ def score(
 def result_row(
     model: str,
     templates: str,
-    option: tuple[int, ...],
+    option: tuple[int | str, ...],
     lever: str,
     fit_on: str,
     split: str,
@@ -280,6 +282,8 @@ def run_dev(args, root: Path, exclude: set[str]) -> list[dict]:
             options += [(MODES["cat"], *pair) for pair in combinations(vec.layers, 2)]
         if args.unit:  # the average an embedder can make alone: no scale measured on other sentences
             options += [(MODES["unit"], *pair) for pair in combinations(vec.layers, 2)]
+        if args.unit3:  # three reads so: two layers and an attention span, say
+            options += [(MODES["unit"], *three) for three in combinations(vec.layers, 3)]
         for option in options:
             for lever in LEVERS:
                 for fit_on, corpus in [("none", None)] if lever == "raw" else corpora.items():
@@ -324,11 +328,20 @@ def dev_choices(rows: list[dict], model: str) -> dict[str, list[tuple[str, str, 
     return chosen
 
 
-def parse_layer_name(name: str) -> tuple[int, ...]:
-    mode, _, rest = name.rpartition(":")
-    if mode:
+def parse_layer_name(name: str) -> tuple[int | str, ...]:
+    """:func:`layer_name` read back: ``unit:29+24+attn:22-30`` -> (UNIT, 29, 24, "attn:22-30")."""
+    mode, sep, rest = name.partition(":")
+    if sep and mode in MODES:
         return (MODES[mode], *parse_layer_name(rest))
-    return tuple(-1 if p == "final" else int(p) for p in name.split("+"))
+    return tuple(parse_read(p) for p in name.split("+"))
+
+
+def parse_read(text: str) -> int | str:
+    """One read as rows and ``--layers`` name it: ``final`` or -1, a block, or an attention span ``attn:22-30``."""
+    text = text.strip()
+    if text == "final":
+        return -1
+    return text if text.startswith(ATTENTION) else int(text)
 
 
 def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[dict]:
@@ -348,7 +361,7 @@ def run_test(args, root: Path, exclude: set[str], previous: list[dict]) -> list[
         for name, corpus in fits.items():
             vec.need(corpus, f"the {name} fitting corpus")
         # (layers, lever, fit, dev choice or None): the final layer with every lever, and the dev choices.
-        plan: list[tuple[tuple[int, ...], str, str, str | None]] = []
+        plan: list[tuple[tuple[int | str, ...], str, str, str | None]] = []
         for lever in args.levers:
             plan += [((-1,), lever, f, None) for f in (["none"] if lever == "raw" else ["generic", "in-domain"])]
         for layer, lever, kind in choices.get(templates, []):
@@ -411,14 +424,14 @@ def run_speed(args, root: Path) -> list[dict]:
     sample = random.Random(SEED).sample(sentences, min(args.speed_n, len(sentences)))
     rows = []
     for templates in args.templates:
-        for layer in args.speed_layers:
-            run, close = speed_reader(args, templates, layer)
+        for option in args.speed_layers:
+            run, close = speed_reader(args, templates, option)
             run(sample[:4])  # load, and warm the template prefixes
             t0 = time.perf_counter()
             run(sample)
             rate = len(sample) / (time.perf_counter() - t0)
             close()
-            name = layer_name((layer,))
+            name = layer_name(option)
             rows.append(
                 dict(
                     model=model_name(args.model),
@@ -438,17 +451,32 @@ def run_speed(args, root: Path) -> list[dict]:
     return rows
 
 
-def speed_reader(args, spec: str, layer: int):
-    """(encode these sentences, close) for one spec at one layer, cache off, as its rows are read: a contrast
-    encodes both sets (their union's cost), a steered spec runs both PyTorch passes."""
+def speed_reader(args, spec: str, option: tuple[int | str, ...]):
+    """(encode these sentences, close) for one spec at one read, cache off, as its rows are read: a contrast
+    encodes both sets (their union's cost), a steered spec runs both PyTorch passes, a ``unit:`` option is the
+    embedder's ``combine_layers`` over its reads."""
+    combine = option[0] == MODES["unit"]
+    if len(option) > 1 and not combine:
+        raise SystemExit(f"--speed-layers: {layer_name(option)} is no read the embedder makes; use unit:A+B")
+    layer = list(option[1:]) if combine else option[0]
     if is_steered(spec):
+        if combine:
+            raise SystemExit("a steered spec is timed at one layer")
         steered = vectors_for(args.model, spec, [layer], args.batch_size, args.threads)
         return steered.read, lambda: None
     if "~" in spec:
         main, _, rest = spec.partition("~")
         spec = main + "&" + rest.partition(":")[0]
     names, method = parse_spec(spec)
-    model = MetaEOL(args.model, templates=names, method=method, layer=layer, cache=False, n_threads=args.threads)
+    model = MetaEOL(
+        args.model,
+        templates=names,
+        method=method,
+        layer=layer,
+        combine_layers=combine,
+        cache=False,
+        n_threads=args.threads,
+    )
     return (lambda s: model.encode(s, batch_size=args.batch_size, show_progress_bar=False)), model.close
 
 
@@ -585,7 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="quality", help="the preset whose fit `ship` makes")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--templates", default="prompteol", help="comma-separated template sets")
-    ap.add_argument("--layers", default="-1,30,29,24,20,16", help="layers read in one pass (-1: final)")
+    ap.add_argument(
+        "--layers",
+        default="-1,30,29,24,20,16",
+        help="reads in one pass: layers (-1: final) and attention spans (attn:22-30, issue 33's lever 5)",
+    )
     ap.add_argument("--tasks", default="stsb,sickr", help="test tasks (stsb, sickr, sts12..sts16)")
     ap.add_argument("--levers", default="raw,center,standardize,whiten,whiten:128,abtt:10")
     ap.add_argument("--dev-pairs", type=int, default=500)
@@ -593,10 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dev-in-domain", action="store_true", help="dev: also fit on STS-B train, and choose with it")
     ap.add_argument("--concat", action="store_true", help="dev: also score each pair of layers concatenated")
     ap.add_argument("--unit", action="store_true", help="dev: also average each pair of unit-length vectors")
+    ap.add_argument("--unit3", action="store_true", help="dev: also average each triple of unit-length vectors")
     ap.add_argument("--fit-sentences", type=int, default=3000, help="sentences per fitting corpus (test stage)")
     ap.add_argument("--generic-only", action="store_true", help="test: no in-domain fits")
     ap.add_argument("--speed-n", type=int, default=128)
-    ap.add_argument("--speed-layers", default="-1")
+    ap.add_argument("--speed-layers", default="-1", help="reads timed: -1, 30, attn:22-30, unit:29+24 (combined)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     ap.add_argument("--data", default=None, help="SentEval folder (default: $METAEOL_DATA or ../shared/senteval)")
@@ -605,10 +638,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-fits", type=Path, default=None, help="write each test row's fit (.npz)")
     args = ap.parse_args(argv)
     args.templates = [t for t in args.templates.split(",") if t]
-    args.layers = [int(x) for x in args.layers.split(",")]
+    args.layers = [parse_read(x) for x in args.layers.split(",")]
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.levers = [x for x in args.levers.split(",") if x]
-    args.speed_layers = [int(x) for x in args.speed_layers.split(",")]
+    args.speed_layers = [parse_layer_name(x) for x in args.speed_layers.split(",")]
     for lever in args.levers:
         if lever != "raw":
             pp.parse_kind(lever)

@@ -246,6 +246,10 @@ def test_quality_averages_or_concatenates_two_layers():
     np.testing.assert_allclose(joined, np.concatenate(scaled, axis=1)[[1, 0]], rtol=1e-6)
     own = [a / np.linalg.norm(a, axis=1, keepdims=True), b]  # each sentence's vector at unit length: b's are
     np.testing.assert_allclose(store.get(["x", "y"], (unit, 29, 24)), (own[0] + own[1]) / 2, rtol=1e-6)
-    for option in [(-1,), (29, 24), (cat, -1, 24), (unit, 29, 24)]:
+    spans = [("attn:22-30",), (unit, 24, "attn:22-30", "attn:1-2")]
+    for option in [(-1,), (29, 24), (cat, -1, 24), (unit, 29, 24), *spans]:
         assert quality.parse_layer_name(quality.layer_name(option)) == option
     assert quality.layer_name((cat, -1, 24)) == "cat:final+24" and quality.layer_name((unit, 30, 2)) == "unit:30+2"
+    # Attention spans (lever 5) keep their own colon: a span is no mode.
+    assert quality.layer_name((unit, 24, "attn:22-30")) == "unit:24+attn:22-30"
+    assert quality.parse_layer_name("attn:22-30") == ("attn:22-30",)

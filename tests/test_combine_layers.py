@@ -139,19 +139,20 @@ def test_the_shell_combines_layers(fake_model, sts_sentences, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_quality_preset_on_smollm2_is_its_two_blocks_averaged(smollm2, sts_sentences, tmp_path, monkeypatch):
-    """On the real file: revision 3's choice for smollm2-135m reads the cache entries of ke-icl-3 at blocks 29
-    and 24 (another prompt, layer or early exit would be a miss) and averages them at unit length."""
+def test_the_quality_preset_on_smollm2_is_its_reads_averaged(smollm2, sts_sentences, tmp_path, monkeypatch):
+    """On the real file: revision 4's choice for smollm2-135m reads the cache entries of ke-icl-3 at block 24 and
+    the attention spans 22-30 and 22-26 (another prompt, read or early exit would be a miss) and averages them at
+    unit length."""
     monkeypatch.setenv("METAEOL_HOME", str(tmp_path))
     sentences = sts_sentences[:3]
     cache = tmp_path / "c.sqlite3"
-    with MetaEOL(smollm2, templates="ke-icl-3", layer=[29, 24], cache=cache) as each:
-        a, b = each.encode(sentences)
+    with MetaEOL(smollm2, templates="ke-icl-3", layer=[24, "attn:22-30", "attn:22-26"], cache=cache) as each:
+        a, b, c = each.encode(sentences)
     with MetaEOL(smollm2, preset="quality", cache=cache) as model:
-        assert model.preset is not None and model.preset.revision >= 3
+        assert model.preset is not None and model.preset.revision >= 4
         got, stats = counted(model, sentences)
-    assert stats.misses == 0 and stats.hits == 6
-    np.testing.assert_allclose(got, (_unit(a) + _unit(b)) / 2, rtol=1e-5, atol=1e-6)
+    assert stats.misses == 0 and stats.hits == 9
+    np.testing.assert_allclose(got, (_unit(a) + _unit(b) + _unit(c)) / 3, rtol=1e-5, atol=1e-6)
 
 
 def test_the_server_serves_a_combination_and_refuses_layers_without_one(fake_model, sts_sentences, capsys):

@@ -50,9 +50,11 @@ def test_a_per_model_choice_applies_to_that_file_only():
     own = preset.for_model(qwen)
     assert own.postprocess is None and preset.postprocess == "whiten:128"  # qwen's dev run: raw is best
     assert (own.templates, own.layer) == (preset.templates, preset.layer)
-    small = preset.for_model(smollm2)  # smollm2's dev run: three demonstrations, blocks 29 and 24 averaged, raw
+    small = preset.for_model(smollm2)  # smollm2's dev run: three demonstrations, block 24 and two attention spans
     assert small.templates == "ke-icl-3" != preset.templates
-    assert (small.layer, small.combine_layers, small.postprocess) == ((29, 24), True, None)
+    assert (small.layer, small.combine_layers, small.postprocess) == ((24, "attn:22-30", "attn:22-26"), True, None)
+    third = get_preset("quality@3").for_model(smollm2)  # revision 3, kept: blocks 29 and 24 averaged
+    assert (third.templates, third.layer, third.combine_layers, third.postprocess) == ("ke-icl-3", (29, 24), True, None)
     assert not preset.combine_layers and not own.combine_layers
     gemma = registry.get_spec("gemma3-270m").sha256
     assert preset.for_model(gemma) == preset.for_model(None) == preset
@@ -237,5 +239,5 @@ def test_the_cli_lists_presets_and_embeds_with_one():
     )
     assert r.returncode == 0, r.stderr
     assert "quality:" in r.stdout and "ships a fit for gemma3-270m" in r.stdout
-    assert "for smollm2-135m: templates ke-icl-3, layers 29+24 averaged (each at unit length)" in r.stdout
+    assert "for smollm2-135m: templates ke-icl-3, layers 24+attn:22-30+attn:22-26 averaged (each at unit" in r.stdout
     assert "quality@1 (templates prompteol-icl-music)" in r.stdout  # an earlier revision, still named

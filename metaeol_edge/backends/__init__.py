@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from metaeol_edge.methods import Prompt
+from metaeol_edge.methods.layers import Read
 
 Progress = Callable[[float], None]
 """Called with the number of prompts done since the last call (a fraction while a long one runs)."""
@@ -51,7 +52,7 @@ class Backend(ABC):
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
     @abstractmethod
-    def states(self, prompts: Sequence[Prompt], layers: Sequence[int], progress: Progress | None = None) -> np.ndarray:
+    def states(self, prompts: Sequence[Prompt], layers: Sequence[Read], progress: Progress | None = None) -> np.ndarray:
         """(len(layers), len(prompts), dim) float32: each prompt's read state at each layer."""
 
     def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to free
@@ -140,7 +141,7 @@ class LlamaCppBackend(Backend):
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.engine.detokenize(tokens)
 
-    def states(self, prompts: Sequence[Prompt], layers: Sequence[int], progress: Progress | None = None) -> np.ndarray:
+    def states(self, prompts: Sequence[Prompt], layers: Sequence[Read], progress: Progress | None = None) -> np.ndarray:
         from metaeol_edge.backends.engine import Prompt as EnginePrompt
 
         engine_prompts = []

@@ -69,10 +69,10 @@ import numpy as np
 
 from metaeol_edge.backends import snapshots
 from metaeol_edge.backends.snapshots import PrefixSnapshots, state_key
-from metaeol_edge.backends.tensors import GGML_TYPE_F32, RESULT_NORM, _Ggml, _tensor_name, copy_row
+from metaeol_edge.backends.tensors import GGML_TYPE_F32, RESULT_NORM, _Ggml, _tensor_names, copy_row
 from metaeol_edge.errors import ModelError
 from metaeol_edge.llamacpp import _llama, default_threads, init_backend, model_params
-from metaeol_edge.methods.layers import FINAL, check_resolved
+from metaeol_edge.methods.layers import FINAL, Read, check_resolved, top_block
 from metaeol_edge.models.modelfile import GGUFInfo, inspect_gguf
 
 PREFIX_SEQ = 0
@@ -408,14 +408,18 @@ class Engine:
         missing = [name.decode() for name, slot in self._wanted.items() if self._rows[slot] is None]
         missing += sorted(name.decode() for name in self._rewrite_names - self._rewritten)
         if missing:
-            raise RuntimeError(f"llama.cpp's graph for this model has no tensor {', '.join(missing)}")
+            spans = ""
+            if any(m.startswith("attn_out-") for m in missing):
+                spans = " (an attention span reads attn_out tensors, which this architecture's graph does not name; "
+                spans += "the pytorch backend reads it)"
+            raise ModelError(f"llama.cpp's graph for this model has no tensor {', '.join(missing)}{spans}")
         return self._rows  # type: ignore[return-value]
 
     def embed(
         self,
         prompts: Sequence[Prompt],
         progress: Callable[[float], None] | None = None,
-        layers: Sequence[int] | None = None,
+        layers: Sequence[Read] | None = None,
     ) -> np.ndarray:
         """Hidden state of each prompt's last token (or the mean over its ``rows``).
 
@@ -464,11 +468,12 @@ class Engine:
             self._embed_lanes(prompts, groups, wanted, out, progress)
         return out[0] if layers is None else out
 
-    def _want(self, wanted: Sequence[int]) -> list[int]:
-        """Ask the callback for the layers ``wanted``; return each one's slot among the rows it reads."""
-        names = list(dict.fromkeys(_tensor_name(layer) for layer in wanted))
+    def _want(self, wanted: Sequence[Read]) -> list[list[int]]:
+        """Ask the callback for the reads ``wanted``; return each one's slots among the rows it reads (one for a
+        layer, one per block for an attention span, whose rows are averaged)."""
+        names = list(dict.fromkeys(name for layer in wanted for name in _tensor_names(layer)))
         self._wanted = {name: slot for slot, name in enumerate(names)}
-        return [self._wanted[_tensor_name(layer)] for layer in wanted]
+        return [[self._wanted[name] for name in _tensor_names(layer)] for layer in wanted]
 
     def _set_threads(self, n: int) -> None:
         if n != self._threads_now:
@@ -479,7 +484,7 @@ class Engine:
         self,
         prompts: Sequence[Prompt],
         work: Sequence[tuple[tuple[int, ...], Sequence[int]]],
-        wanted: Sequence[int],
+        wanted: Sequence[Read],
         out: np.ndarray,
         progress: Callable[[float], None] | None,
     ) -> None:
@@ -492,16 +497,14 @@ class Engine:
                 rows = self._embed_one(
                     prompts[i].tokens, prefix, prompts[i].rows, progress, rewrite=prompts[i].rewrite, layers=wanted
                 )
-                for li, slot in enumerate(slots):
-                    read = rows[slot]
-                    # One row is copied as it is: a mean of one would still be exact, but why compute it.
-                    out[li, i] = read[0] if len(read) == 1 else read.mean(axis=0, dtype=np.float32)
+                for li, read_slots in enumerate(slots):
+                    out[li, i] = _read_value(rows, read_slots)
 
     def _embed_lanes(
         self,
         prompts: Sequence[Prompt],
         groups: dict[tuple[int, ...], list[int]],
-        wanted: Sequence[int],
+        wanted: Sequence[Read],
         out: np.ndarray,
         progress: Callable[[float], None] | None,
     ) -> None:
@@ -599,7 +602,7 @@ class Engine:
         prefix_seq: int = PREFIX_SEQ,
         work_seq: int = WORK_SEQ,
         rewrite: tuple[int, int, int] | None = None,
-        layers: Sequence[int] = (FINAL,),
+        layers: Sequence[Read] = (FINAL,),
     ) -> list[np.ndarray]:
         """Each wanted tensor's rows (the last token's, or ``rows``) of one prompt.
 
@@ -692,7 +695,7 @@ class Engine:
     def _embed_packed(
         self,
         prompts: Sequence[Prompt],
-        slots: list[int],
+        slots: list[list[int]],
         out: np.ndarray,
         progress: Callable[[float], None] | None,
     ) -> None:
@@ -732,7 +735,7 @@ class Engine:
         prompts: Sequence[Prompt],
         keys: list[tuple[int, ...]],
         pack: list[int],
-        slots: list[int],
+        slots: list[list[int]],
         out: np.ndarray,
         progress: Callable[[float], None] | None,
     ) -> None:
@@ -775,12 +778,11 @@ class Engine:
             progress(len(pack))
 
     @staticmethod
-    def _store(out: np.ndarray, slots: list[int], indices: list[int], parts: list[list[np.ndarray]]) -> None:
+    def _store(out: np.ndarray, slots: list[list[int]], indices: list[int], parts: list[list[np.ndarray]]) -> None:
         """Each prompt's read row (or the mean of its span's rows) at each layer asked for."""
         for i, rows in zip(indices, parts, strict=True):
-            for li, slot in enumerate(slots):
-                read = rows[slot]
-                out[li, i] = read[0] if len(read) == 1 else read.mean(axis=0, dtype=np.float32)
+            for li, read_slots in enumerate(slots):
+                out[li, i] = _read_value(rows, read_slots)
 
     # -- Token Prepending ------------------------------------------------------
 
@@ -804,14 +806,14 @@ class Engine:
                 f"tokens from the placeholder on, over n_batch {self.n_batch} (raise n_batch or shorten the sentence)"
             )
 
-    def _arm_rewrite(self, rewrite: tuple[int, int, int], shared: int, n_tokens: int, layers: Sequence[int]) -> None:
+    def _arm_rewrite(self, rewrite: tuple[int, int, int], shared: int, n_tokens: int, layers: Sequence[Read]) -> None:
         """Ask the callback to rewrite block outputs ``start..stop-1`` in the next decode (the prompt's only one).
 
         Blocks at or above the highest read one change nothing read, and the
         last block's output holds the output rows only: neither is rewritten.
         """
         row, start, stop = rewrite
-        top = self.n_layer if FINAL in layers else max(layers)
+        top = max(top_block(layer, self.n_layer) for layer in layers)
         if n_tokens - shared > self.n_batch:
             raise ValueError(f"token prepending: {n_tokens - shared} tokens to decode, over n_batch {self.n_batch}")
         self._rewrite_names = frozenset(f"l_out-{k - 1}".encode() for k in range(start, min(stop, top, self.n_layer)))
@@ -838,6 +840,15 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+
+def _read_value(rows: list[np.ndarray], slots: list[int]) -> np.ndarray:
+    """One read of one prompt: its token row (or the mean of its span's rows) of one tensor, or for an attention
+    span the mean of its blocks' tensors."""
+    values = [rows[slot] for slot in slots]
+    if len(values) == 1 and len(values[0]) == 1:  # one row is copied as it is: why compute a mean of one
+        return values[0][0]
+    return np.mean([v.mean(axis=0, dtype=np.float32) for v in values], axis=0, dtype=np.float32)
 
 
 def check_engine_options(mode: str, align: int, pack: int | None = None) -> None:

@@ -17,8 +17,9 @@ What it keeps of a real model, so that the logic around it is tested for real:
 * causal states: a token's state depends on that token and everything before
   it, never on what follows, and never on the other prompts of a call (batch
   composition cannot change a vector);
-* a state per layer: every layer (``FINAL`` and blocks 1..n_layer) gives another
-  vector; a Token Prepending rewrite changes the states above its first block;
+* a state per layer: every layer (``FINAL`` and blocks 1..n_layer) and every
+  attention span (``attn:22-30``) gives another vector; a Token Prepending
+  rewrite changes the states above its first block;
 * the same prompt, layer and seed give the same bits in any process; sentences
   that share words get similar vectors (a bag of words plus an order term), so
   similarities have a sign worth looking at.
@@ -40,7 +41,7 @@ import numpy as np
 
 from metaeol_edge.backends import Backend, Progress, placeholder_row, pool_rows
 from metaeol_edge.methods import Prompt
-from metaeol_edge.methods.layers import FINAL, check_resolved
+from metaeol_edge.methods.layers import Read, check_resolved, top_block
 from metaeol_edge.models.modelfile import inspect_gguf
 
 BOS = 1
@@ -111,7 +112,7 @@ class FakeBackend(Backend):
 
     # -- states ------------------------------------------------------------------------
 
-    def states(self, prompts: Sequence[Prompt], layers: Sequence[int], progress: Progress | None = None) -> np.ndarray:
+    def states(self, prompts: Sequence[Prompt], layers: Sequence[Read], progress: Progress | None = None) -> np.ndarray:
         check_resolved(layers, self.n_layer)
         self.calls += 1
         out = np.empty((len(layers), len(prompts), self.dim), dtype=np.float32)
@@ -138,7 +139,7 @@ class FakeBackend(Backend):
         return out
 
     def _read(
-        self, pieces: list[str], layer: int, start: int, stop: int, rewrite: tuple[int, int, int] | None
+        self, pieces: list[str], layer: Read, start: int, stop: int, rewrite: tuple[int, int, int] | None
     ) -> np.ndarray:
         """The mean state of token rows [start, stop) at ``layer`` (row 0 is BOS, row i the i-th piece)."""
         # Row r's state: the mean of the vectors of pieces 1..r (the words so far) plus an order term
@@ -157,12 +158,12 @@ class FakeBackend(Backend):
         if rewrite is not None:
             row, first, last = rewrite
             # Rewriting block inputs first..last-1 changes every later block's output and the final state.
-            if first < last and (layer == FINAL or layer > first):
+            if first < last and top_block(layer, self.n_layer) > first:
                 key = f"{self.seed}\x00{layer}\x00rewrite\x00{row}\x00{first}\x00{last}".encode()
                 state = state + 0.25 * _gaussian(hashlib.blake2b(key, digest_size=16).digest(), self.dim)
         return state.astype(np.float32)
 
-    def _vector(self, layer: int, word: str) -> np.ndarray:
+    def _vector(self, layer: Read, word: str) -> np.ndarray:
         """A word's own vector at a layer (its leading whitespace dropped: " cat" and "cat" agree)."""
         key = (layer, word)
         vec = self._memo.get(key)

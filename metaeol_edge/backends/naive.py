@@ -14,7 +14,7 @@ import numpy as np
 from metaeol_edge.backends import Backend, Progress
 from metaeol_edge.llamacpp import init_backend, safe_model_params
 from metaeol_edge.methods import Prompt
-from metaeol_edge.methods.layers import FINAL
+from metaeol_edge.methods.layers import FINAL, Read
 from metaeol_edge.models.modelfile import inspect_gguf
 
 
@@ -54,7 +54,7 @@ class NaiveBackend(Backend):
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.llm.detokenize(list(tokens)).decode("utf-8", "ignore")
 
-    def states(self, prompts: Sequence[Prompt], layers: Sequence[int], progress: Progress | None = None) -> np.ndarray:
+    def states(self, prompts: Sequence[Prompt], layers: Sequence[Read], progress: Progress | None = None) -> np.ndarray:
         if list(layers) != [FINAL]:
             raise ValueError("the naive recipe reads the final layer only")
         out = np.empty((1, len(prompts), self.dim), dtype=np.float32)

@@ -33,7 +33,7 @@ import numpy as np
 from metaeol_edge.backends import Backend, Progress, placeholder_row, pool_rows
 from metaeol_edge.errors import MetaEOLError
 from metaeol_edge.methods import Prompt
-from metaeol_edge.methods.layers import FINAL, check_resolved
+from metaeol_edge.methods.layers import FINAL, Read, attention_span, check_resolved
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_PREFIXES = 256  # template starts whose keys and values are kept (``share_prefixes``)
@@ -313,7 +313,7 @@ class TorchBackend(Backend):
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    def states(self, prompts: Sequence[Prompt], layers: Sequence[int], progress: Progress | None = None) -> np.ndarray:
+    def states(self, prompts: Sequence[Prompt], layers: Sequence[Read], progress: Progress | None = None) -> np.ndarray:
         check_resolved(layers, self.n_layer)
         if not prompts:
             return np.empty((len(layers), 0, self.dim), dtype=np.float32)
@@ -332,11 +332,11 @@ class TorchBackend(Backend):
         if self.on_cuda:
             self.torch.cuda.empty_cache()
 
-    def _read_states(self, prompts: list[Prompt], layers: list[int], progress: Progress | None) -> np.ndarray:
+    def _read_states(self, prompts: list[Prompt], layers: list[Read], progress: Progress | None) -> np.ndarray:
         """(L, len(prompts), dim): each layer's read state of each prompt."""
         torch = self.torch
-        captured: list = []
-        hook = self._last_block_hook(captured) if self.n_layer in layers else None
+        captured: dict = {}
+        hooks = self._hooks(layers, captured)
         result = []
         try:
             with torch.inference_mode():
@@ -362,11 +362,11 @@ class TorchBackend(Backend):
                     if progress:
                         progress(len(batch))
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         return np.concatenate(result, axis=1)
 
-    def _read_shared(self, prompts: list[Prompt], layers: list[int], progress: Progress | None) -> np.ndarray:
+    def _read_shared(self, prompts: list[Prompt], layers: list[Read], progress: Progress | None) -> np.ndarray:
         """(L, len(prompts), dim) with each template's shared token start computed once (``share_prefixes``).
 
         Prompts of every template share forwards: each row's past is its own template's start, left-padded to the
@@ -380,8 +380,8 @@ class TorchBackend(Backend):
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p.prefix, []).append(i)
-        captured: list = []
-        hook = self._last_block_hook(captured) if self.n_layer in layers else None
+        captured: dict = {}
+        hooks = self._hooks(layers, captured)
         starts: dict[int, tuple[int, ...]] = {}  # prompt -> the shared start it continues (maybe empty)
         try:
             with torch.inference_mode():
@@ -415,7 +415,7 @@ class TorchBackend(Backend):
                     if progress:
                         progress(len(rows))
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         return out
 
@@ -437,8 +437,8 @@ class TorchBackend(Backend):
         rows: list[int],
         starts: dict[int, tuple[int, ...]],
         tokens: list[list[int]],
-        layers: list[int],
-        captured: list,
+        layers: list[Read],
+        captured: dict,
         out: np.ndarray,
     ) -> None:
         """One forward of ``rows``' own tokens (right-padded) after their shared starts (left-padded, masked),
@@ -511,18 +511,31 @@ class TorchBackend(Backend):
             batches.append(rows)
         return batches
 
-    def _last_block_hook(self, captured: list):
-        """A forward hook that appends the last block's output (before the final norm) to ``captured``: the
-        read of layer ``n_layer``, which Hugging Face's ``hidden_states`` only gives after the norm."""
-        block = self.model.layers[-1]
-        return block.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+    def _hooks(self, layers: Sequence[Read], captured: dict) -> list:
+        """Forward hooks that keep in ``captured`` what ``hidden_states`` does not give: the last block's output
+        before the final norm (``"last"``, the read of layer ``n_layer``) and, for attention spans, each block's
+        attention output after its output projection (block number -> tensor)."""
+        handles = []
 
-    def _layer_state(self, hidden, captured: list, layer: int):
-        """One layer's (B, width, dim) states of the last forward: ``FINAL`` after the final norm, ``n_layer``
-        from the hook, any other block's output from ``hidden_states``."""
+        def keep(key):
+            return lambda m, i, o: captured.__setitem__(key, o[0] if isinstance(o, tuple) else o)
+
+        if self.n_layer in layers:
+            handles.append(self.model.layers[-1].register_forward_hook(keep("last")))
+        blocks = sorted({k for layer in layers if (span := attention_span(layer)) for k in range(span[0], span[1] + 1)})
+        for k in blocks:
+            handles.append(self.model.layers[k - 1].self_attn.register_forward_hook(keep(k)))
+        return handles
+
+    def _layer_state(self, hidden, captured: dict, layer: Read):
+        """One read's (B, width, dim) states of the last forward: ``FINAL`` after the final norm, ``n_layer``
+        from the hook, any other block's output from ``hidden_states``, an attention span its blocks' mean."""
+        span = attention_span(layer)
+        if span is not None:
+            return sum(captured[k].float() for k in range(span[0], span[1] + 1)) / (span[1] - span[0] + 1)
         if layer == FINAL:
             return hidden[-1]
-        return captured[-1] if layer == self.n_layer else hidden[layer]
+        return captured["last"] if layer == self.n_layer else hidden[layer]
 
     def _prefix_tokens(self, prefix: str) -> list[int]:
         """A template start's tokens, tokenized once per template (the store keeps at most MAX_PREFIXES)."""

@@ -47,7 +47,7 @@ class EmbedConfig:
     templates: Any = None  # a template set's name or file, or a TemplateSet
     preset: str | None = None
     method: Any = None  # a registered method's name, or a Method
-    layer: Any = None  # a layer, or a tuple of them
+    layer: Any = None  # a layer or an attention span ("attn:22-30"), or a tuple of them
     combine_layers: bool = False  # several layers averaged into one vector (each at unit length first)
     early_exit: bool = True
     postprocess: bool | None = None

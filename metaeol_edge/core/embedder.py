@@ -506,7 +506,9 @@ class MetaEOL(Embedder):
 
     ``layer`` picks the hidden state: -1 (default) the final layer after the
     final norm, as the paper; k in 1..n_layer the output of block k; -j counts
-    from the end; 0.8 means 80% of the depth. A list of layers reads them all
+    from the end; 0.8 means 80% of the depth; ``"attn:22-30"`` the attention
+    outputs of blocks 22 to 30 at the read token, averaged (AlignedWVA,
+    arXiv 2602.01572; :mod:`metaeol_edge.methods.layers`). A list of layers reads them all
     in one pass, and ``encode`` then returns one array per layer, or with
     ``combine_layers=True`` one array: their mean, each layer's vector at unit
     length first (a layer ensemble; raw vectors, no post-processing). With

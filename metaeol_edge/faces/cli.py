@@ -109,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
             "--layer",
             default=None,
             help="hidden state to read: -1 = final layer after the final norm (default), k = output of block k "
-            "(1..n_layer), -j counts from the end, 0.8 = that share of the depth; several, comma-separated, are read "
-            "in one pass (embed writes one vector per layer)",
+            "(1..n_layer), -j counts from the end, 0.8 = that share of the depth, attn:22-30 = the attention outputs "
+            "of blocks 22..30 averaged (AlignedWVA); several, comma-separated, are read in one pass (embed writes one "
+            "vector per layer)",
         )
         sp.add_argument(
             "--combine-layers",
@@ -982,7 +983,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def _read(preset) -> str:
     """What a preset reads, as ``metaeol presets`` says it: ``layer 1.0``, or ``layers 29+24 averaged``."""
     if preset.combine_layers:
-        return "layers " + "+".join(str(x) for x in preset.layer) + " averaged (each at unit length)"
+        spans = any(str(x).startswith("attn:") for x in preset.layer)
+        why = "; attn:A-B is the attention outputs of blocks A..B, averaged" if spans else ""
+        return "layers " + "+".join(str(x) for x in preset.layer) + f" averaged (each at unit length{why})"
     return f"layer {preset.layer}"
 
 

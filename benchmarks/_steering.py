@@ -23,6 +23,7 @@ from _vectors import Store
 from metaeol_edge.prompts import load_templates, preprocess
 
 from metaeol_edge.backends.torch import TorchBackend
+from metaeol_edge.methods.layers import resolve_layers
 from metaeol_edge.models.resolve import resolve_model
 
 AUX = "cp-aux"
@@ -58,7 +59,7 @@ class SteeredVectors(Store):
         n_layer = self.backend.n_layer
         if self.act is not None and not 0 <= self.act < n_layer:
             raise SystemExit(f"{spec}: the steered block must be 0..{n_layer - 1}")
-        self.layers = list(layers)
+        self.layers = list(resolve_layers(list(layers), n_layer)[0])  # checked, as the embedder's reads are
         self.batch_size = batch_size
         self.note = " (PyTorch)" if self.act is None else " (PyTorch, steered)"
         self.start(self.backend.dim)

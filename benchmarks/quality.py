@@ -456,6 +456,8 @@ def speed_reader(args, spec: str, option: tuple[int | str, ...]):
     encodes both sets (their union's cost), a steered spec runs both PyTorch passes, a ``unit:`` option is the
     embedder's ``combine_layers`` over its reads."""
     combine = option[0] == MODES["unit"]
+    if combine and len(option) < 3:
+        raise SystemExit(f"--speed-layers: {layer_name(option)} combines one read; use unit:A+B")
     if len(option) > 1 and not combine:
         raise SystemExit(f"--speed-layers: {layer_name(option)} is no read the embedder makes; use unit:A+B")
     layer = list(option[1:]) if combine else option[0]

@@ -6,12 +6,14 @@ The spelling is resolved once and checked where a backend is given it; the llama
 ``attn_out`` tensor and averages them, PyTorch hooks each block's ``self_attn``, and the two agree on the real
 file; a span is a read like a layer everywhere else (cache, combination, presets, the shell)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from conftest import FAKE, cosine, counted, fake
 
 from metaeol_edge import MetaEOL, presets, registry
-from metaeol_edge.backends.engine import _read_value
+from metaeol_edge.backends.engine import Engine, _read_value
 from metaeol_edge.backends.tensors import _tensor_names
 from metaeol_edge.errors import MetaEOLError, ModelError
 from metaeol_edge.methods.layers import (
@@ -55,6 +57,17 @@ def test_a_span_is_resolved_to_one_spelling_and_checked():
 
 def test_the_engine_reads_a_span_as_the_mean_of_its_blocks_attention_outputs():
     assert _tensor_names("attn:2-4") == [b"attn_out-1", b"attn_out-2", b"attn_out-3"]
+    # Overlapping spans and a layer in one pass: each tensor is asked for once, each read gets its own slots.
+    engine = SimpleNamespace()
+    slots = Engine._want(engine, ["attn:22-24", "attn:23-25", 24, -1])
+    names = {name: slot for name, slot in engine._wanted.items()}
+    assert len(names) == 6  # attn_out-21..24, l_out-23, result_norm
+    assert slots == [
+        [names[b"attn_out-21"], names[b"attn_out-22"], names[b"attn_out-23"]],
+        [names[b"attn_out-22"], names[b"attn_out-23"], names[b"attn_out-24"]],
+        [names[b"l_out-23"]],
+        [names[b"result_norm"]],
+    ]
     assert _tensor_names(-1) == [b"result_norm"] and _tensor_names(3) == [b"l_out-2"]
     rng = np.random.default_rng(0)
     rows = [rng.standard_normal((1, 8), dtype=np.float32) for _ in range(3)]
@@ -103,12 +116,12 @@ def test_the_shell_reads_a_span(fake_model, sts_sentences, tmp_path, capsys):
     assert "within blocks 1..30" in capsys.readouterr().err
 
 
-def test_a_preset_may_combine_spans_and_checks_them_when_loaded():
+def test_a_preset_may_combine_spans_and_its_spans_name_blocks_of_the_file():
     smollm2 = registry.get_spec("smollm2-135m").sha256
     current = presets.get_preset("quality").for_model(smollm2)
     assert current.combine_layers and any(attention_span(x) for x in current.layer)
-    for x in current.layer:
-        resolve_layer(x, registry.get_spec("smollm2-135m").n_layer)  # every read names a block of the file
+    for x in current.layer:  # every read names blocks of the file, spelled as reports name it (pages.py)
+        assert resolve_layer(x, registry.get_spec("smollm2-135m").n_layer) == x
     base = {"description": "d", "templates": "prompteol", "postprocess": None, "combine_layers": True}
     made = presets._preset("p", base | {"layer": [24, "attn:22-30"]}, 1, {})
     assert made.layer == (24, "attn:22-30")
@@ -140,5 +153,5 @@ def test_a_span_on_a_graph_without_attn_out_is_refused_saying_so(gemma3_shallow)
     """llama.cpp's Gemma 3 graph norms the attention's output and names no ``attn_out``: a clear error, not a
     wrong vector."""
     with MetaEOL(gemma3_shallow, templates="prompteol", layer="attn:2-3", cache=False, backend="llama.cpp") as m:
-        with pytest.raises(ModelError, match="no tensor attn_out-1, attn_out-2 .*pytorch backend reads it"):
+        with pytest.raises(ModelError, match="no tensor attn_out-1, attn_out-2 .*pytorch backend reads self_attn"):
             m.encode(["A man plays a guitar."])

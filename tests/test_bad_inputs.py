@@ -289,7 +289,7 @@ CASES = [
     Case("max length 100000", _options("--max-length", "100000"), 2, "over smollm2-135m's training context"),
     Case("layer 99", _options("--layer", "99"), 2, "layer 99 is out of range"),
     Case("layer 0", _options("--layer", "0"), 2, "layer 0 is out of range"),
-    Case("layer abc", _options("--layer", "abc"), 2, "layer must be an integer or a fraction"),
+    Case("layer abc", _options("--layer", "abc"), 2, "layer must be an integer, a fraction"),
     Case("layer 1.5", _options("--layer", "1.5"), 2, "a fractional layer must lie in (0, 1]"),
     Case("cache cap 0", _options("--cache-max-mb", "0"), 2, "--cache-max-mb must be a positive size"),
     Case("cache cap -1", _options("--cache-max-mb", "-1"), 2, "--cache-max-mb must be a positive size"),

@@ -411,7 +411,7 @@ class Engine:
             spans = ""
             if any(m.startswith("attn_out-") for m in missing):
                 spans = " (an attention span reads attn_out tensors, which this architecture's graph does not name; "
-                spans += "the pytorch backend reads it)"
+                spans += "the pytorch backend reads self_attn's output)"
             raise ModelError(f"llama.cpp's graph for this model has no tensor {', '.join(missing)}{spans}")
         return self._rows  # type: ignore[return-value]
 

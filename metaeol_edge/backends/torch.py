@@ -514,7 +514,8 @@ class TorchBackend(Backend):
     def _hooks(self, layers: Sequence[Read], captured: dict) -> list:
         """Forward hooks that keep in ``captured`` what ``hidden_states`` does not give: the last block's output
         before the final norm (``"last"``, the read of layer ``n_layer``) and, for attention spans, each block's
-        attention output after its output projection (block number -> tensor)."""
+        ``self_attn`` output, after its output projection (block number -> tensor); on Gemma that is before the
+        block's post-attention norm."""
         handles = []
 
         def keep(key):
@@ -524,7 +525,12 @@ class TorchBackend(Backend):
             handles.append(self.model.layers[-1].register_forward_hook(keep("last")))
         blocks = sorted({k for layer in layers if (span := attention_span(layer)) for k in range(span[0], span[1] + 1)})
         for k in blocks:
-            handles.append(self.model.layers[k - 1].self_attn.register_forward_hook(keep(k)))
+            block = self.model.layers[k - 1]
+            if not hasattr(block, "self_attn"):
+                for handle in handles:
+                    handle.remove()
+                raise MetaEOLError("this model's blocks have no self_attn module: an attention span cannot be read")
+            handles.append(block.self_attn.register_forward_hook(keep(k)))
         return handles
 
     def _layer_state(self, hidden, captured: dict, layer: Read):

@@ -81,7 +81,9 @@ def resolve_layer(spec: LayerSpec, n_layer: int) -> Read:
             try:
                 spec = float(text)
             except ValueError:
-                raise ValueError(f"layer must be an integer or a fraction of the depth, not {text!r}") from None
+                raise ValueError(
+                    f"layer must be an integer, a fraction of the depth or attn:FIRST-LAST, not {text!r}"
+                ) from None
     if isinstance(spec, bool) or not isinstance(spec, int | float):
         raise ValueError(f"layer must be an integer or a fraction of the depth, not {spec!r}")
     if isinstance(spec, float):

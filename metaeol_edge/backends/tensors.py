@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metaeol_edge.methods.layers import FINAL, Read, attention_span
+from metaeol_edge.methods.layers import FINAL, Read, attention_blocks
 
 RESULT_NORM = b"result_norm"
 GGML_TYPE_F32 = 0
@@ -17,9 +17,9 @@ GGML_TYPE_F32 = 0
 def _tensor_names(read: Read) -> list[bytes]:
     """The tensors whose rows make a read: ``result_norm``, block k's ``l_out-(k-1)``, or for an attention span
     each block's ``attn_out-(k-1)`` (its attention after W_O, before the residual add), averaged by the caller."""
-    span = attention_span(read)
-    if span is not None:
-        return [f"attn_out-{k - 1}".encode() for k in range(span[0], span[1] + 1)]
+    blocks = attention_blocks(read)
+    if blocks:
+        return [f"attn_out-{k - 1}".encode() for k in blocks]
     return [RESULT_NORM if read == FINAL else f"l_out-{read - 1}".encode()]
 
 

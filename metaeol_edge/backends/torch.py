@@ -33,7 +33,7 @@ import numpy as np
 from metaeol_edge.backends import Backend, Progress, placeholder_row, pool_rows
 from metaeol_edge.errors import MetaEOLError
 from metaeol_edge.methods import Prompt
-from metaeol_edge.methods.layers import FINAL, Read, attention_span, check_resolved
+from metaeol_edge.methods.layers import FINAL, Read, attention_blocks, check_resolved
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_PREFIXES = 256  # template starts whose keys and values are kept (``share_prefixes``)
@@ -523,7 +523,7 @@ class TorchBackend(Backend):
 
         if self.n_layer in layers:
             handles.append(self.model.layers[-1].register_forward_hook(keep("last")))
-        blocks = sorted({k for layer in layers if (span := attention_span(layer)) for k in range(span[0], span[1] + 1)})
+        blocks = sorted({k for layer in layers for k in attention_blocks(layer)})
         for k in blocks:
             block = self.model.layers[k - 1]
             if not hasattr(block, "self_attn"):
@@ -536,9 +536,9 @@ class TorchBackend(Backend):
     def _layer_state(self, hidden, captured: dict, layer: Read):
         """One read's (B, width, dim) states of the last forward: ``FINAL`` after the final norm, ``n_layer``
         from the hook, any other block's output from ``hidden_states``, an attention span its blocks' mean."""
-        span = attention_span(layer)
-        if span is not None:
-            return sum(captured[k].float() for k in range(span[0], span[1] + 1)) / (span[1] - span[0] + 1)
+        blocks = attention_blocks(layer)
+        if blocks:
+            return sum(captured[k].float() for k in blocks) / len(blocks)
         if layer == FINAL:
             return hidden[-1]
         return captured["last"] if layer == self.n_layer else hidden[layer]

@@ -36,7 +36,7 @@ from metaeol_edge.core.identity import CacheKey
 from metaeol_edge.core.presets import Preset, get_preset
 from metaeol_edge.errors import InputError, ModelError, kind_of
 from metaeol_edge.methods import Method, make_method
-from metaeol_edge.methods.layers import FINAL, LayerSpec, early_exit_blocks, resolve_layers
+from metaeol_edge.methods.layers import FINAL, LayerSpec, Read, early_exit_blocks, resolve_layers
 from metaeol_edge.methods.prompts import TemplateSet, load_templates, preprocess
 from metaeol_edge.models import digest, quantization, registry, resolve, store
 from metaeol_edge.models.modelfile import inspect_gguf, truncate_gguf
@@ -134,7 +134,7 @@ class Embedder:
         return fits[0].out_dim if fits else self._dim
 
     @property
-    def read(self) -> int | list[int]:
+    def read(self) -> Read | list[Read]:
         """What one vector is read from, as reports show it: a layer, or the layers ``combine_layers`` averages."""
         return list(self.layers) if self.combine_layers else self.layer
 

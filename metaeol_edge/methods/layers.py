@@ -40,6 +40,12 @@ def attention_span(read: Read) -> tuple[int, int] | None:
     return int(first), int(last)
 
 
+def attention_blocks(read: Read) -> range:
+    """The blocks whose attention outputs a read averages: a span's, none for a hidden-state read."""
+    span = attention_span(read)
+    return range(0) if span is None else range(span[0], span[1] + 1)
+
+
 def _resolve_span(text: str, n_layer: int) -> str:
     body = text[len(ATTENTION) :].strip()
     first_text, dash, last_text = body.partition("-")

@@ -46,7 +46,7 @@ DEFAULT_METHOD = {"preset": "quality"}
 """What a new collection embeds with when given no method: the quality preset, one prompt per chunk. Chosen
 by quality per second on ``benchmarks/retrieval.py``'s rows (docs/benchmarks/search.md): its mean nDCG@10
 over the STS-B, SICK and MRPC pairs is at MetaEOL's level or above, at one prompt per chunk instead of eight.
-A collection stores the preset's revision (``quality@3``), so a later revision does not change its vectors."""
+A collection stores the preset's revision (``quality@4``), so a later revision does not change its vectors."""
 WITHOUT_FIT = {"templates": "ke-icl-music", "layer": 1.0}
 """The quality preset's prompt and read, without its whitening fit: the default for a model the preset
 ships no fit for (a test holds it to the preset's data)."""

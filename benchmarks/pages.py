@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -106,36 +107,49 @@ def made_by(*commands: str) -> list[str]:
     return ["", "Made by:", "", *[f"- `{c}`" for c in commands]]
 
 
+def _layers_module():
+    """The package's layer resolver (metaeol_edge/methods/layers.py), loaded by its path: it imports only the
+    standard library, where importing the package would bring numpy in."""
+    spec = importlib.util.spec_from_file_location("_metaeol_layers", ROOT / "metaeol_edge" / "methods" / "layers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LAYERS = _layers_module()
+
+
 def layer_of(layer, n_layer: int) -> str:
-    """A preset's layer as quality.json names it: 'final', or the block number."""
-    if isinstance(layer, list | tuple):  # a preset's layers averaged at unit length (combine_layers)
+    """A preset's layer as quality.json names it: 'final', the block number, an attention span in its one
+    spelling (attn:22-30), or 'unit:' and the reads of a list averaged at unit length (combine_layers).
+    The package's resolver reads it, so a spelling the embedder refuses fails here too."""
+    if isinstance(layer, list | tuple):
         return "unit:" + "+".join(layer_of(x, n_layer) for x in layer)
-    if layer in (None, -1):
-        return "final"
-    if isinstance(layer, str):  # an attention span, named as quality.json names it (attn:22-30)
-        return layer
-    if isinstance(layer, float) and 0 < layer <= 1:
-        return str(round(layer * n_layer))
-    return str(layer if layer > 0 else n_layer + 1 + layer)
+    read = LAYERS.FINAL if layer is None else LAYERS.resolve_layer(layer, n_layer)
+    return "final" if read == LAYERS.FINAL else str(read)
 
 
 def read_of(layer: str) -> str:
     """quality.json's layer name as people read it: 'final layer', 'block 30', 'blocks 29 and 24 averaged',
-    'the attention outputs of blocks 22-30'."""
+    'blocks 29 and 24 side by side', 'the attention outputs of blocks 22-30 averaged', and their mixes."""
     if layer == "final":
         return "final layer"
-    if layer.startswith("unit:"):
-        parts = layer[5:].split("+")
-        if not any(p.startswith("attn:") for p in parts):
-            return "blocks " + " and ".join(parts) + " averaged (each at unit length)"
-        blocks = [p for p in parts if not p.startswith("attn:")]
-        spans = [p[5:] for p in parts if p.startswith("attn:")]
-        named = [("block " if len(blocks) == 1 else "blocks ") + " and ".join(blocks)] if blocks else []
+    mode, _, rest = layer.partition(":") if layer.startswith(("unit:", "cat:")) else ("", "", layer)
+    parts = rest.split("+")
+    if len(parts) == 1:
+        if layer.startswith("attn:"):
+            return "attention outputs of blocks " + layer[5:] + " averaged"
+        return "block " + layer
+    blocks = [p for p in parts if not p.startswith("attn:")]
+    spans = [p[5:] for p in parts if p.startswith("attn:")]
+    numbered = [b for b in blocks if b != "final"]
+    named = ["final layer"] if "final" in blocks else []
+    if numbered:
+        named.append(("block " if len(numbered) == 1 else "blocks ") + " and ".join(numbered))
+    if spans:
         named.append(("attention span " if len(spans) == 1 else "attention spans ") + " and ".join(spans))
-        return " with ".join(named) + " averaged (each at unit length)"
-    if layer.startswith("attn:"):
-        return "attention outputs of blocks " + layer[5:] + " averaged"
-    return "block " + layer
+    how = {"unit": "averaged (each at unit length)", "cat": "side by side (each at unit mean norm)"}
+    return " with ".join(named) + " " + how.get(mode, "averaged (each scaled by its mean norm)")
 
 
 class Quality:
@@ -390,6 +404,8 @@ def page_presets() -> str:
         ),
         ('**`preset="quality"`**: `ke-icl-music` (its dev choice: raw)', "qwen2.5-coder-1.5b", "ke-icl-music", "28",
          "raw", "none"),  # fmt: skip
+        ("`ke-icl-3` (three demonstrations; its dev choice, within 0.02 of the preset's on dev)",
+         "qwen2.5-coder-1.5b", "ke-icl-3", "28", "raw", "none"),  # fmt: skip
     ]
     body = []
     used: list[str] = []
@@ -407,10 +423,7 @@ def page_presets() -> str:
         speed = q.rate(model, method, layer)
         if speed:
             used.append(speed["command"])
-        where = "final layer" if layer == "final" else f"block {layer.replace('+', ' + ')}"
-        where = where.replace("block cat:", "blocks side by side: ").replace("block unit:", "blocks at unit length: ")
-        if "attn:" in layer:
-            where = read_of(layer)
+        where = read_of(layer)
         fit = "" if lever == "raw" else f", {lever} fitted on {fit_on} text"
         body.append(
             [
@@ -475,7 +488,7 @@ def page_presets() -> str:
             c = d.get("choice")
             choice = "-"
             if c:
-                where = "final" if c["layer"] == "final" else read_of(c["layer"])
+                where = read_of(c["layer"])
                 choice = f"{where}, {c['lever']}: {cell(c['spearman'])}"
             body.append(
                 [

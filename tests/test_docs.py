@@ -56,6 +56,24 @@ def test_readme_table_is_the_scripts_output():
     assert '| `preset="quality"` | smollm2-135m |' in text  # the table holds the presets, per model
 
 
+def test_pages_name_a_presets_reads_through_the_packages_resolver():
+    """pages.py names a preset's layer with the embedder's own resolver: the spellings it accepts come out in
+    quality.json's one spelling, and one it refuses fails the page instead of dropping the preset's row."""
+    pages = pages_module()
+    assert pages.layer_of(1.0, 30) == "30"
+    assert pages.layer_of(-1, 30) == "final"
+    assert pages.layer_of(-2, 30) == "29"
+    assert pages.layer_of([24, " attn: 22-30", "attn:5"], 30) == "unit:24+attn:22-30+attn:5-5"
+    with pytest.raises(ValueError, match="attn:FIRST-LAST"):
+        pages.layer_of("attn:22 to 30", 30)
+    # and every read is written one way, whatever the table
+    assert pages.read_of("unit:24+attn:22-30+attn:22-26") == (
+        "block 24 with attention spans 22-30 and 22-26 averaged (each at unit length)"
+    )
+    assert pages.read_of("final+28") == "final layer with block 28 averaged (each scaled by its mean norm)"
+    assert pages.read_of("cat:29+24") == "blocks 29 and 24 side by side (each at unit mean norm)"
+
+
 def test_every_generated_table_names_its_command():
     pages = pages_module()
     for path, text in [*pages.pages().items(), (README, pages.readme_table())]:

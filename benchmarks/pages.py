@@ -137,11 +137,11 @@ def read_of(layer: str) -> str:
     mode, _, rest = layer.partition(":") if layer.startswith(("unit:", "cat:")) else ("", "", layer)
     parts = rest.split("+")
     if len(parts) == 1:
-        if layer.startswith("attn:"):
-            return "attention outputs of blocks " + layer[5:] + " averaged"
+        if layer.startswith(LAYERS.ATTENTION):
+            return "attention outputs of blocks " + layer.removeprefix(LAYERS.ATTENTION) + " averaged"
         return "block " + layer
-    blocks = [p for p in parts if not p.startswith("attn:")]
-    spans = [p[5:] for p in parts if p.startswith("attn:")]
+    blocks = [p for p in parts if not p.startswith(LAYERS.ATTENTION)]
+    spans = [p.removeprefix(LAYERS.ATTENTION) for p in parts if p.startswith(LAYERS.ATTENTION)]
     numbered = [b for b in blocks if b != "final"]
     named = ["final layer"] if "final" in blocks else []
     if numbered:

@@ -69,7 +69,7 @@ import numpy as np
 
 from metaeol_edge.backends import snapshots
 from metaeol_edge.backends.snapshots import PrefixSnapshots, state_key
-from metaeol_edge.backends.tensors import GGML_TYPE_F32, RESULT_NORM, _Ggml, _tensor_names, copy_row
+from metaeol_edge.backends.tensors import ATTN_OUT, GGML_TYPE_F32, RESULT_NORM, _Ggml, _tensor_names, copy_row
 from metaeol_edge.errors import ModelError
 from metaeol_edge.llamacpp import _llama, default_threads, init_backend, model_params
 from metaeol_edge.methods.layers import FINAL, Read, check_resolved, top_block
@@ -409,7 +409,7 @@ class Engine:
         missing += sorted(name.decode() for name in self._rewrite_names - self._rewritten)
         if missing:
             spans = ""
-            if any(m.startswith("attn_out-") for m in missing):
+            if any(m.startswith(ATTN_OUT) for m in missing):
                 spans = " (an attention span reads attn_out tensors, which this architecture's graph does not name; "
                 spans += "the pytorch backend reads self_attn's output)"
             raise ModelError(f"llama.cpp's graph for this model has no tensor {', '.join(missing)}{spans}")

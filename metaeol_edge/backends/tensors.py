@@ -12,6 +12,8 @@ from metaeol_edge.methods.layers import FINAL, Read, attention_blocks
 
 RESULT_NORM = b"result_norm"
 GGML_TYPE_F32 = 0
+ATTN_OUT = "attn_out-"
+"""The name of block k's attention output in llama.cpp's graph is this and k - 1 (where the graph names it)."""
 
 
 def _tensor_names(read: Read) -> list[bytes]:
@@ -19,7 +21,7 @@ def _tensor_names(read: Read) -> list[bytes]:
     each block's ``attn_out-(k-1)`` (its attention after W_O, before the residual add), averaged by the caller."""
     blocks = attention_blocks(read)
     if blocks:
-        return [f"attn_out-{k - 1}".encode() for k in blocks]
+        return [f"{ATTN_OUT}{k - 1}".encode() for k in blocks]
     return [RESULT_NORM if read == FINAL else f"l_out-{read - 1}".encode()]
 
 

@@ -18,6 +18,7 @@ from metaeol_edge.core.config import EmbedConfig
 from metaeol_edge.errors import InputError, MetaEOLError
 from metaeol_edge.faces.bulk import DEFAULT_SHARD_SIZE
 from metaeol_edge.faces.corpus import FORMATS, read_sentences
+from metaeol_edge.methods.layers import ATTENTION
 from metaeol_edge.models import registry, resolve, store
 
 EXAMPLES = [
@@ -983,7 +984,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def _read(preset) -> str:
     """What a preset reads, as ``metaeol presets`` says it: ``layer 1.0``, or ``layers 29+24 averaged``."""
     if preset.combine_layers:
-        spans = any(str(x).startswith("attn:") for x in preset.layer)
+        spans = any(str(x).startswith(ATTENTION) for x in preset.layer)
         why = "; attn:A-B is the attention outputs of blocks A..B, averaged" if spans else ""
         return "layers " + "+".join(str(x) for x in preset.layer) + f" averaged (each at unit length{why})"
     return f"layer {preset.layer}"
